@@ -1,0 +1,23 @@
+"""celery_hilok: hierarchical, distributed read-write locks on Redis, built into Celery."""
+
+from __future__ import annotations
+
+from .errors import HiLokConnectionError, HiLokError, InvalidArgument, LockLost, LockNotAcquired
+from .lease import Holder, Lease, LockStatus, QueuedRequest
+from .sync import HiLok
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HiLok",
+    "HiLokConnectionError",
+    "HiLokError",
+    "Holder",
+    "InvalidArgument",
+    "Lease",
+    "LockLost",
+    "LockNotAcquired",
+    "LockStatus",
+    "QueuedRequest",
+    "__version__",
+]

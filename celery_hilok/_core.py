@@ -1,0 +1,438 @@
+"""The sans-I/O core shared by every driver.
+
+Nothing here touches a socket: :class:`Protocol` turns lock requests into script calls
+(:class:`Call`: which script, KEYS, ARGV) and decodes the replies into plain values, and
+:func:`next_wait` decides how long a blocked waiter sleeps. :mod:`celery_hilok.sync`,
+:mod:`celery_hilok.aio` and everything built on them only add the I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Final, Literal, NamedTuple
+
+from .errors import InvalidArgument
+from .paths import KeySpace, LockPath, parse_path
+
+__all__ = [
+    "MODE_CODES",
+    "Blocked",
+    "Call",
+    "Granted",
+    "Protocol",
+    "Request",
+    "Script",
+    "new_handle",
+    "next_wait",
+]
+
+Mode = Literal["read", "write", "read-node"]
+
+MODE_CODES: Final[dict[str, str]] = {"read": "S", "write": "X", "read-node": "N"}
+"""Public mode name -> the one-letter code used in Redis (see ``_scripts/common.lua``)."""
+_MODE_NAMES: Final = {v: k for k, v in MODE_CODES.items()}
+
+QUEUE_TTL_MS: Final = 6000
+"""Life of a wait-queue entry; a live waiter renews it at least every :data:`KEEPALIVE`."""
+KEEPALIVE: Final = 2.0
+"""Longest single sleep of a waiter, in seconds, so that its queue entry never lapses."""
+
+_HANDLE_RE: Final = re.compile(r"[A-Za-z0-9_\-.:]{8,128}")
+
+
+def new_handle() -> str:
+    """A fresh, unguessable holder handle (144 random bits)."""
+    return secrets.token_urlsafe(18)
+
+
+def check_handle(handle: object) -> str:
+    if not isinstance(handle, str) or not _HANDLE_RE.fullmatch(handle):
+        raise InvalidArgument(
+            f"handle must be 8-128 characters of letters, digits, '_', '-', '.', ':'; "
+            f"got {handle!r}"
+        )
+    return handle
+
+
+def check_mode(mode: object) -> Mode:
+    if mode not in MODE_CODES:
+        raise InvalidArgument(f"mode must be 'read' or 'write', got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def check_ttl(ttl: object, name: str = "ttl") -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+        raise InvalidArgument(f"{name} must be a positive number of seconds, got {ttl!r}")
+    if ttl * 1000 < 1 or ttl > 10**9:
+        raise InvalidArgument(f"{name} must be between 0.001 and 1e9 seconds, got {ttl!r}")
+    return float(ttl)
+
+
+def check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+        raise InvalidArgument(f"timeout must be None or seconds >= 0, got {timeout!r}")
+    if timeout < 0:
+        raise InvalidArgument(f"timeout must not be negative, got {timeout!r}")
+    return float(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One lock of a (possibly multi-lock) acquire: a normalised path and a mode."""
+
+    path: LockPath
+    mode: Mode
+
+    @property
+    def code(self) -> str:
+        return MODE_CODES[self.mode]
+
+    @classmethod
+    def parse(cls, path: object, mode: object, separator: str) -> Request:
+        return cls(parse_path(path, separator), check_mode(mode))
+
+    def describe(self) -> str:
+        return f"{self.mode} lock on {self.path.text!r}"
+
+
+class Script:
+    """One Lua script: the shared prelude plus its own body, addressed by SHA1."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str) -> None:
+        files = resources.files("celery_hilok") / "_scripts"
+        prelude = (files / "common.lua").read_text(encoding="utf-8")
+        body = (files / f"{name}.lua").read_text(encoding="utf-8")
+        self.name = name
+        self.source = prelude + "\n" + body
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"<Script {self.name} {self.sha[:8]}>"
+
+
+ACQUIRE: Final = Script("acquire")
+RELEASE: Final = Script("release")
+REFRESH: Final = Script("refresh")
+STATUS: Final = Script("status")
+
+
+class Call(NamedTuple):
+    """A script invocation ready to send: ``EVALSHA script.sha len(keys) *keys *args``."""
+
+    script: Script
+    keys: list[str]
+    args: list[str | int]
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    tokens: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """Why an acquire was refused: a live holder or an earlier waiter (``queued``)."""
+
+    handle: str
+    mode: Mode
+    path: str  # canonical
+    remaining: float  # seconds the blocker's lease or queue entry has left
+    queued: bool
+
+    def describe(self, separator: str = "/") -> str:
+        from .paths import decode_canonical
+
+        who = "queued before you" if self.queued else "held"
+        return (
+            f"{self.mode} lock on {decode_canonical(self.path, separator)!r} {who} by "
+            f"{self.handle[:6]}..., {self.remaining:.3f}s left on its lease"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A live mark as seen by ``status``: which holder, which grant, how long it has left."""
+
+    handle: str
+    mode: Mode
+    path: str  # canonical path of the grant that placed this mark
+    remaining: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMarks:
+    """The live marks on one node, by kind: its own grants and intention marks from below."""
+
+    path: str  # canonical
+    intent_shared: list[Mark]
+    intent_exclusive: list[Mark]
+    shared: list[Mark]
+    exclusive: list[Mark]
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    handle: str
+    mode: Mode
+    path: str  # canonical
+    ticket: int
+    remaining: float
+
+
+def parse_member(member: str | bytes) -> tuple[str, Mode, str]:
+    text = member.decode() if isinstance(member, bytes) else member
+    handle, code, path = text.split("|", 2)
+    return handle, _MODE_NAMES[code], path  # type: ignore[return-value]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Protocol:
+    """Builds the calls of one namespace and decodes their replies."""
+
+    __slots__ = ("keys", "separator")
+
+    def __init__(self, namespace: str, separator: str) -> None:
+        self.keys = KeySpace(namespace)
+        self.separator = separator
+
+    # -- key blocks ---------------------------------------------------------------------
+
+    def _layout(
+        self, items: Sequence[tuple[str, Request]]
+    ) -> tuple[list[str], list[tuple[Request, int]], int]:
+        """KEYS for (handle, request) pairs: tree blocks, then one block per grant."""
+        trees: dict[str, int] = {}
+        for _, req in items:
+            trees.setdefault(req.path.tree, len(trees) + 1)
+        keys: list[str] = []
+        for tree in trees:
+            keys.extend(self.keys.tree_keys(tree))
+        placed: list[tuple[Request, int]] = []
+        space = self.keys
+        for handle, req in items:
+            tree = req.path.tree
+            keys.append(space.holder_key(tree, handle))
+            for node in req.path.chain:
+                keys.extend(space.node_keys(tree, node))
+            placed.append((req, trees[tree]))
+        return keys, placed, len(trees)
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def acquire(self, handle: str, requests: Sequence[Request], ttl: float, register: bool) -> Call:
+        keys, placed, ntrees = self._layout([(handle, r) for r in requests])
+        args: list[str | int] = [
+            handle,
+            int(ttl * 1000),
+            1 if register else 0,
+            QUEUE_TTL_MS,
+            ntrees,
+            len(placed),
+        ]
+        for req, tree in placed:
+            args += (req.code, req.path.depth, tree, req.path.canonical)
+        return Call(ACQUIRE, keys, args)
+
+    def release(self, handle: str, requests: Sequence[Request], withdraw_only: bool) -> Call:
+        keys, placed, ntrees = self._layout([(handle, r) for r in requests])
+        args: list[str | int] = [handle, 1 if withdraw_only else 0, ntrees, len(placed)]
+        for req, tree in placed:
+            args += (req.code, req.path.depth, tree, req.path.canonical)
+        return Call(RELEASE, keys, args)
+
+    def refresh(self, items: Sequence[tuple[str, Request, float]]) -> Call:
+        keys, placed, ntrees = self._layout([(h, r) for h, r, _ in items])
+        args: list[str | int] = [ntrees, len(placed)]
+        for (req, tree), (handle, _, ttl) in zip(placed, items, strict=True):
+            args += (req.code, req.path.depth, tree, req.path.canonical, handle, int(ttl * 1000))
+        return Call(REFRESH, keys, args)
+
+    def status(self, path: LockPath) -> Call:
+        keys = list(self.keys.tree_keys(path.tree))
+        for node in path.chain:
+            keys.extend(self.keys.node_keys(path.tree, node))
+        return Call(STATUS, keys, [path.depth])
+
+    # -- replies --------------------------------------------------------------------------
+
+    @staticmethod
+    def decode_acquire(reply: list[object]) -> Granted | Blocked:
+        if reply[0] == 1:
+            tokens = reply[1]
+            assert isinstance(tokens, list)
+            return Granted([int(t) for t in tokens])
+        member, remaining, kind = reply[1], reply[2], reply[3]
+        assert isinstance(member, (str, bytes)) and isinstance(kind, (str, bytes))
+        handle, mode, path = parse_member(member)
+        return Blocked(
+            handle,
+            mode,
+            path,
+            max(0.0, int(remaining) / 1000),  # type: ignore[call-overload]
+            _text(kind) == "queued",
+        )
+
+    @staticmethod
+    def decode_codes(reply: list[object]) -> list[int]:
+        return [int(x) for x in reply]  # type: ignore[call-overload]
+
+    @staticmethod
+    def decode_status(path: LockPath, reply: list[object]) -> tuple[list[NodeMarks], list[Waiter]]:
+        levels, queue = reply
+        assert isinstance(levels, list) and isinstance(queue, list)
+        nodes: list[NodeMarks] = []
+        for canonical, level in zip(path.chain, levels, strict=True):
+            kinds: list[list[Mark]] = []
+            for flat in level:
+                marks = []
+                for i in range(0, len(flat), 2):
+                    h, m, p = parse_member(flat[i])
+                    marks.append(Mark(h, m, p, int(flat[i + 1]) / 1000))
+                kinds.append(marks)
+            nodes.append(NodeMarks(canonical, *kinds))
+        waiters: list[Waiter] = []
+        for i in range(0, len(queue), 3):
+            h, m, p = parse_member(queue[i])
+            waiters.append(Waiter(h, m, p, int(float(queue[i + 1])), int(queue[i + 2]) / 1000))
+        return nodes, waiters
+
+
+def related(a: str, b: str) -> bool:
+    """Are canonical paths ``a`` and ``b`` on one line (either an ancestor of the other)?"""
+    if len(a) > len(b):
+        a, b = b, a
+    return a == b or (b.startswith(a) and b[len(a)] == "/")
+
+
+def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:
+    """Seconds to sleep before retrying a refused acquire, unless a wake-up comes first.
+
+    Capped by the blocker's remaining lease (plus a millisecond, so its expiry is seen),
+    by :data:`KEEPALIVE` (the waiter's queue entry must be renewed) and by the deadline.
+    """
+    wait = min(blocked.remaining + 0.001, KEEPALIVE)
+    if deadline is not None:
+        wait = min(wait, deadline - now)
+    return max(wait, 0.0)
+
+
+def normalise_requests(spec: Iterable[tuple[object, object]], separator: str) -> list[Request]:
+    """Parse (path, mode) pairs; the same lock asked twice is kept once."""
+    out: list[Request] = []
+    for path, mode in spec:
+        req = Request.parse(path, mode, separator)
+        if req not in out:
+            out.append(req)
+    if not out:
+        raise InvalidArgument("at least one lock must be requested")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Acquisition step: wait up to ``seconds`` for a wake-up, then call again."""
+
+    seconds: float
+
+
+SUBSCRIBE: Final = Sleep(0.0)
+"""Acquisition step: subscribe to wake-ups, then call again at once (nothing may slip by)."""
+
+
+class Acquisition:
+    """The decisions of one blocking acquire, without its I/O.
+
+    A driver sends :attr:`call`, feeds the reply to :meth:`step`, and obeys the answer: the
+    tokens (done), :data:`SUBSCRIBE` or a :class:`Sleep`; :meth:`step` raises
+    :class:`LockNotAcquired` when it must give up. When anything at all goes wrong the driver
+    sends :meth:`cleanup` (if not None) before re-raising, so nothing is left behind.
+    """
+
+    __slots__ = (
+        "block",
+        "call",
+        "can_wait",
+        "deadline",
+        "fresh",
+        "handle",
+        "protocol",
+        "requests",
+        "subscribed",
+        "timeout",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        protocol: Protocol,
+        requests: list[Request],
+        *,
+        handle: str | None,
+        ttl: float,
+        block: bool,
+        timeout: float | None,
+        now: float,
+    ) -> None:
+        self.protocol = protocol
+        self.requests = requests
+        self.fresh = handle is None
+        self.handle = new_handle() if handle is None else check_handle(handle)
+        self.ttl = ttl
+        self.block = bool(block)
+        self.timeout = check_timeout(timeout)
+        self.can_wait = self.block and self.timeout != 0
+        self.deadline = None if self.timeout is None else now + self.timeout
+        self.subscribed = False
+        self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait)
+
+    def step(self, reply: list[object], now: float) -> list[int] | Sleep:
+        outcome = self.protocol.decode_acquire(reply)
+        if isinstance(outcome, Granted):
+            return outcome.tokens
+        if not self.can_wait or (self.deadline is not None and now >= self.deadline):
+            raise self._not_acquired(outcome)
+        if not self.subscribed:
+            self.subscribed = True
+            return SUBSCRIBE
+        return Sleep(next_wait(now, self.deadline, outcome))
+
+    def cleanup(self, error: BaseException) -> Call | None:
+        """The call that undoes whatever a failed acquire may have left.
+
+        A refused request left at most a queue entry. Any other failure (a lost reply, a
+        cancellation) may have left a grant: a fresh holder's requests are released; an
+        existing holder's grants may predate this call, so only its queue entries go.
+        """
+        from .errors import LockNotAcquired
+
+        if isinstance(error, LockNotAcquired):
+            if not self.can_wait:
+                return None
+            return self.protocol.release(self.handle, self.requests, withdraw_only=True)
+        return self.protocol.release(self.handle, self.requests, withdraw_only=not self.fresh)
+
+    def _not_acquired(self, blocked: Blocked) -> Exception:
+        from .errors import LockNotAcquired
+
+        what = ", ".join(r.describe() for r in self.requests)
+        when = "at once (block=False)" if not self.block else f"within {self.timeout}s"
+        reason = blocked.describe(self.protocol.separator)
+        first = self.requests[0]
+        return LockNotAcquired(
+            f"could not acquire {what} {when}: {reason}",
+            path=first.path.text,
+            mode=first.mode,
+            blocker=reason,
+        )

@@ -1,0 +1,137 @@
+-- acquire: grant every requested lock to one holder, atomically, or none of them.
+--
+-- KEYS: per tree {n, q, qx, c}; then per grant {holder hash, 4 mark keys per chain node}.
+-- ARGV: handle, ttl ms, register (1: join the wait queue when refused), queue entry ttl ms,
+--       tree count, grant count, then per grant: mode, depth, tree index, canonical path.
+-- Reply: {1, {token per grant}} when granted;
+--        {0, blocker member, blocker remaining ms, 'held' | 'queued'} when refused.
+--
+-- Guarantees: a grant is made only if no live mark of another holder conflicts with it on
+-- its chain and, unless the holder already holds something in that tree, no earlier queued
+-- request of another holder conflicts with it (first come, first served). Re-acquiring a
+-- live grant renews it and keeps its token; a new grant gets a token larger than every
+-- token issued before in its tree.
+
+local handle, ttl = ARGV[1], tonumber(ARGV[2])
+local register, qttl = ARGV[3] == '1', tonumber(ARGV[4])
+local ntrees, ngrants = tonumber(ARGV[5]), tonumber(ARGV[6])
+local grants = read_grants(ngrants, 7, 4 * ntrees + 1, false)
+local prefix = handle .. '|'
+local plen = #prefix
+
+for _, g in ipairs(grants) do g.member = prefix .. g.mode .. '|' .. g.path end
+
+-- first live mark of another holder in `key`, with its expiry
+local function foreign(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
+  local start = 0
+  while true do
+    local batch = redis.call('ZRANGE', key, start, start + 15, 'WITHSCORES')
+    if #batch == 0 then return nil end
+    for i = 1, #batch, 2 do
+      if string.sub(batch[i], 1, plen) ~= prefix then return batch[i], tonumber(batch[i + 1]) end
+    end
+    start = start + 16
+  end
+end
+
+local function join_queue()
+  if not register then return end
+  local seqs = {}
+  for _, g in ipairs(grants) do
+    local q, qx = tree_key(g.tree, 2), tree_key(g.tree, 3)
+    local seq = seqs[g.tree]
+    if seq == nil then
+      seq = redis.call('ZSCORE', q, g.member)
+      if not seq then
+        local n = tree_key(g.tree, 1)
+        seq = math.max((tonumber(redis.call('GET', n)) or 0) + 1, NOW_US)
+        redis.call('SET', n, string.format('%d', seq), 'PX', 604800000)
+      end
+      seqs[g.tree] = seq
+    end
+    redis.call('ZADD', q, 'NX', seq, g.member)
+    redis.call('ZADD', qx, NOW + qttl, g.member)
+    bump(q, qttl)
+    bump(qx, qttl)
+  end
+end
+
+-- 1. live holders
+for _, g in ipairs(grants) do
+  for level = 1, g.depth do
+    for _, idx in ipairs(CONFLICTS[mark_of(g, level)]) do
+      local m, exp = foreign(mark_key(g, level, idx))
+      if m then
+        join_queue()
+        return { 0, m, exp - NOW, 'held' }
+      end
+    end
+  end
+end
+
+-- 2. earlier waiters, in trees where this holder holds nothing yet
+local checked = {}
+for _, g in ipairs(grants) do
+  local tree = g.tree
+  if not checked[tree] then
+    checked[tree] = true
+    local q, qx = tree_key(tree, 2), tree_key(tree, 3)
+    if redis.call('EXISTS', g.hkey) == 0 and redis.call('ZCARD', q) > 0 then
+      local dead = redis.call('ZRANGEBYSCORE', qx, '-inf', NOW)
+      for _, m in ipairs(dead) do redis.call('ZREM', q, m) end
+      if #dead > 0 then redis.call('ZREMRANGEBYSCORE', qx, '-inf', NOW) end
+      local seq = redis.call('ZSCORE', q, g.member)
+      local earlier
+      if seq then
+        earlier = redis.call('ZRANGEBYSCORE', q, '-inf', '(' .. seq)
+      else
+        earlier = redis.call('ZRANGE', q, 0, -1)
+      end
+      for _, w in ipairs(earlier) do
+        local wh, wm, wp = parse_member(w)
+        if wh ~= handle then
+          for _, h in ipairs(grants) do
+            if h.tree == tree and conflict(wm, wp, h.mode, h.path) then
+              join_queue()
+              local wexp = tonumber(redis.call('ZSCORE', qx, w)) or NOW
+              return { 0, w, wexp - NOW, 'queued' }
+            end
+          end
+        end
+      end
+    end
+  end
+end
+
+-- 3. grant
+local exp = NOW + ttl
+local fresh = {}
+local tokens = {}
+for i, g in ipairs(grants) do
+  local field = g.mode .. '|' .. g.path
+  local leaf = mark_key(g, g.depth, LEAF_MARK[g.mode])
+  local score = tonumber(redis.call('ZSCORE', leaf, g.member))
+  local token = nil
+  if score and score > NOW then token = redis.call('HGET', g.hkey, field) end
+  if not token then
+    token = fresh[g.tree]
+    if token == nil then
+      local n = tree_key(g.tree, 1)
+      token = string.format('%d', math.max((tonumber(redis.call('GET', n)) or 0) + 1, NOW_US))
+      redis.call('SET', n, token, 'PX', 604800000)
+      fresh[g.tree] = token
+    end
+  end
+  for level = 1, g.depth do
+    local key = mark_key(g, level, mark_of(g, level))
+    redis.call('ZADD', key, exp, g.member)
+    bump(key, ttl)
+  end
+  redis.call('HSET', g.hkey, field, token)
+  bump(g.hkey, ttl)
+  local q = tree_key(g.tree, 2)
+  if redis.call('ZREM', q, g.member) == 1 then redis.call('ZREM', tree_key(g.tree, 3), g.member) end
+  tokens[i] = tonumber(token)
+end
+return { 1, tokens }

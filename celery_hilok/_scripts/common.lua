@@ -1,0 +1,77 @@
+-- Shared prelude, prepended to every script of celery_hilok.
+--
+-- Vocabulary. A *grant* is one (holder handle, mode, path) lock. Its *member* string is
+-- "<handle>|<mode>|<canonical path>" with mode S (subtree read), X (subtree write) or
+-- N (node-only read). A grant puts its member, scored by its expiry (server ms), into one
+-- sorted set per node of its chain: the leaf gets the grant's own mark (S -> s, X -> x,
+-- N -> is) and every ancestor an intention mark (S, N -> is; X -> ix). A member is live
+-- while its score is in the future; expired members are ignored and swept lazily.
+--
+-- Key blocks. Every script receives, per tree, the block {n, q, qx, c} and, per grant,
+-- {holder hash, then 4 keys (is, ix, s, x) per node of its chain, root first}.
+
+local t = redis.call('TIME')
+local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- index of the leaf mark of each mode within a node's 4 keys, and of the ancestors' mark
+local LEAF_MARK = { S = 3, X = 4, N = 1 }
+local INTENT_MARK = { S = 1, X = 2, N = 1 }
+-- marks (by index: 1 is, 2 ix, 3 s, 4 x) that conflict with the mark of each index
+local CONFLICTS = { { 4 }, { 3, 4 }, { 2, 4 }, { 1, 2, 3, 4 } }
+
+-- a is an ancestor of b or b itself (canonical paths, '/' separated)
+local function covers(a, b)
+  return a == b or (#b > #a and string.sub(b, 1, #a + 1) == a .. '/')
+end
+
+-- do grants (mode m1 on p1) and (mode m2 on p2) of different holders conflict?
+local function conflict(m1, p1, m2, p2)
+  if m1 ~= 'X' and m2 ~= 'X' then return false end
+  if m1 == 'X' and m2 == 'X' then return covers(p1, p2) or covers(p2, p1) end
+  if m2 == 'X' then m1, p1, m2, p2 = m2, p2, m1, p1 end
+  if m2 == 'S' then return covers(p1, p2) or covers(p2, p1) end
+  return covers(p1, p2)  -- N only guards its own node against writers at or above it
+end
+
+-- split a member into handle, mode, path
+local function parse_member(m)
+  local a = string.find(m, '|', 1, true)
+  return string.sub(m, 1, a - 1), string.sub(m, a + 1, a + 1), string.sub(m, a + 3)
+end
+
+-- make key live at least ms more milliseconds
+local function bump(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
+-- read the grants described by ARGV from position `pos`: each is mode, depth, tree index,
+-- canonical path (and, when with_ttl, ttl ms); returns them with their key offsets
+local function read_grants(count, pos, first_key, with_ttl)
+  local grants, k = {}, first_key
+  for i = 1, count do
+    local g = { mode = ARGV[pos], depth = tonumber(ARGV[pos + 1]),
+                tree = tonumber(ARGV[pos + 2]), path = ARGV[pos + 3], hkey = KEYS[k],
+                base = k + 1 }
+    pos = pos + 4
+    if with_ttl then g.handle = ARGV[pos]; g.ttl = tonumber(ARGV[pos + 1]); pos = pos + 2 end
+    grants[i] = g
+    k = k + 1 + 4 * g.depth
+  end
+  return grants, pos
+end
+
+-- key of mark `idx` on level `level` (1 = root) of grant g
+local function mark_key(g, level, idx)
+  return KEYS[g.base + 4 * (level - 1) + idx - 1]
+end
+
+-- the mark index grant g places on `level`
+local function mark_of(g, level)
+  if level == g.depth then return LEAF_MARK[g.mode] end
+  return INTENT_MARK[g.mode]
+end
+
+local function tree_key(tree, i)
+  return KEYS[4 * (tree - 1) + i]
+end

@@ -1,0 +1,511 @@
+"""The asyncio driver: :class:`AsyncHiLok`, on ``redis.asyncio`` clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import NoScriptError, RedisError
+
+from ._core import (
+    Acquisition,
+    Call,
+    Mode,
+    Protocol,
+    Request,
+    check_ttl,
+    normalise_requests,
+    related,
+)
+from ._redis import DEFAULT_CLIENT_OPTIONS, check_url, describe_server, translate
+from .errors import HiLokError, InvalidArgument, LockLost
+from .lease import Lease, LockStatus
+from .paths import parse_path, validate_namespace
+
+__all__ = ["AsyncHiLok"]
+
+log = logging.getLogger("celery_hilok")
+
+AsyncClient = aredis.Redis | aredis.RedisCluster
+
+
+class AsyncHiLok:
+    """Hierarchical read-write locks on Redis, asyncio API (same names as :class:`HiLok`).
+
+    ``redis`` is a URL or a ``redis.asyncio.Redis`` / ``RedisCluster`` client. One instance
+    serves the tasks of one event loop; its background tasks (wake-ups, refresh) live on the
+    loop that first needs them.
+    """
+
+    def __init__(
+        self,
+        redis: str | AsyncClient,
+        *,
+        namespace: str = "hilok",
+        separator: str = "/",
+        ttl: float = 30.0,
+        redis_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.namespace = validate_namespace(namespace)
+        if not isinstance(separator, str) or not separator:
+            raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
+        self.separator = separator
+        self.ttl = check_ttl(ttl)
+        self._protocol = Protocol(namespace, separator)
+        self._owns_client = isinstance(redis, str)
+        self.redis: AsyncClient = _make_client(redis, redis_options)
+        self.server = describe_server(self.redis)
+        self._waker = _Waker(self)
+        self._refresher = _Refresher(self)
+
+    # -- acquiring ------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        path: str,
+        mode: Mode,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> Lease:
+        """Acquire ``mode`` on ``path``; see :meth:`celery_hilok.HiLok.acquire`.
+
+        Cancelling the call leaves nothing behind: a grant made by a call whose reply was
+        cut off is released (for a fresh holder), and the queue entry is withdrawn.
+        """
+        leases = await self.acquire_many(
+            [(path, mode)], block=block, timeout=timeout, ttl=ttl, handle=handle
+        )
+        return leases[0]
+
+    async def acquire_many(
+        self,
+        locks: Iterable[tuple[str, Mode]],
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> list[Lease]:
+        """Acquire several locks for one holder atomically; see :meth:`HiLok.acquire_many`."""
+        requests = normalise_requests(locks, self.separator)
+        lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
+        attempt = Acquisition(
+            self._protocol,
+            requests,
+            handle=handle,
+            ttl=lease_ttl,
+            block=block,
+            timeout=timeout,
+            now=time.monotonic(),
+        )
+        cancel_count = _cancel_counter()
+        cancelling = cancel_count()
+        waiter: _Wait | None = None
+        try:
+            while True:
+                if waiter is not None:
+                    waiter.event.clear()
+                reply = await self._run(attempt.call)
+                # Some redis-py versions swallow a cancellation that lands mid-call; the
+                # task still counts it, so honour it here rather than hand out a lease.
+                if cancel_count() > cancelling:
+                    raise asyncio.CancelledError
+                step = attempt.step(reply, time.monotonic())
+                if isinstance(step, list):
+                    return [
+                        Lease(r, attempt.handle, token, lease_ttl, self)
+                        for r, token in zip(requests, step, strict=True)
+                    ]
+                if waiter is None:
+                    waiter = await self._waker.register(requests)
+                else:
+                    try:
+                        await asyncio.wait_for(waiter.event.wait(), step.seconds)
+                    except asyncio.TimeoutError:
+                        pass
+        except BaseException as exc:
+            cleanup = attempt.cleanup(exc)
+            if cleanup is not None:
+                await _shielded(self._run_quietly(cleanup, "clean up after a failed acquire"))
+            raise
+        finally:
+            if waiter is not None:
+                self._waker.unregister(waiter)
+
+    async def _run_quietly(self, call: Call, what: str) -> None:
+        try:
+            await self._run(call)
+        except HiLokError as exc:
+            log.warning("could not %s (%s); anything left expires within its ttl", what, exc)
+
+    @asynccontextmanager
+    async def read(
+        self,
+        path: str,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> AsyncIterator[Lease]:
+        """Hold a read lock for the ``async with`` block; see :meth:`HiLok.read`."""
+        async with self._hold(path, "read", block, timeout, ttl, handle) as lease:
+            yield lease
+
+    @asynccontextmanager
+    async def write(
+        self,
+        path: str,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> AsyncIterator[Lease]:
+        """Hold a write lock for the ``async with`` block; see :meth:`HiLok.write`."""
+        async with self._hold(path, "write", block, timeout, ttl, handle) as lease:
+            yield lease
+
+    @asynccontextmanager
+    async def _hold(
+        self,
+        path: str,
+        mode: Mode,
+        block: bool,
+        timeout: float | None,
+        ttl: float | None,
+        handle: str | None,
+    ) -> AsyncIterator[Lease]:
+        lease = await self.acquire(path, mode, block=block, timeout=timeout, ttl=ttl, handle=handle)
+        self.keep_alive(lease)
+        try:
+            yield lease
+        except BaseException:
+            await _shielded(self._release_quietly([lease]))
+            raise
+        await _shielded(self.release(lease))
+
+    # -- holding ----------------------------------------------------------------------------
+
+    async def refresh(self, *leases: Lease, ttl: float | None = None) -> None:
+        """Extend the leases in one round trip; raises :class:`LockLost` for lost ones."""
+        alive = await self.refresh_many(leases, ttl=ttl)
+        lost = [lease for lease, ok in zip(leases, alive, strict=True) if not ok]
+        if lost:
+            raise LockLost("lease lost (expired or released): " + ", ".join(map(repr, lost)))
+
+    async def refresh_many(
+        self, leases: Sequence[Lease], *, ttl: float | None = None
+    ) -> list[bool]:
+        """Extend many leases, of any holders, in one round trip; True for each still held."""
+        if not leases:
+            return []
+        new_ttl = None if ttl is None else check_ttl(ttl)
+        items = [(lease.handle, lease.request, new_ttl or lease.ttl) for lease in leases]
+        codes = self._protocol.decode_codes(await self._run(self._protocol.refresh(items)))
+        for lease, code in zip(leases, codes, strict=True):
+            if new_ttl is not None and code:
+                lease.ttl = new_ttl
+            if not code:
+                lease.lost = True
+        return [bool(c) for c in codes]
+
+    def keep_alive(self, lease: Lease) -> None:
+        """Refresh ``lease`` from a background task until it is released."""
+        self._refresher.add(lease)
+
+    async def release(self, *leases: Lease) -> None:
+        """Release the leases; idempotent per lease. Raises :class:`LockLost` as
+        :meth:`HiLok.release` does."""
+        todo = [lease for lease in leases if not lease.released]
+        for lease in todo:
+            self._refresher.discard(lease)
+        lost: list[Lease] = []
+        groups: dict[str, list[Lease]] = {}
+        for lease in todo:
+            groups.setdefault(lease.handle, []).append(lease)
+        for handle, group in groups.items():
+            requests = [lease.request for lease in group]
+            call = self._protocol.release(handle, requests, withdraw_only=False)
+            codes = self._protocol.decode_codes(await self._run(call))
+            for lease, code in zip(group, codes, strict=True):
+                lease.released = True
+                if code != 1:
+                    lease.lost = True
+                    lost.append(lease)
+        if lost:
+            raise LockLost(
+                "released a lease that was no longer held (it ran out or was released "
+                "elsewhere): " + ", ".join(map(repr, lost))
+            )
+
+    async def _release_quietly(self, leases: Sequence[Lease]) -> None:
+        try:
+            await self.release(*leases)
+        except HiLokError as exc:
+            log.warning("releasing %s: %s", ", ".join(map(repr, leases)), exc)
+
+    # -- looking --------------------------------------------------------------------------
+
+    async def status(self, path: str) -> LockStatus:
+        """Who holds what on ``path``, under it and above it, and who waits."""
+        lock_path = parse_path(path, self.separator)
+        reply = await self._run(self._protocol.status(lock_path))
+        nodes, queue = self._protocol.decode_status(lock_path, reply)
+        return LockStatus.build(lock_path, nodes, queue)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _run(self, call: Call) -> Any:
+        client = self.redis
+        try:
+            try:
+                return await client.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            except NoScriptError:
+                return await client.eval(call.script.source, len(call.keys), *call.keys, *call.args)
+        except RedisError as exc:
+            raise translate(exc, self.server, call.script.name) from exc
+
+    async def close(self) -> None:
+        """Stop the background tasks and close the client if this instance created it."""
+        await self._refresher.stop()
+        await self._waker.stop()
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncHiLok:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncHiLok {self.server} namespace={self.namespace!r}>"
+
+
+def _make_client(target: str | AsyncClient, options: dict[str, Any] | None) -> AsyncClient:
+    if isinstance(target, str):
+        kwargs = {**DEFAULT_CLIENT_OPTIONS, **(options or {})}
+        return aredis.Redis.from_url(check_url(target), **kwargs)
+    if isinstance(target, (aredis.Redis, aredis.RedisCluster)):
+        return target
+    raise InvalidArgument(
+        f"expected a Redis URL or a redis.asyncio.Redis / RedisCluster client, got {target!r}"
+    )
+
+
+def _cancel_counter() -> Callable[[], int]:
+    """How many cancellations the current task has pending (always 0 before Python 3.11)."""
+    task = asyncio.current_task()
+    counter = getattr(task, "cancelling", None)
+    if counter is None:
+        return lambda: 0
+    return counter  # type: ignore[no-any-return]
+
+
+async def _shielded(coro: Any) -> None:
+    """Run cleanup to the end even if the caller is being cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+# -- wake-ups -------------------------------------------------------------------------------
+
+
+class _Wait:
+    __slots__ = ("channels", "event", "paths")
+
+    def __init__(self, channels: set[str], paths: list[str]) -> None:
+        self.channels = channels
+        self.paths = paths
+        self.event = asyncio.Event()
+
+
+class _Waker:
+    """One pub/sub connection per ``AsyncHiLok``; see the sync twin in :mod:`.sync`."""
+
+    def __init__(self, owner: AsyncHiLok) -> None:
+        self._owner = owner
+        self._waits: dict[str, set[_Wait]] = {}
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def register(self, requests: Sequence[Request]) -> _Wait:
+        keys = self._owner._protocol.keys
+        channels = {keys.channel(r.path.tree) for r in requests}
+        wait = _Wait(channels, [r.path.canonical for r in requests])
+        self._ensure_task()
+        to_subscribe = []
+        for channel in channels:
+            if channel not in self._confirmed:
+                self._confirmed[channel] = asyncio.Event()
+                to_subscribe.append(channel)
+            self._waits.setdefault(channel, set()).add(wait)
+        events = [self._confirmed[c] for c in channels]
+        if to_subscribe:
+            try:
+                await self._pubsub.subscribe(*to_subscribe)
+            except RedisError as exc:
+                log.debug("subscribe failed (%s); waiting falls back to lease caps", exc)
+                return wait
+        for event in events:
+            try:
+                await asyncio.wait_for(event.wait(), 5.0)
+            except asyncio.TimeoutError:
+                pass
+        return wait
+
+    def unregister(self, wait: _Wait) -> None:
+        for channel in wait.channels:
+            waits = self._waits.get(channel)
+            if waits is not None:
+                waits.discard(wait)
+                if not waits:
+                    del self._waits[channel]
+
+    def _ensure_task(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._confirmed.clear()
+        self._pubsub = self._owner.redis.pubsub()
+        self._task = loop.create_task(self._run(self._pubsub), name="hilok-waker")
+
+    async def _run(self, pubsub: Any) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if not pubsub.subscribed:
+                    await asyncio.sleep(0.01)
+                    continue
+                message = await pubsub.get_message(timeout=1.0)
+                backoff = 0.05
+            except (RedisError, OSError) as exc:
+                log.debug("waker connection failed: %s", exc)
+                self._wake_all()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            if message is None:
+                continue
+            kind = _text(message["type"])
+            channel = _text(message["channel"])
+            if kind == "subscribe":
+                event = self._confirmed.get(channel)
+                if event is not None:
+                    event.set()
+            elif kind == "message":
+                released = _text(message["data"])
+                for wait in list(self._waits.get(channel, ())):
+                    if any(related(p, released) for p in wait.paths):
+                        wait.event.set()
+
+    def _wake_all(self) -> None:
+        for event in self._confirmed.values():
+            event.set()
+        for waits in self._waits.values():
+            for wait in waits:
+                wait.event.set()
+
+    async def stop(self) -> None:
+        task, pubsub = self._task, self._pubsub
+        self._task = None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, RuntimeError):
+                pass
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except (RedisError, RuntimeError):
+                pass
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- background refresh ----------------------------------------------------------------------
+
+
+class _Refresher:
+    """One task per ``AsyncHiLok`` renewing every kept lease in one call a tick."""
+
+    def __init__(self, owner: AsyncHiLok) -> None:
+        self._owner = owner
+        self._leases: dict[int, Lease] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._changed: asyncio.Event | None = None
+
+    def add(self, lease: Lease) -> None:
+        self._leases[id(lease)] = lease
+        loop = asyncio.get_running_loop()
+        task = self._task
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._changed = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="hilok-refresher")
+        assert self._changed is not None
+        self._changed.set()
+
+    def discard(self, lease: Lease) -> None:
+        self._leases.pop(id(lease), None)
+
+    async def _run(self) -> None:
+        changed = self._changed
+        assert changed is not None
+        while True:
+            if not self._leases:
+                changed.clear()
+                await changed.wait()
+                continue
+            interval = min(lease.ttl for lease in self._leases.values()) / 3
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), interval)
+                continue  # the set changed: recompute the interval, refresh on schedule
+            except asyncio.TimeoutError:
+                pass
+            leases = list(self._leases.values())
+            if leases:
+                await self.tick(leases)
+
+    async def tick(self, leases: list[Lease]) -> None:
+        try:
+            alive = await self._owner.refresh_many(leases)
+        except HiLokError as exc:
+            log.warning("could not refresh %d lease(s): %s", len(leases), exc)
+            return
+        for lease, ok in zip(leases, alive, strict=True):
+            if not ok:
+                self.discard(lease)
+                log.warning("lease lost: %r", lease)
+                try:
+                    lease._mark_lost()
+                except Exception:
+                    log.exception("on_lost callback of %r failed", lease)
+
+    async def stop(self) -> None:
+        task = self._task
+        self._task = None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, RuntimeError):
+                pass

@@ -1,0 +1,47 @@
+"""Exceptions raised by celery_hilok.
+
+Every error is a :class:`HiLokError` (a :class:`RuntimeError`) except bad arguments, which
+raise :class:`InvalidArgument`, a :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HiLokConnectionError",
+    "HiLokError",
+    "InvalidArgument",
+    "LockLost",
+    "LockNotAcquired",
+]
+
+
+class HiLokError(RuntimeError):
+    """Base class of every runtime error of celery_hilok."""
+
+
+class LockNotAcquired(HiLokError):
+    """A lock could not be acquired: ``block=False`` met a conflict, or ``timeout`` ran out.
+
+    ``path`` and ``mode`` name the request; ``blocker`` describes who was in the way (its
+    mode, path, a short handle prefix and its remaining lease) when known.
+    """
+
+    def __init__(
+        self, message: str, *, path: str = "", mode: str = "", blocker: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.mode = mode
+        self.blocker = blocker
+
+
+class LockLost(HiLokError):
+    """A lease is no longer held: it ran out, or was released elsewhere, before a refresh."""
+
+
+class HiLokConnectionError(HiLokError):
+    """Redis could not be reached or failed mid-operation; the message names the server."""
+
+
+class InvalidArgument(HiLokError, ValueError):
+    """A bad argument: a malformed path, a non-positive ttl, a negative timeout, a bad mode."""

@@ -1,0 +1,194 @@
+"""What a caller holds (:class:`Lease`) and what ``status`` reports (:class:`LockStatus`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._core import Mode, NodeMarks, Request, Waiter
+from .paths import LockPath, decode_canonical, parse_path
+
+if TYPE_CHECKING:
+    from .aio import AsyncHiLok
+    from .sync import HiLok
+
+__all__ = ["Holder", "Lease", "LockStatus", "QueuedRequest"]
+
+
+class Lease:
+    """One granted lock: a holder (``handle``) holding ``mode`` on ``path``.
+
+    ``token`` is the fencing token of the grant: a later conflicting grant always carries a
+    larger one, so a store that refuses writes with a token older than the newest it has seen
+    is safe even when a paused holder outlives its lease. ``lost`` becomes true when a
+    background refresh finds the lease gone.
+
+    A lease can be pickled and sent to another process, where ``HiLok.refresh`` and
+    ``HiLok.release`` accept it (the handle is the holder's only credential: keep it secret).
+    """
+
+    __slots__ = ("_on_lost", "_owner", "_request", "handle", "lost", "released", "token", "ttl")
+
+    def __init__(
+        self,
+        request: Request,
+        handle: str,
+        token: int,
+        ttl: float,
+        owner: HiLok | AsyncHiLok | None = None,
+    ) -> None:
+        self._request = request
+        self.handle = handle
+        self.token = token
+        self.ttl = ttl
+        self._owner = owner
+        self.released = False
+        self.lost = False
+        self._on_lost: list[Callable[[Lease], Any]] = []
+
+    @property
+    def path(self) -> str:
+        """The normalised path, as users write it."""
+        return self._request.path.text
+
+    @property
+    def mode(self) -> Mode:
+        return self._request.mode
+
+    @property
+    def request(self) -> Request:
+        return self._request
+
+    def release(self) -> None:
+        """Release this lease (same as ``hl.release(lease)``); idempotent.
+
+        For a lease from :class:`~celery_hilok.AsyncHiLok`, use ``await lease.release_async()``.
+        """
+        from .sync import HiLok
+
+        owner = self._owner
+        if not isinstance(owner, HiLok):
+            raise TypeError(
+                "this lease has no synchronous HiLok: use hl.release(lease), or "
+                "'await lease.release_async()' for a lease of an AsyncHiLok"
+            )
+        owner.release(self)
+
+    async def release_async(self) -> None:
+        """Release this lease of an :class:`~celery_hilok.AsyncHiLok`; idempotent."""
+        from .aio import AsyncHiLok
+
+        owner = self._owner
+        if not isinstance(owner, AsyncHiLok):
+            raise TypeError("this lease has no AsyncHiLok: use 'await ahl.release(lease)'")
+        await owner.release(self)
+
+    def on_lost(self, callback: Callable[[Lease], Any]) -> None:
+        """Call ``callback(lease)`` (from the refresher) if a background refresh finds it lost."""
+        self._on_lost.append(callback)
+
+    def _mark_lost(self) -> None:
+        self.lost = True
+        for callback in self._on_lost:
+            callback(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        p = self._request.path
+        return (_restore, (p.text, p.separator, self.mode, self.handle, self.token, self.ttl))
+
+    def __repr__(self) -> str:
+        state = " released" if self.released else " lost" if self.lost else ""
+        return (
+            f"<Lease {self.mode} {self.path!r} token={self.token} "
+            f"handle={self.handle[:6]}...{state}>"
+        )
+
+
+def _restore(path: str, separator: str, mode: Mode, handle: str, token: int, ttl: float) -> Lease:
+    return Lease(Request(parse_path(path, separator), mode), handle, token, ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A live grant seen by ``status``.
+
+    ``relation`` says where it sits relative to the path asked about: ``"self"`` (on the path),
+    ``"below"`` (on a descendant) or ``"above"`` (on an ancestor, so it covers the path).
+    """
+
+    handle: str
+    mode: Mode
+    path: str
+    ttl: float
+    relation: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """A request waiting in the tree's queue (``ticket`` orders them, first come first)."""
+
+    handle: str
+    mode: Mode
+    path: str
+    ticket: int
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockStatus:
+    """Who holds what on a path, under it and above it, and who waits for it."""
+
+    path: str
+    holders: list[Holder] = field(default_factory=list)
+    waiters: list[QueuedRequest] = field(default_factory=list)
+
+    @property
+    def held(self) -> bool:
+        return bool(self.holders)
+
+    @classmethod
+    def build(cls, path: LockPath, nodes: list[NodeMarks], queue: list[Waiter]) -> LockStatus:
+        sep = path.separator
+        holders: dict[tuple[str, str, str], Holder] = {}
+
+        def add(handle: str, mode: Mode, canonical: str, ttl: float, relation: str) -> None:
+            text = decode_canonical(canonical, sep)
+            holders.setdefault((handle, mode, canonical), Holder(handle, mode, text, ttl, relation))
+
+        for node in nodes:
+            own = node.path == path.canonical
+            for mark in node.shared + node.exclusive:
+                if mark.path == node.path:
+                    add(
+                        mark.handle,
+                        mark.mode,
+                        mark.path,
+                        mark.remaining,
+                        "self" if own else "above",
+                    )
+            for mark in node.intent_shared:
+                if mark.path == node.path:  # a node-only read on this node
+                    add(
+                        mark.handle,
+                        mark.mode,
+                        mark.path,
+                        mark.remaining,
+                        "self" if own else "above",
+                    )
+            if own:
+                for mark in node.intent_shared + node.intent_exclusive:
+                    if mark.path != node.path:
+                        add(mark.handle, mark.mode, mark.path, mark.remaining, "below")
+        waiters = [
+            QueuedRequest(w.handle, w.mode, decode_canonical(w.path, sep), w.ticket, w.remaining)
+            for w in queue
+            if _on_line(w.path, path.canonical)
+        ]
+        return cls(path.text, list(holders.values()), waiters)
+
+
+def _on_line(a: str, b: str) -> bool:
+    from ._core import related
+
+    return related(a, b)

@@ -1,0 +1,156 @@
+"""Lock paths: parse, validate, normalise, and name their Redis keys.
+
+A path such as ``"tenants/42/invoices/7"`` is split on the separator and empty segments are
+dropped, so ``"/a/b"``, ``"a/b/"`` and ``"a//b"`` are the same path. Its first segment names
+the *tree*: every key of a tree carries the tree's Redis Cluster hash tag, so one script can
+touch the whole ancestor chain atomically.
+
+Keys are built here, on the client, from percent-encoded segments, and always reach Redis as
+``KEYS``; scripts never build key names from user strings. Key layout under namespace ``ns``
+(``<p>`` is the canonical path, segments percent-encoded and joined by ``/``)::
+
+    ns:{<root>}:<p>:is|ix|s|x    sorted sets of the marks on node <p>, one per mode
+    ns:{<root>}::n               the tree's last fencing token (also orders the wait queue)
+    ns:{<root>}::q / ::qx        the tree's wait queue: ticket numbers / queue-entry expiry
+    ns:{<root>}::c               the tree's pub/sub channel for wake-ups
+    ns:{<root>}::h:<handle>      what one holder holds in the tree, with its fencing tokens
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
+from urllib.parse import quote, unquote
+
+from .errors import InvalidArgument
+
+__all__ = ["MAX_DEPTH", "MAX_PATH_LENGTH", "KeySpace", "LockPath", "parse_path"]
+
+MAX_DEPTH: Final = 32
+"""Most segments a path may have."""
+MAX_PATH_LENGTH: Final = 1024
+"""Most characters a path may have, separators included."""
+
+# Characters kept readable in key names; everything else, notably ``/ : { } %`` and
+# whitespace, is percent-encoded so that key names and members parse unambiguously.
+_SAFE: Final = "@+=,!*'()$&;~"
+_NAMESPACE_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class LockPath:
+    """A normalised lock path.
+
+    ``text`` is the path as users see it (segments joined by the separator); ``canonical``
+    is its separator-independent form used in keys and messages exchanged with Redis;
+    ``chain`` holds the canonical form of every ancestor, root first, ending with the path.
+    """
+
+    segments: tuple[str, ...]
+    separator: str
+    text: str
+    canonical: str
+    chain: tuple[str, ...]
+
+    @property
+    def depth(self) -> int:
+        return len(self.segments)
+
+    @property
+    def tree(self) -> str:
+        """The canonical first segment: the lock tree this path belongs to."""
+        return self.chain[0]
+
+    def is_ancestor_or_self_of(self, other: LockPath) -> bool:
+        n = len(self.segments)
+        return n <= len(other.segments) and other.segments[:n] == self.segments
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_path(path: object, separator: str = "/") -> LockPath:
+    """Return the normalised :class:`LockPath` of ``path``.
+
+    Raises :class:`InvalidArgument` when ``path`` is not a string, has no segment left after
+    dropping empty ones, has more than :data:`MAX_DEPTH` segments or more than
+    :data:`MAX_PATH_LENGTH` characters, or when ``separator`` is empty.
+    """
+    if not isinstance(path, str):
+        raise InvalidArgument(f"lock path must be a str, got {type(path).__name__}: {path!r}")
+    if not isinstance(separator, str) or not separator:
+        raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
+    return _parse(path, separator)
+
+
+@lru_cache(maxsize=4096)
+def _parse(path: str, separator: str) -> LockPath:
+    if len(path) > MAX_PATH_LENGTH:
+        raise InvalidArgument(
+            f"lock path is {len(path)} characters long, more than {MAX_PATH_LENGTH}: "
+            f"{path[:40]!r}..."
+        )
+    segments = tuple(s for s in path.split(separator) if s)
+    if not segments:
+        raise InvalidArgument(f"lock path {path!r} has no segment (separator {separator!r})")
+    if len(segments) > MAX_DEPTH:
+        raise InvalidArgument(
+            f"lock path {path[:80]!r} has {len(segments)} segments, more than {MAX_DEPTH}"
+        )
+    encoded = [quote(s, safe=_SAFE) for s in segments]
+    chain = tuple("/".join(encoded[: i + 1]) for i in range(len(encoded)))
+    return LockPath(segments, separator, separator.join(segments), chain[-1], chain)
+
+
+def decode_canonical(canonical: str, separator: str = "/") -> str:
+    """Turn a canonical path (as found in keys and members) back into user text."""
+    return separator.join(unquote(s) for s in canonical.split("/"))
+
+
+def validate_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise InvalidArgument(
+            f"namespace must be 1-64 characters of letters, digits, '_', '.', '-': {namespace!r}"
+        )
+    return namespace
+
+
+class KeySpace:
+    """Builds every Redis key name of one namespace (see the module docstring)."""
+
+    __slots__ = ("_node_cache", "namespace")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = validate_namespace(namespace)
+        self._node_cache: dict[str, tuple[str, str, str, str]] = {}
+
+    def tree_prefix(self, tree: str) -> str:
+        return f"{self.namespace}:{{{tree}}}:"
+
+    def node_keys(self, tree: str, canonical: str) -> tuple[str, str, str, str]:
+        """The four mark sets of one node, in the order the scripts expect: IS, IX, S, X."""
+        keys = self._node_cache.get(canonical)
+        if keys is None:
+            base = f"{self.namespace}:{{{tree}}}:{canonical}:"
+            keys = (base + "is", base + "ix", base + "s", base + "x")
+            if len(self._node_cache) > 16384:
+                self._node_cache.clear()
+            self._node_cache[canonical] = keys
+        return keys
+
+    def tree_keys(self, tree: str) -> tuple[str, str, str, str]:
+        """Token counter, wait queue, queue expiry and wake-up channel of one tree."""
+        p = self.tree_prefix(tree)
+        return (p + ":n", p + ":q", p + ":qx", p + ":c")
+
+    def channel(self, tree: str) -> str:
+        return self.tree_prefix(tree) + ":c"
+
+    def holder_key(self, tree: str, handle: str) -> str:
+        return f"{self.tree_prefix(tree)}:h:{handle}"
+
+    def tree_pattern(self) -> str:
+        """A SCAN pattern matching every key of the namespace."""
+        return f"{self.namespace}:{{*"

@@ -1,0 +1,524 @@
+"""The synchronous driver: :class:`HiLok`, on a redis-py ``Redis`` or ``RedisCluster`` client."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, RedisError
+
+from ._core import (
+    Acquisition,
+    Call,
+    Mode,
+    Protocol,
+    Request,
+    check_ttl,
+    normalise_requests,
+    related,
+)
+from ._redis import DEFAULT_CLIENT_OPTIONS, check_url, describe_server, translate
+from .errors import HiLokError, InvalidArgument, LockLost
+from .lease import Lease, LockStatus
+from .paths import parse_path, validate_namespace
+
+__all__ = ["HiLok"]
+
+log = logging.getLogger("celery_hilok")
+
+SyncClient = redis.Redis | redis.RedisCluster
+
+
+class HiLok:
+    """Hierarchical read-write locks on Redis, synchronous API.
+
+    ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``) or an existing
+    ``redis.Redis`` / ``redis.RedisCluster`` client (which is not closed by :meth:`close`).
+    ``ttl`` is the default lease in seconds. One instance is safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        redis: str | SyncClient,
+        *,
+        namespace: str = "hilok",
+        separator: str = "/",
+        ttl: float = 30.0,
+        redis_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.namespace = validate_namespace(namespace)
+        if not isinstance(separator, str) or not separator:
+            raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
+        self.separator = separator
+        self.ttl = check_ttl(ttl)
+        self._protocol = Protocol(namespace, separator)
+        self._owns_client = isinstance(redis, str)
+        self.redis: SyncClient = _make_client(redis, redis_options)
+        self.server = describe_server(self.redis)
+        self._waker = _Waker(self)
+        self._refresher = _Refresher(self)
+
+    # -- acquiring ------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        path: str,
+        mode: Mode,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> Lease:
+        """Acquire ``mode`` (``"read"`` or ``"write"``) on ``path`` and return the lease.
+
+        Blocks until granted unless ``block=False`` (one try) or ``timeout`` seconds pass;
+        both raise :class:`LockNotAcquired`. ``ttl`` overrides the default lease. ``handle``
+        acquires for an existing holder (re-entrant; renews a grant it already has). The lease
+        is not refreshed automatically: use :meth:`refresh`, :meth:`keep_alive` or the
+        context managers. Raises :class:`InvalidArgument` for bad arguments and
+        :class:`HiLokConnectionError` when Redis fails.
+        """
+        return self.acquire_many(
+            [(path, mode)], block=block, timeout=timeout, ttl=ttl, handle=handle
+        )[0]
+
+    def acquire_many(
+        self,
+        locks: Iterable[tuple[str, Mode]],
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> list[Lease]:
+        """Acquire several locks for one holder atomically: all of them or none.
+
+        Same arguments and errors as :meth:`acquire`; the leases share one handle.
+        """
+        requests = normalise_requests(locks, self.separator)
+        lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
+        attempt = Acquisition(
+            self._protocol,
+            requests,
+            handle=handle,
+            ttl=lease_ttl,
+            block=block,
+            timeout=timeout,
+            now=time.monotonic(),
+        )
+        waiter: _Wait | None = None
+        try:
+            while True:
+                if waiter is not None:
+                    waiter.event.clear()
+                step = attempt.step(self._run(attempt.call), time.monotonic())
+                if isinstance(step, list):
+                    return [
+                        Lease(r, attempt.handle, token, lease_ttl, self)
+                        for r, token in zip(requests, step, strict=True)
+                    ]
+                if waiter is None:
+                    waiter = self._waker.register(requests)
+                else:
+                    waiter.event.wait(step.seconds)
+        except BaseException as exc:
+            cleanup = attempt.cleanup(exc)
+            if cleanup is not None:
+                self._run_quietly(cleanup, "clean up after a failed acquire")
+            raise
+        finally:
+            if waiter is not None:
+                self._waker.unregister(waiter)
+
+    def _run_quietly(self, call: Call, what: str) -> None:
+        try:
+            self._run(call)
+        except HiLokError as exc:
+            log.warning("could not %s (%s); anything left expires within its ttl", what, exc)
+
+    @contextmanager
+    def read(
+        self,
+        path: str,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> Iterator[Lease]:
+        """Hold a read lock on ``path`` (and its subtree) for the ``with`` block.
+
+        The lease is refreshed in the background while the block runs and released when it
+        ends; leaving the block raises :class:`LockLost` if the lease was lost meanwhile.
+        """
+        with self._hold(path, "read", block, timeout, ttl, handle) as lease:
+            yield lease
+
+    @contextmanager
+    def write(
+        self,
+        path: str,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        handle: str | None = None,
+    ) -> Iterator[Lease]:
+        """Hold a write lock on ``path`` (and its subtree) for the ``with`` block.
+
+        Same as :meth:`read`, but exclusive.
+        """
+        with self._hold(path, "write", block, timeout, ttl, handle) as lease:
+            yield lease
+
+    @contextmanager
+    def _hold(
+        self,
+        path: str,
+        mode: Mode,
+        block: bool,
+        timeout: float | None,
+        ttl: float | None,
+        handle: str | None,
+    ) -> Iterator[Lease]:
+        lease = self.acquire(path, mode, block=block, timeout=timeout, ttl=ttl, handle=handle)
+        self.keep_alive(lease)
+        try:
+            yield lease
+        except BaseException:
+            self._release_quietly([lease])
+            raise
+        self.release(lease)
+
+    # -- holding ----------------------------------------------------------------------------
+
+    def refresh(self, *leases: Lease, ttl: float | None = None) -> None:
+        """Extend the leases (by their own ttl, or ``ttl``) in one round trip.
+
+        Raises :class:`LockLost` naming every lease that is no longer held.
+        """
+        alive = self.refresh_many(leases, ttl=ttl)
+        lost = [lease for lease, ok in zip(leases, alive, strict=True) if not ok]
+        if lost:
+            raise LockLost("lease lost (expired or released): " + ", ".join(map(repr, lost)))
+
+    def refresh_many(self, leases: Sequence[Lease], *, ttl: float | None = None) -> list[bool]:
+        """Extend many leases, of any holders, in one round trip; True for each still held."""
+        if not leases:
+            return []
+        new_ttl = None if ttl is None else check_ttl(ttl)
+        items = [(lease.handle, lease.request, new_ttl or lease.ttl) for lease in leases]
+        codes = self._protocol.decode_codes(self._run(self._protocol.refresh(items)))
+        for lease, code in zip(leases, codes, strict=True):
+            if new_ttl is not None and code:
+                lease.ttl = new_ttl
+            if not code:
+                lease.lost = True
+        return [bool(c) for c in codes]
+
+    def keep_alive(self, lease: Lease) -> None:
+        """Refresh ``lease`` from a background thread until it is released.
+
+        One thread per ``HiLok`` renews every kept lease in one round trip per tick (a third
+        of the shortest ttl). A lease found lost gets ``lease.lost = True`` and its
+        ``on_lost`` callbacks are called.
+        """
+        self._refresher.add(lease)
+
+    def release(self, *leases: Lease) -> None:
+        """Release the leases in one round trip. Idempotent per lease.
+
+        Raises :class:`LockLost` if a lease was no longer held (its lease ran out, or it was
+        released through another copy of the lease, e.g. in another process).
+        """
+        todo = [lease for lease in leases if not lease.released]
+        for lease in todo:
+            self._refresher.discard(lease)
+        if not todo:
+            return
+        lost: list[Lease] = []
+        for handle, group in _by_handle(todo):
+            requests = [lease.request for lease in group]
+            call = self._protocol.release(handle, requests, withdraw_only=False)
+            codes = self._protocol.decode_codes(self._run(call))
+            for lease, code in zip(group, codes, strict=True):
+                lease.released = True
+                if code != 1:
+                    lease.lost = True
+                    lost.append(lease)
+        if lost:
+            raise LockLost(
+                "released a lease that was no longer held (it ran out or was released "
+                "elsewhere): " + ", ".join(map(repr, lost))
+            )
+
+    def _release_quietly(self, leases: Sequence[Lease]) -> None:
+        try:
+            self.release(*leases)
+        except HiLokError as exc:
+            log.warning("releasing %s: %s", ", ".join(map(repr, leases)), exc)
+
+    # -- looking --------------------------------------------------------------------------
+
+    def status(self, path: str) -> LockStatus:
+        """Who holds what on ``path``, under it and above it (with ttls), and who waits."""
+        lock_path = parse_path(path, self.separator)
+        reply = self._run(self._protocol.status(lock_path))
+        nodes, queue = self._protocol.decode_status(lock_path, reply)
+        return LockStatus.build(lock_path, nodes, queue)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _run(self, call: Call) -> Any:
+        client = self.redis
+        try:
+            try:
+                return client.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            except NoScriptError:
+                return client.eval(call.script.source, len(call.keys), *call.keys, *call.args)
+        except RedisError as exc:
+            raise translate(exc, self.server, call.script.name) from exc
+
+    def close(self) -> None:
+        """Stop the background threads and close the client if this instance created it."""
+        self._refresher.stop()
+        self._waker.stop()
+        if self._owns_client:
+            self.redis.close()
+
+    def __enter__(self) -> HiLok:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<HiLok {self.server} namespace={self.namespace!r}>"
+
+
+def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> SyncClient:
+    if isinstance(target, str):
+        kwargs = {**DEFAULT_CLIENT_OPTIONS, **(options or {})}
+        return redis.Redis.from_url(check_url(target), **kwargs)
+    if isinstance(target, (redis.Redis, redis.RedisCluster)):
+        return target
+    raise InvalidArgument(
+        f"expected a Redis URL or a redis.Redis / redis.RedisCluster client, got {target!r}"
+    )
+
+
+def _by_handle(leases: Sequence[Lease]) -> Iterator[tuple[str, list[Lease]]]:
+    groups: dict[str, list[Lease]] = {}
+    for lease in leases:
+        groups.setdefault(lease.handle, []).append(lease)
+    yield from groups.items()
+
+
+# -- wake-ups -------------------------------------------------------------------------------
+
+
+class _Wait:
+    """One blocked acquire waiting for a release on its trees."""
+
+    __slots__ = ("channels", "event", "paths")
+
+    def __init__(self, channels: set[str], paths: list[str]) -> None:
+        self.channels = channels
+        self.paths = paths
+        self.event = threading.Event()
+
+
+class _Waker:
+    """One pub/sub connection per ``HiLok`` that wakes blocked acquires on releases.
+
+    Releases publish the released path on the tree's channel when someone waits; a waiter is
+    woken when that path is on one line with one of its own (only those can unblock it).
+    """
+
+    def __init__(self, owner: HiLok) -> None:
+        self._owner = owner
+        self._lock = threading.Lock()
+        self._waits: dict[str, set[_Wait]] = {}
+        self._confirmed: dict[str, threading.Event] = {}
+        self._pubsub: Any = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stopping = threading.Event()
+
+    def register(self, requests: Sequence[Request]) -> _Wait:
+        keys = self._owner._protocol.keys
+        channels = {keys.channel(r.path.tree) for r in requests}
+        wait = _Wait(channels, [r.path.canonical for r in requests])
+        to_subscribe: list[str] = []
+        with self._lock:
+            self._ensure_thread()
+            for channel in channels:
+                if channel not in self._confirmed:
+                    self._confirmed[channel] = threading.Event()
+                    to_subscribe.append(channel)
+                self._waits.setdefault(channel, set()).add(wait)
+            events = [self._confirmed[c] for c in channels]
+        if to_subscribe:
+            try:
+                self._pubsub.subscribe(*to_subscribe)
+            except RedisError as exc:
+                log.debug("subscribe failed (%s); waiting falls back to lease caps", exc)
+                return wait
+        for event in events:
+            # Without confirmation the waiter still works, capped by leases and KEEPALIVE.
+            event.wait(5.0)
+        return wait
+
+    def unregister(self, wait: _Wait) -> None:
+        with self._lock:
+            for channel in wait.channels:
+                waits = self._waits.get(channel)
+                if waits is not None:
+                    waits.discard(wait)
+                    if not waits:
+                        del self._waits[channel]
+
+    def _ensure_thread(self) -> None:
+        pid = os.getpid()
+        if self._thread is not None and self._pid == pid and self._thread.is_alive():
+            return
+        self._pid = pid
+        self._confirmed.clear()
+        self._pubsub = self._owner.redis.pubsub()  # type: ignore[no-untyped-call]
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="hilok-waker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pubsub = self._pubsub
+        backoff = 0.05
+        while not self._stopping.is_set():
+            try:
+                message = pubsub.get_message(timeout=1.0)
+                backoff = 0.05
+            except (RedisError, OSError, ValueError, AttributeError) as exc:
+                if self._stopping.is_set():
+                    return
+                log.debug("waker connection failed: %s", exc)
+                self._wake_all()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            if message is None:
+                continue
+            kind = _text(message["type"])
+            channel = _text(message["channel"])
+            if kind == "subscribe":
+                with self._lock:
+                    event = self._confirmed.get(channel)
+                if event is not None:
+                    event.set()
+            elif kind == "message":
+                released = _text(message["data"])
+                with self._lock:
+                    waits = list(self._waits.get(channel, ()))
+                for wait in waits:
+                    if any(related(p, released) for p in wait.paths):
+                        wait.event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            waits = [w for ws in self._waits.values() for w in ws]
+            for event in self._confirmed.values():
+                event.set()
+        for wait in waits:
+            wait.event.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        thread, pubsub = self._thread, self._pubsub
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout=2.0)
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except RedisError:
+                pass
+        self._thread = None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- background refresh ----------------------------------------------------------------------
+
+
+class _Refresher:
+    """One thread per ``HiLok`` (per process) renewing every kept lease in one call a tick."""
+
+    def __init__(self, owner: HiLok) -> None:
+        self._owner = owner
+        self._cond = threading.Condition()
+        self._leases: dict[int, Lease] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stopping = threading.Event()
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases[id(lease)] = lease
+            pid = os.getpid()
+            if self._thread is None or self._pid != pid or not self._thread.is_alive():
+                self._pid = pid
+                self._stopping.clear()
+                self._thread = threading.Thread(
+                    target=self._run, name="hilok-refresher", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def discard(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases.pop(id(lease), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._leases and not self._stopping.is_set():
+                    self._cond.wait()
+                if self._stopping.is_set():
+                    return
+                interval = min(lease.ttl for lease in self._leases.values()) / 3
+                self._cond.wait(interval)
+                if self._stopping.is_set():
+                    return
+                leases = list(self._leases.values())
+            if leases:
+                self.tick(leases)
+
+    def tick(self, leases: list[Lease]) -> None:
+        try:
+            alive = self._owner.refresh_many(leases)
+        except HiLokError as exc:
+            log.warning("could not refresh %d lease(s): %s", len(leases), exc)
+            return
+        for lease, ok in zip(leases, alive, strict=True):
+            if not ok:
+                self.discard(lease)
+                log.warning("lease lost: %r", lease)
+                try:
+                    lease._mark_lost()
+                except Exception:
+                    log.exception("on_lost callback of %r failed", lease)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping.set()
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout=2.0)
+        self._thread = None
