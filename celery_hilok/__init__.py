@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .aio import AsyncHiLok
 from .errors import HiLokConnectionError, HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Holder, Lease, LockStatus, QueuedRequest
 from .sync import HiLok
@@ -9,6 +10,7 @@ from .sync import HiLok
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncHiLok",
     "HiLok",
     "HiLokConnectionError",
     "HiLokError",

@@ -218,8 +218,10 @@ class AsyncHiLok:
                 lease.lost = True
         return [bool(c) for c in codes]
 
-    def keep_alive(self, lease: Lease) -> None:
+    def keep_alive(self, lease: Lease, *, interval: float | None = None) -> None:
         """Refresh ``lease`` from a background task until it is released."""
+        if interval is not None:
+            lease.refresh_interval = check_ttl(interval, "interval")
         self._refresher.add(lease)
 
     async def release(self, *leases: Lease) -> None:
@@ -450,40 +452,41 @@ class _Refresher:
     def __init__(self, owner: AsyncHiLok) -> None:
         self._owner = owner
         self._leases: dict[int, Lease] = {}
+        self._due = float("inf")
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
 
     def add(self, lease: Lease) -> None:
         self._leases[id(lease)] = lease
+        self._due = min(self._due, time.monotonic() + _interval(lease))
         loop = asyncio.get_running_loop()
         task = self._task
         if task is None or task.done() or task.get_loop() is not loop:
             self._changed = asyncio.Event()
-            self._task = loop.create_task(self._run(), name="hilok-refresher")
+            self._task = loop.create_task(self._run(self._changed), name="hilok-refresher")
         assert self._changed is not None
         self._changed.set()
 
     def discard(self, lease: Lease) -> None:
         self._leases.pop(id(lease), None)
 
-    async def _run(self) -> None:
-        changed = self._changed
-        assert changed is not None
+    async def _run(self, changed: asyncio.Event) -> None:
         while True:
+            changed.clear()
             if not self._leases:
-                changed.clear()
+                self._due = float("inf")
                 await changed.wait()
                 continue
-            interval = min(lease.ttl for lease in self._leases.values()) / 3
-            changed.clear()
-            try:
-                await asyncio.wait_for(changed.wait(), interval)
-                continue  # the set changed: recompute the interval, refresh on schedule
-            except asyncio.TimeoutError:
-                pass
+            delay = self._due - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(changed.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                continue
             leases = list(self._leases.values())
-            if leases:
-                await self.tick(leases)
+            self._due = time.monotonic() + min(_interval(lease) for lease in leases)
+            await self.tick(leases)
 
     async def tick(self, leases: list[Lease]) -> None:
         try:
@@ -509,3 +512,9 @@ class _Refresher:
                 await task
             except (asyncio.CancelledError, RuntimeError):
                 pass
+
+
+def _interval(lease: Lease) -> float:
+    """How often a kept lease is renewed: its own interval, at most a third of its ttl."""
+    third = lease.ttl / 3
+    return third if lease.refresh_interval is None else min(lease.refresh_interval, third)

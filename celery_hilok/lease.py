@@ -28,7 +28,17 @@ class Lease:
     ``HiLok.release`` accept it (the handle is the holder's only credential: keep it secret).
     """
 
-    __slots__ = ("_on_lost", "_owner", "_request", "handle", "lost", "released", "token", "ttl")
+    __slots__ = (
+        "_on_lost",
+        "_owner",
+        "_request",
+        "handle",
+        "lost",
+        "refresh_interval",
+        "released",
+        "token",
+        "ttl",
+    )
 
     def __init__(
         self,
@@ -45,6 +55,7 @@ class Lease:
         self._owner = owner
         self.released = False
         self.lost = False
+        self.refresh_interval: float | None = None
         self._on_lost: list[Callable[[Lease], Any]] = []
 
     @property

@@ -223,13 +223,15 @@ class HiLok:
                 lease.lost = True
         return [bool(c) for c in codes]
 
-    def keep_alive(self, lease: Lease) -> None:
+    def keep_alive(self, lease: Lease, *, interval: float | None = None) -> None:
         """Refresh ``lease`` from a background thread until it is released.
 
         One thread per ``HiLok`` renews every kept lease in one round trip per tick (a third
         of the shortest ttl). A lease found lost gets ``lease.lost = True`` and its
         ``on_lost`` callbacks are called.
         """
+        if interval is not None:
+            lease.refresh_interval = check_ttl(interval, "interval")
         self._refresher.add(lease)
 
     def release(self, *leases: Lease) -> None:
@@ -457,12 +459,16 @@ def _text(value: object) -> str:
 
 
 class _Refresher:
-    """One thread per ``HiLok`` (per process) renewing every kept lease in one call a tick."""
+    """One thread per ``HiLok`` (per process) renewing every kept lease in one call a tick.
+
+    A tick is due when the earliest kept lease needs renewing; it renews them all at once.
+    """
 
     def __init__(self, owner: HiLok) -> None:
         self._owner = owner
         self._cond = threading.Condition()
         self._leases: dict[int, Lease] = {}
+        self._due = float("inf")
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._stopping = threading.Event()
@@ -470,6 +476,7 @@ class _Refresher:
     def add(self, lease: Lease) -> None:
         with self._cond:
             self._leases[id(lease)] = lease
+            self._due = min(self._due, time.monotonic() + _interval(lease))
             pid = os.getpid()
             if self._thread is None or self._pid != pid or not self._thread.is_alive():
                 self._pid = pid
@@ -487,17 +494,20 @@ class _Refresher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._leases and not self._stopping.is_set():
-                    self._cond.wait()
-                if self._stopping.is_set():
-                    return
-                interval = min(lease.ttl for lease in self._leases.values()) / 3
-                self._cond.wait(interval)
+                while not self._stopping.is_set():
+                    if not self._leases:
+                        self._due = float("inf")
+                        self._cond.wait()
+                        continue
+                    delay = self._due - time.monotonic()
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
                 if self._stopping.is_set():
                     return
                 leases = list(self._leases.values())
-            if leases:
-                self.tick(leases)
+                self._due = time.monotonic() + min(_interval(lease) for lease in leases)
+            self.tick(leases)
 
     def tick(self, leases: list[Lease]) -> None:
         try:
@@ -522,3 +532,9 @@ class _Refresher:
         if thread is not None and self._pid == os.getpid():
             thread.join(timeout=2.0)
         self._thread = None
+
+
+def _interval(lease: Lease) -> float:
+    """How often a kept lease is renewed: its own interval, at most a third of its ttl."""
+    third = lease.ttl / 3
+    return third if lease.refresh_interval is None else min(lease.refresh_interval, third)
