@@ -1,0 +1,145 @@
+"""Read the whole lock state of a namespace: every live grant and queued request.
+
+Used by the ``celery hilok`` command. This walks the namespace with ``SCAN``, so it is an
+administration tool, not something to call on a hot path (use ``HiLok.status`` there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._core import MODE_CODES, parse_member
+from .lease import Lease
+from .paths import decode_canonical, parse_path
+from .sync import HiLok
+
+__all__ = ["Grant", "QueuedGrant", "Snapshot", "leases_of", "snapshot"]
+
+# Mark-set suffixes that hold a grant's *own* mark (an "is" member is a grant of its own node
+# only for node-only reads; every other "is"/"ix" member is an intention mark from below).
+_OWN_SUFFIXES = (":s", ":x", ":is")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A live grant: its holder, mode, path, remaining lease (seconds) and fencing token."""
+
+    handle: str
+    mode: str
+    path: str
+    ttl: float
+    token: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedGrant:
+    """A request waiting in its tree's queue; lower tickets are served first."""
+
+    handle: str
+    mode: str
+    path: str
+    ticket: int
+    ttl: float
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Every live grant and queued request of a namespace (or of one path's line)."""
+
+    namespace: str
+    grants: list[Grant] = field(default_factory=list)
+    waiters: list[QueuedGrant] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "grants": [asdict(g) for g in self.grants],
+            "waiters": [asdict(w) for w in self.waiters],
+        }
+
+
+def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
+    """Everything held and queued in ``hl``'s namespace, or on the line of ``path``.
+
+    With ``path``, only grants and requests on one line with it (on it, above or below)
+    are returned.
+    """
+    client = hl.redis
+    sep = hl.separator
+    prefix = f"{hl.namespace}:{{"
+    focus = parse_path(path, sep).canonical if path is not None else None
+    seconds, micros = client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    mark_keys: list[tuple[str, str]] = []  # (key, canonical path of its node)
+    queue_keys: list[tuple[str, str]] = []  # (q key, qx key)
+    for raw in client.scan_iter(match=f"{prefix}*", count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else str(raw)
+        close = key.find("}:", len(prefix))
+        if close < 0:
+            continue
+        rest = key[close + 2 :]
+        if rest == ":q":
+            queue_keys.append((key, key + "x"))
+        elif not rest.startswith(":") and rest.endswith(_OWN_SUFFIXES):
+            mark_keys.append((key, rest.rsplit(":", 1)[0]))
+    snap = Snapshot(hl.namespace)
+    grants: list[tuple[str, str, str, float, str]] = []  # handle, mode, canonical, ttl, hkey
+    with client.pipeline(transaction=False) as pipe:
+        for key, _ in mark_keys:
+            pipe.zrangebyscore(key, f"({now_ms}", "+inf", withscores=True)
+        replies = pipe.execute()
+    for (key, node), members in zip(mark_keys, replies, strict=True):
+        tree_prefix = key[: key.find("}:") + 2]
+        for member, score in members:
+            handle, grant_mode, canonical = parse_member(member)
+            if canonical != node or (key.endswith(":is") and grant_mode != "read-node"):
+                continue
+            if focus is not None and not _on_line(canonical, focus):
+                continue
+            hkey = f"{tree_prefix}:h:{handle}"
+            grants.append((handle, grant_mode, canonical, (score - now_ms) / 1000, hkey))
+    with client.pipeline(transaction=False) as pipe:
+        for _, mode, canonical, _, hkey in grants:
+            pipe.hget(hkey, f"{MODE_CODES[mode]}|{canonical}")
+        tokens = pipe.execute()
+    for (handle, mode, canonical, ttl, _), token in zip(grants, tokens, strict=True):
+        text = decode_canonical(canonical, sep)
+        snap.grants.append(Grant(handle, mode, text, round(ttl, 3), _int(token)))
+    for q, qx in queue_keys:
+        tickets: Any = client.zrange(q, 0, -1, withscores=True)
+        for member, ticket in tickets:
+            expiry = client.zscore(qx, member)
+            if expiry is None or expiry <= now_ms:
+                continue
+            handle, wait_mode, canonical = parse_member(member)
+            if focus is not None and not _on_line(canonical, focus):
+                continue
+            text = decode_canonical(canonical, sep)
+            ttl = round((expiry - now_ms) / 1000, 3)
+            snap.waiters.append(QueuedGrant(handle, wait_mode, text, int(ticket), ttl))
+    snap.grants.sort(key=lambda g: (parse_path(g.path, sep).segments, g.mode, g.handle))
+    snap.waiters.sort(key=lambda w: (w.ticket, w.path))
+    return snap
+
+
+def leases_of(hl: HiLok, grants: list[Grant]) -> Iterator[Lease]:
+    """Leases standing for ``grants`` (to release them by their holders' handles)."""
+    from ._core import Request
+
+    for grant in grants:
+        request = Request(parse_path(grant.path, hl.separator), grant.mode)  # type: ignore[arg-type]
+        yield Lease(request, grant.handle, grant.token or 0, hl.ttl, hl)
+
+
+def _on_line(a: str, b: str) -> bool:
+    from ._core import related
+
+    return related(a, b)
+
+
+def _int(value: object) -> int | None:
+    if value is None:
+        return None
+    return int(value.decode() if isinstance(value, bytes) else str(value))
