@@ -198,6 +198,22 @@ class LockStatus:
         ]
         return cls(path.text, list(holders.values()), waiters)
 
+    @classmethod
+    def build_chain(
+        cls, path: LockPath, nodes: list[NodeMarks], queue: list[Waiter]
+    ) -> list[LockStatus]:
+        """The status of every level of ``path``, root first, from one ``status`` reply.
+
+        Entry ``i`` is exactly what :meth:`build` gives for the ancestor with ``i + 1``
+        segments: the status script reports each chain node's marks, and the marks of an
+        ancestor's own node already account for everything under it.
+        """
+        sep = path.separator
+        return [
+            cls.build(parse_path(sep.join(path.segments[: i + 1]), sep), nodes[: i + 1], queue)
+            for i in range(path.depth)
+        ]
+
 
 def _on_line(a: str, b: str) -> bool:
     from ._core import related

@@ -276,6 +276,17 @@ class HiLok:
         nodes, queue = self._protocol.decode_status(lock_path, reply)
         return LockStatus.build(lock_path, nodes, queue)
 
+    def status_chain(self, path: str) -> list[LockStatus]:
+        """:meth:`status` of ``path`` and of each of its ancestors, root first.
+
+        All levels are read in one atomic round trip, so they describe one moment.
+        Raises :class:`InvalidArgument` for a bad path.
+        """
+        lock_path = parse_path(path, self.separator)
+        reply = self._run(self._protocol.status(lock_path))
+        nodes, queue = self._protocol.decode_status(lock_path, reply)
+        return LockStatus.build_chain(lock_path, nodes, queue)
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _run(self, call: Call) -> Any:
