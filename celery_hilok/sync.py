@@ -234,6 +234,15 @@ class HiLok:
             lease.refresh_interval = check_ttl(interval, "interval")
         self._refresher.add(lease)
 
+    def stop_keep_alive(self, *leases: Lease) -> None:
+        """Stop refreshing leases given to :meth:`keep_alive`, without releasing them.
+
+        They stay held until their lease runs out, unless someone refreshes or releases
+        them (e.g. another process that was given the handle).
+        """
+        for lease in leases:
+            self._refresher.discard(lease)
+
     def release(self, *leases: Lease) -> None:
         """Release the leases in one round trip. Idempotent per lease.
 
