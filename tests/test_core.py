@@ -1,0 +1,477 @@
+"""The sans-I/O core, without Redis: call layout, reply decoding and waiting decisions."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+
+from celery_hilok import InvalidArgument, LockNotAcquired
+from celery_hilok._core import (
+    ACQUIRE,
+    KEEPALIVE,
+    MODE_CODES,
+    QUEUE_TTL_MS,
+    REFRESH,
+    RELEASE,
+    STATUS,
+    SUBSCRIBE,
+    Acquisition,
+    Blocked,
+    Granted,
+    Protocol,
+    Request,
+    Sleep,
+    check_handle,
+    check_mode,
+    check_timeout,
+    check_ttl,
+    new_handle,
+    next_wait,
+    normalise_requests,
+    parse_member,
+    related,
+)
+from celery_hilok.lease import LockStatus
+from celery_hilok.paths import parse_path
+
+HANDLE = "holder-0001"
+
+
+def req(path: str, mode: str, separator: str = "/") -> Request:
+    return Request.parse(path, mode, separator)
+
+
+def node(ns: str, tree: str, canonical: str) -> list[str]:
+    base = f"{ns}:{{{tree}}}:{canonical}:"
+    return [base + "is", base + "ix", base + "s", base + "x"]
+
+
+def tree(ns: str, name: str) -> list[str]:
+    prefix = f"{ns}:{{{name}}}:"
+    return [prefix + ":n", prefix + ":q", prefix + ":qx", prefix + ":c"]
+
+
+def blocked_reply(
+    member: str = "other-handle|X|a/b", ms: int = 1500, kind: str = "held"
+) -> list[object]:
+    return [0, member.encode(), ms, kind.encode()]
+
+
+# -- scripts ----------------------------------------------------------------------------------
+
+
+def test_scripts_are_prelude_plus_body_addressed_by_sha1() -> None:
+    scripts = [ACQUIRE, RELEASE, REFRESH, STATUS]
+    assert [s.name for s in scripts] == ["acquire", "release", "refresh", "status"]
+    prelude = ACQUIRE.source.split("\n-- acquire:")[0]
+    for script in scripts:
+        assert script.source.startswith(prelude)
+        assert script.sha == hashlib.sha1(script.source.encode()).hexdigest()
+    assert len({s.sha for s in scripts}) == 4
+
+
+# -- call layout ----------------------------------------------------------------------------
+
+
+def test_acquire_layout_one_tree() -> None:
+    proto = Protocol("ns", "/")
+    call = proto.acquire(HANDLE, [req("a/b", "write")], ttl=2.5, register=True)
+    assert call.script is ACQUIRE
+    assert call.keys == [
+        *tree("ns", "a"),
+        f"ns:{{a}}::h:{HANDLE}",
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/b"),
+    ]
+    assert call.args == [HANDLE, 2500, 1, QUEUE_TTL_MS, 1, 1, "X", 2, 1, "a/b"]
+
+
+def test_acquire_layout_several_trees_and_grants() -> None:
+    proto = Protocol("ns", ".")
+    requests = [req("a.b", "read", "."), req("c", "read-node", "."), req("a.x", "write", ".")]
+    call = proto.acquire(HANDLE, requests, ttl=1.0, register=False)
+    assert call.keys == [
+        *tree("ns", "a"),
+        *tree("ns", "c"),
+        f"ns:{{a}}::h:{HANDLE}",
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/b"),
+        f"ns:{{c}}::h:{HANDLE}",
+        *node("ns", "c", "c"),
+        f"ns:{{a}}::h:{HANDLE}",
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/x"),
+    ]
+    assert call.args == [
+        HANDLE, 1000, 0, QUEUE_TTL_MS, 2, 3,
+        "S", 2, 1, "a/b",
+        "N", 1, 2, "c",
+        "X", 2, 1, "a/x",
+    ]  # fmt: skip
+    # Every key of one grant block shares the tree's hash tag.
+    for key in call.keys:
+        assert key.startswith(("ns:{a}:", "ns:{c}:"))
+
+
+def test_mode_codes() -> None:
+    assert MODE_CODES == {"read": "S", "write": "X", "read-node": "N"}
+    assert req("a", "read-node").code == "N"
+
+
+def test_release_layout() -> None:
+    proto = Protocol("ns", "/")
+    requests = [req("a/b/c", "read"), req("z", "write")]
+    call = proto.release(HANDLE, requests, withdraw_only=False)
+    assert call.script is RELEASE
+    assert call.keys[:8] == [*tree("ns", "a"), *tree("ns", "z")]
+    assert call.keys[8] == f"ns:{{a}}::h:{HANDLE}"
+    assert len(call.keys) == 8 + (1 + 4 * 3) + (1 + 4 * 1)
+    assert call.args == [HANDLE, 0, 2, 2, "S", 3, 1, "a/b/c", "X", 1, 2, "z"]
+    withdraw = proto.release(HANDLE, requests, withdraw_only=True)
+    assert withdraw.args[1] == 1
+    assert withdraw.keys == call.keys
+
+
+def test_refresh_layout_many_holders() -> None:
+    proto = Protocol("ns", "/")
+    items = [("h-one-0001", req("a/b", "read"), 1.0), ("h-two-0002", req("a", "write"), 0.25)]
+    call = proto.refresh(items)
+    assert call.script is REFRESH
+    assert call.keys == [
+        *tree("ns", "a"),
+        "ns:{a}::h:h-one-0001",
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/b"),
+        "ns:{a}::h:h-two-0002",
+        *node("ns", "a", "a"),
+    ]
+    assert call.args == [
+        1, 2,
+        "S", 2, 1, "a/b", "h-one-0001", 1000,
+        "X", 1, 1, "a", "h-two-0002", 250,
+    ]  # fmt: skip
+
+
+def test_status_layout() -> None:
+    proto = Protocol("ns", "/")
+    call = proto.status(parse_path("a/b/c"))
+    assert call.script is STATUS
+    assert call.keys == [
+        *tree("ns", "a"),
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/b"),
+        *node("ns", "a", "a/b/c"),
+    ]
+    assert call.args == [3]
+
+
+def test_encoded_segments_in_layout() -> None:
+    proto = Protocol("ns", "/")
+    call = proto.acquire(HANDLE, [req("{x}/a b", "read")], ttl=1.0, register=False)
+    assert call.keys[0] == "ns:{%7Bx%7D}::n"
+    assert call.args[-1] == "%7Bx%7D/a%20b"
+
+
+# -- replies --------------------------------------------------------------------------------
+
+
+def test_decode_granted() -> None:
+    assert Protocol.decode_acquire([1, [5, 7]]) == Granted([5, 7])
+
+
+def test_decode_blocked_by_holder() -> None:
+    outcome = Protocol.decode_acquire(blocked_reply("other-handle|S|a/b%20c", 1500, "held"))
+    assert outcome == Blocked("other-handle", "read", "a/b%20c", 1.5, queued=False)
+    assert isinstance(outcome, Blocked)
+    text = outcome.describe()
+    assert "read lock on 'a/b c'" in text
+    assert "held by other-..." in text
+    assert "1.500s" in text
+    assert "'a.b c'" in outcome.describe(".")
+
+
+def test_decode_blocked_by_waiter_and_negative_remaining() -> None:
+    outcome = Protocol.decode_acquire(blocked_reply("w-handle-1|N|q", -20, "queued"))
+    assert outcome == Blocked("w-handle-1", "read-node", "q", 0.0, queued=True)
+    assert isinstance(outcome, Blocked)
+    assert "queued before you" in outcome.describe()
+
+
+def test_decode_str_replies() -> None:
+    # A client with decode_responses=True hands back str, not bytes.
+    outcome = Protocol.decode_acquire([0, "h-123456|X|a", 10, "held"])
+    assert outcome == Blocked("h-123456", "write", "a", 0.01, queued=False)
+
+
+def test_decode_codes() -> None:
+    assert Protocol.decode_codes([1, 0, 2]) == [1, 0, 2]
+
+
+def test_parse_member_keeps_pipes_out_of_handle() -> None:
+    assert parse_member(b"abc|X|a/b") == ("abc", "write", "a/b")
+    assert parse_member("abc|S|a") == ("abc", "read", "a")
+    assert parse_member("abc|N|a") == ("abc", "read-node", "a")
+
+
+def test_decode_status_and_build() -> None:
+    path = parse_path("a/b")
+    levels = [
+        # node "a": is, ix, s, x
+        [
+            [b"r-handle-1|N|a", 900, b"u-handle-1|S|a/b", 1000],
+            [b"w-handle-1|X|a/b/c", 2000],
+            [],
+            [],
+        ],
+        # node "a/b"
+        [[], [b"w-handle-1|X|a/b/c", 2000], [b"u-handle-1|S|a/b", 1000], []],
+    ]
+    queue = [
+        b"q-handle-1|X|a",
+        b"1700000000000001",
+        5500,
+        b"q-handle-2|X|zz",
+        b"1700000000000002",
+        5600,
+    ]
+    nodes, waiters = Protocol.decode_status(path, [levels, queue])
+    assert [n.path for n in nodes] == ["a", "a/b"]
+    assert nodes[0].intent_shared[0].mode == "read-node"
+    assert nodes[1].shared[0].remaining == 1.0
+    assert [w.ticket for w in waiters] == [1700000000000001, 1700000000000002]
+    assert waiters[0].remaining == 5.5
+
+    status = LockStatus.build(path, nodes, waiters)
+    assert status.path == "a/b"
+    assert status.held
+    seen = {(h.handle, h.mode, h.path, h.relation) for h in status.holders}
+    assert seen == {
+        ("r-handle-1", "read-node", "a", "above"),
+        ("u-handle-1", "read", "a/b", "self"),
+        ("w-handle-1", "write", "a/b/c", "below"),
+    }
+    # Only waiters on one line with the path are reported.
+    assert [(w.handle, w.mode, w.path) for w in status.waiters] == [("q-handle-1", "write", "a")]
+
+
+def test_empty_status() -> None:
+    path = parse_path("a")
+    nodes, waiters = Protocol.decode_status(path, [[[[], [], [], []]], []])
+    status = LockStatus.build(path, nodes, waiters)
+    assert not status.held
+    assert status.holders == [] and status.waiters == []
+
+
+# -- waiting --------------------------------------------------------------------------------
+
+
+def _blocked(remaining: float) -> Blocked:
+    return Blocked("other-handle", "write", "a", remaining, queued=False)
+
+
+def test_next_wait_is_capped_by_the_blockers_lease() -> None:
+    assert next_wait(0.0, None, _blocked(0.5)) == pytest.approx(0.501)
+    # An already expired blocker: retry (almost) at once.
+    assert next_wait(0.0, None, _blocked(0.0)) == pytest.approx(0.001)
+
+
+def test_next_wait_is_capped_by_keepalive() -> None:
+    assert next_wait(0.0, None, _blocked(3600.0)) == KEEPALIVE
+    # The queue entry must outlive the longest sleep.
+    assert KEEPALIVE * 1000 < QUEUE_TTL_MS
+
+
+def test_next_wait_is_capped_by_the_deadline() -> None:
+    assert next_wait(10.0, 10.25, _blocked(3600.0)) == pytest.approx(0.25)
+    assert next_wait(10.0, 9.0, _blocked(3600.0)) == 0.0
+
+
+# -- acquisition steps ----------------------------------------------------------------------
+
+
+def _acquisition(
+    *, handle: str | None = None, block: bool = True, timeout: float | None = None
+) -> Acquisition:
+    return Acquisition(
+        Protocol("ns", "/"),
+        [req("a/b", "write")],
+        handle=handle,
+        ttl=5.0,
+        block=block,
+        timeout=timeout,
+        now=100.0,
+    )
+
+
+def test_granted_at_once() -> None:
+    attempt = _acquisition()
+    assert attempt.fresh
+    assert check_handle(attempt.handle) == attempt.handle
+    assert attempt.call.args[0] == attempt.handle
+    assert attempt.call.args[2] == 1  # a blocking acquire joins the queue when refused
+    assert attempt.step([1, [42]], 100.0) == [42]
+
+
+def test_blocked_subscribes_then_sleeps_then_gives_up() -> None:
+    attempt = _acquisition(timeout=1.0)
+    assert attempt.deadline == 101.0
+    assert attempt.step(blocked_reply(ms=10_000), 100.0) is SUBSCRIBE
+    step = attempt.step(blocked_reply(ms=10_000), 100.0)
+    assert step == Sleep(1.0)
+    step = attempt.step(blocked_reply(ms=300), 100.5)
+    assert isinstance(step, Sleep) and step.seconds == pytest.approx(0.301)
+    step = attempt.step(blocked_reply(ms=10_000), 100.9)
+    assert isinstance(step, Sleep) and step.seconds == pytest.approx(0.1)
+    with pytest.raises(LockNotAcquired) as info:
+        attempt.step(blocked_reply(ms=10_000), 101.0)
+    error = info.value
+    assert error.path == "a/b" and error.mode == "write"
+    assert "within 1.0s" in str(error)
+    assert error.blocker is not None and "write lock on 'a/b' held by other-" in error.blocker
+    # Granted even at the deadline when the reply says so.
+    assert _acquisition(timeout=1.0).step([1, [1]], 200.0) == [1]
+
+
+def test_blocking_without_timeout_sleeps_at_most_keepalive() -> None:
+    attempt = _acquisition()
+    assert attempt.deadline is None
+    assert attempt.step(blocked_reply(ms=600_000), 100.0) is SUBSCRIBE
+    assert attempt.step(blocked_reply(ms=600_000), 1e6) == Sleep(KEEPALIVE)
+
+
+def test_non_blocking_refusal() -> None:
+    attempt = _acquisition(block=False)
+    assert attempt.call.args[2] == 0  # never joins the queue
+    with pytest.raises(LockNotAcquired) as info:
+        attempt.step(blocked_reply("w-handle-1|S|a", 1000, "queued"), 100.0)
+    message = str(info.value)
+    assert "write lock on 'a/b'" in message
+    assert "block=False" in message
+    assert "read lock on 'a' queued before you by w-hand" in message
+
+
+def test_zero_timeout_is_one_try() -> None:
+    attempt = _acquisition(timeout=0)
+    assert not attempt.can_wait
+    assert attempt.call.args[2] == 0
+    with pytest.raises(LockNotAcquired):
+        attempt.step(blocked_reply(), 100.0)
+
+
+def test_cleanup_choices() -> None:
+    refused = LockNotAcquired("no")
+    other = ConnectionError("cut")
+
+    # A one-try refusal joined no queue: nothing to undo.
+    assert _acquisition(block=False).cleanup(refused) is None
+    # A waiter that gives up withdraws its queue entry, and nothing else.
+    call = _acquisition(timeout=1.0).cleanup(refused)
+    assert call is not None and call.script is RELEASE and call.args[1] == 1
+    # Anything else may have left a grant: a fresh holder releases it...
+    fresh = _acquisition()
+    call = fresh.cleanup(other)
+    assert call is not None and call.script is RELEASE and call.args[1] == 0
+    assert call.args[0] == fresh.handle
+    # ...an existing holder only withdraws: its grants may predate this call.
+    call = _acquisition(handle=HANDLE).cleanup(other)
+    assert call is not None and call.args[:2] == [HANDLE, 1]
+    call = _acquisition(handle=HANDLE).cleanup(refused)
+    assert call is not None and call.args[:2] == [HANDLE, 1]
+
+
+def test_existing_handle_is_used() -> None:
+    attempt = _acquisition(handle=HANDLE)
+    assert not attempt.fresh
+    assert attempt.handle == HANDLE
+    assert attempt.call.keys[4] == f"ns:{{a}}::h:{HANDLE}"
+
+
+# -- argument checks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, math.nan, math.inf, 1e-6, 1e10, True, "5", None])
+def test_bad_ttl(bad: object) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_ttl(bad)
+    assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("good", [0.001, 0.5, 1, 30.0, 1e9])
+def test_good_ttl(good: float) -> None:
+    assert check_ttl(good) == float(good)
+
+
+def test_ttl_error_names_the_argument() -> None:
+    with pytest.raises(InvalidArgument, match="interval"):
+        check_ttl(-1, "interval")
+
+
+@pytest.mark.parametrize("bad", [-1, -0.001, -math.inf, math.nan, True, "1", [1]])
+def test_bad_timeout(bad: object) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_timeout(bad)
+    assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize(("good", "expected"), [(None, None), (0, 0.0), (0.3, 0.3), (5, 5.0)])
+def test_good_timeout(good: object, expected: float | None) -> None:
+    assert check_timeout(good) == expected
+
+
+@pytest.mark.parametrize("bad", ["READ", "Write", "exclusive", "S", "", None, 1])
+def test_bad_mode(bad: object) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_mode(bad)
+    assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("good", ["read", "write", "read-node"])
+def test_good_mode(good: str) -> None:
+    assert check_mode(good) == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["short", "x" * 129, "has|pipe-1234", "has space 123", "ünïcødé-handle", None, 12345678]
+)
+def test_bad_handle(bad: object) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_handle(bad)
+    assert repr(bad) in str(info.value)
+    if bad is not None:  # handle=None asks for a fresh holder
+        with pytest.raises(InvalidArgument):
+            _acquisition(handle=bad)  # type: ignore[arg-type]
+
+
+def test_bad_timeout_in_acquisition() -> None:
+    with pytest.raises(InvalidArgument):
+        _acquisition(timeout=-1)
+
+
+def test_new_handles_are_valid_and_unique() -> None:
+    handles = {new_handle() for _ in range(1000)}
+    assert len(handles) == 1000
+    for handle in handles:
+        assert check_handle(handle) == handle
+        assert len(handle) >= 24
+
+
+def test_normalise_requests() -> None:
+    requests = normalise_requests([("/a/b/", "read"), ("a//b", "read"), ("a/b", "write")], "/")
+    assert requests == [req("a/b", "read"), req("a/b", "write")]
+    with pytest.raises(InvalidArgument):
+        normalise_requests([], "/")
+    with pytest.raises(InvalidArgument, match="'lock'"):
+        normalise_requests([("a", "lock")], "/")
+    with pytest.raises(InvalidArgument, match="'/'"):
+        normalise_requests([("/", "read")], "/")
+
+
+def test_related() -> None:
+    assert related("a", "a")
+    assert related("a", "a/b/c")
+    assert related("a/b/c", "a")
+    assert not related("a/b", "a/c")
+    assert not related("a/b", "a/bc")
+    assert not related("ab", "a")
