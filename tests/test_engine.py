@@ -1,0 +1,743 @@
+"""The lock engine through the synchronous driver, :class:`HiLok`, on a real redis-server."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import redis
+
+from celery_hilok import (
+    HiLok,
+    HiLokConnectionError,
+    HiLokError,
+    InvalidArgument,
+    Lease,
+    LockLost,
+    LockNotAcquired,
+    QueuedRequest,
+)
+from celery_hilok._core import ACQUIRE, Mode, new_handle
+from tests._redis import RedisServer, free_port
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hl(redis_url: str, namespace: str) -> Iterator[HiLok]:
+    locks = HiLok(redis_url, namespace=namespace, ttl=10.0)
+    try:
+        yield locks
+    finally:
+        locks.close()
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Threads for blocking acquires (each of them has a timeout, so none outlives the test)."""
+    executor = ThreadPoolExecutor(max_workers=8)
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail (rather than hang) after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_for_waiter(hl: HiLok, path: str, mode: Mode) -> QueuedRequest:
+    """Wait until a ``mode`` request on ``path`` is queued; return its queue entry."""
+    found: list[QueuedRequest] = []
+
+    def queued() -> bool:
+        found[:] = [w for w in hl.status(path).waiters if w.mode == mode and w.path == path]
+        return bool(found)
+
+    wait_until(queued, f"a queued {mode} request on {path!r}")
+    return found[0]
+
+
+def holders(hl: HiLok, path: str) -> set[tuple[str, str, str, str]]:
+    """(handle, mode, path, relation) of every live grant ``status`` reports for ``path``."""
+    return {(h.handle, h.mode, h.path, h.relation) for h in hl.status(path).holders}
+
+
+def handles(hl: HiLok, path: str) -> set[str]:
+    return {h.handle for h in hl.status(path).holders}
+
+
+def forged(lease: Lease, handle: str | None = None) -> Lease:
+    """A copy of ``lease`` as another process gets it (pickled), optionally with another handle."""
+    copy: Lease = pickle.loads(pickle.dumps(lease))
+    if handle is not None:
+        copy.handle = handle
+    return copy
+
+
+# -- the compatibility table ----------------------------------------------------------------
+
+HELD_PATH = "r/a/b"
+
+# Where the requested lock sits relative to the held one (each relation at two distances).
+RELATIONS: dict[str, tuple[str, ...]] = {
+    "same": ("r/a/b", "/r//a/b/"),
+    "ancestor": ("r/a", "r"),
+    "descendant": ("r/a/b/c", "r/a/b/c/d"),
+    "sibling": ("r/a/c", "r/x/y"),
+    "unrelated": ("s/a/b", "s"),
+}
+
+OK, NO = True, False
+# Written out from CONTRACT section 1, not computed: may `requested` be granted to another
+# holder while `held` is live? Columns: same, ancestor, descendant, sibling, unrelated.
+# read      = subtree shared (S), write = subtree exclusive (X),
+# read-node = node-only shared (the seed's read: only writers at or above the node conflict).
+TABLE: dict[tuple[Mode, Mode], tuple[bool, bool, bool, bool, bool]] = {
+    ("read", "read"):           (OK, OK, OK, OK, OK),
+    ("read", "write"):          (NO, NO, NO, OK, OK),
+    ("read", "read-node"):      (OK, OK, OK, OK, OK),
+    ("write", "read"):          (NO, NO, NO, OK, OK),
+    ("write", "write"):         (NO, NO, NO, OK, OK),
+    ("write", "read-node"):     (NO, OK, NO, OK, OK),
+    ("read-node", "read"):      (OK, OK, OK, OK, OK),
+    ("read-node", "write"):     (NO, NO, OK, OK, OK),
+    ("read-node", "read-node"): (OK, OK, OK, OK, OK),
+}  # fmt: skip
+
+CASES = [
+    pytest.param(held, requested, relation, expected, id=f"{held}-{requested}-{relation}")
+    for (held, requested), row in TABLE.items()
+    for relation, expected in zip(RELATIONS, row, strict=True)
+]
+
+
+@pytest.mark.parametrize(("held", "requested", "relation", "compatible"), CASES)
+def test_compatibility(
+    hl: HiLok, held: Mode, requested: Mode, relation: str, compatible: bool
+) -> None:
+    holder = hl.acquire(HELD_PATH, held, block=False)
+    for path in RELATIONS[relation]:
+        if compatible:
+            lease = hl.acquire(path, requested, block=False)
+            assert lease.handle != holder.handle
+            assert holder.handle in handles(hl, HELD_PATH)
+            hl.release(lease)
+        else:
+            with pytest.raises(LockNotAcquired) as info:
+                hl.acquire(path, requested, block=False)
+            error = info.value
+            assert error.path == path.strip("/").replace("//", "/")
+            assert error.mode == requested
+            assert error.blocker is not None
+            assert f"{held} lock on {HELD_PATH!r} held by {holder.handle[:6]}" in error.blocker
+            assert error.blocker in str(error)
+        # Nothing of the second holder is left behind, granted or refused.
+        assert handles(hl, path) <= {holder.handle}
+        assert hl.status(path).waiters == []
+    hl.release(holder)
+    assert not hl.status(HELD_PATH).held
+
+
+def test_compatible_locks_on_one_line_all_together(hl: HiLok) -> None:
+    # Readers share a whole line; a node-only read above writers leaves them be.
+    leases = [
+        hl.acquire("t", "read-node", block=False),
+        hl.acquire("t/a", "read", block=False),
+        hl.acquire("t/a/b", "read-node", block=False),
+        hl.acquire("t/a/b", "read", block=False),
+        hl.acquire("t/z/1", "write", block=False),
+        hl.acquire("t/z/2", "write", block=False),
+    ]
+    assert len({lease.handle for lease in leases}) == len(leases)
+    with pytest.raises(LockNotAcquired):
+        hl.acquire("t/z", "read", block=False)
+    hl.release(*leases)
+    hl.release(hl.acquire("t", "write", block=False))
+
+
+# -- refusals and timeouts ------------------------------------------------------------------
+
+
+def test_refusal_names_path_mode_and_blocker(hl: HiLok) -> None:
+    holder = hl.acquire("tenants/42", "write", ttl=7.0)
+    with pytest.raises(LockNotAcquired) as info:
+        hl.acquire("/tenants//42/x/", "read", block=False)
+    error = info.value
+    assert isinstance(error, HiLokError) and isinstance(error, RuntimeError)
+    assert error.path == "tenants/42/x"
+    assert error.mode == "read"
+    message = str(error)
+    assert "read lock on 'tenants/42/x'" in message
+    assert "block=False" in message
+    assert f"write lock on 'tenants/42' held by {holder.handle[:6]}" in message
+    # The blocker's remaining lease is given, read from the server.
+    assert "s left on its lease" in message
+    hl.release(holder)
+
+
+def test_refusal_message_uses_the_separator(redis_url: str, namespace: str) -> None:
+    with HiLok(redis_url, namespace=namespace, separator=".") as dotted:
+        holder = dotted.acquire("a.b", "read")
+        with pytest.raises(LockNotAcquired) as info:
+            dotted.acquire(".a.", "write", block=False)
+        assert info.value.path == "a"
+        assert "write lock on 'a'" in str(info.value)
+        assert "read lock on 'a.b'" in str(info.value)
+        dotted.release(holder)
+
+
+def test_timeout_gives_up(hl: HiLok) -> None:
+    holder = hl.acquire("t/x", "write")
+    start = time.monotonic()
+    with pytest.raises(LockNotAcquired) as info:
+        hl.acquire("t", "read", timeout=0.3)
+    assert time.monotonic() - start >= 0.3
+    assert "within 0.3s" in str(info.value)
+    assert holder.handle[:6] in str(info.value)
+    # A waiter that gave up leaves no queue entry behind.
+    assert hl.status("t").waiters == []
+    assert handles(hl, "t") == {holder.handle}
+    hl.release(holder)
+
+
+def test_zero_timeout_is_one_try(hl: HiLok) -> None:
+    holder = hl.acquire("t", "write")
+    with pytest.raises(LockNotAcquired):
+        hl.acquire("t", "write", timeout=0)
+    assert hl.status("t").waiters == []
+    hl.release(holder)
+
+
+def test_bad_arguments(hl: HiLok) -> None:
+    with pytest.raises(InvalidArgument, match="'exclusive'"):
+        hl.acquire("a", "exclusive")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="-1"):
+        hl.acquire("a", "read", timeout=-1)
+    with pytest.raises(InvalidArgument, match="0"):
+        hl.acquire("a", "read", ttl=0)
+    with pytest.raises(InvalidArgument, match="'/'"):
+        hl.acquire("/", "read")
+    with pytest.raises(InvalidArgument, match="'nope'"):
+        hl.acquire("a", "read", handle="nope")
+    with pytest.raises(InvalidArgument):
+        hl.status("")
+    with pytest.raises(InvalidArgument):
+        HiLok(hl.redis, namespace="bad namespace")
+    with pytest.raises(InvalidArgument):
+        HiLok(hl.redis, separator="")
+    with pytest.raises(InvalidArgument):
+        HiLok(hl.redis, ttl=-5)
+    with pytest.raises(InvalidArgument, match="http://"):
+        HiLok("http://127.0.0.1:6379")
+    # Nothing was acquired by any of the above.
+    assert not hl.status("a").held
+
+
+# -- waiting --------------------------------------------------------------------------------
+
+
+def test_waiter_is_woken_by_release(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+    holder = hl.acquire("w/a", "write")
+    future = pool.submit(hl.acquire, "w", "read", timeout=20)
+    entry = wait_for_waiter(hl, "w", "read")
+    assert not future.done()
+    hl.release(holder)
+    lease = future.result(timeout=20)
+    assert lease.handle == entry.handle
+    assert handles(hl, "w") == {lease.handle}
+    assert hl.status("w").waiters == []
+    hl.release(lease)
+
+
+def test_earlier_conflicting_waiter_goes_first(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+    reader = hl.acquire("f/a", "read")
+    writer: Future[Lease] = pool.submit(hl.acquire, "f", "write", timeout=20)
+    wait_for_waiter(hl, "f", "write")
+    # A newcomer's read is compatible with the holder but not with the queued writer.
+    with pytest.raises(LockNotAcquired) as info:
+        hl.acquire("f/b", "read", block=False)
+    assert "write lock on 'f' queued before you" in str(info.value)
+    # The holder itself is not held up by the queue (it could never finish otherwise).
+    more = hl.acquire("f/c", "read", block=False, handle=reader.handle)
+    # A request that does not conflict with the waiter passes it.
+    elsewhere = hl.acquire("g", "write", block=False)
+    hl.release(reader, more, elsewhere)
+    lease = writer.result(timeout=20)
+    assert lease.mode == "write"
+    hl.release(lease)
+    hl.release(hl.acquire("f/b", "read", block=False))
+
+
+# -- release --------------------------------------------------------------------------------
+
+
+def test_release_is_idempotent(hl: HiLok) -> None:
+    lease = hl.acquire("i/a", "write")
+    hl.release(lease)
+    assert lease.released and not lease.lost
+    hl.release(lease)
+    lease.release()
+    hl.release(lease, lease)
+    assert not hl.status("i/a").held
+    other = hl.acquire("i/a", "write", block=False)
+    other.release()
+    other.release()
+
+
+def test_release_by_another_handle_frees_nothing(hl: HiLok) -> None:
+    lease = hl.acquire("o/a", "write")
+    stranger = hl.acquire("elsewhere", "read")
+    for handle in (new_handle(), stranger.handle):
+        impostor = forged(lease, handle)
+        with pytest.raises(LockLost):
+            hl.release(impostor)
+        with pytest.raises(LockLost):
+            hl.refresh(forged(lease, handle))
+        assert handles(hl, "o/a") == {lease.handle}
+        with pytest.raises(LockNotAcquired):
+            hl.acquire("o", "read", block=False)
+    # The true holder still holds, refreshes and releases normally.
+    hl.refresh(lease)
+    hl.release(lease, stranger)
+    assert not hl.status("o/a").held
+
+
+def test_handle_works_from_another_client(redis_url: str, namespace: str, hl: HiLok) -> None:
+    lease = hl.acquire("p/a", "write", ttl=5.0)
+    copy = forged(lease)
+    assert (copy.path, copy.mode, copy.handle, copy.token) == (
+        lease.path,
+        lease.mode,
+        lease.handle,
+        lease.token,
+    )
+    with HiLok(redis_url, namespace=namespace) as elsewhere:
+        elsewhere.refresh(copy, ttl=20.0)
+        assert hl.status("p/a").holders[0].ttl > 10.0
+        elsewhere.release(copy)
+    assert not hl.status("p/a").held
+    # The original copy finds it released elsewhere: LockLost once, then idempotent.
+    with pytest.raises(LockLost):
+        hl.release(lease)
+    assert lease.released and lease.lost
+    hl.release(lease)
+
+
+def test_unpickled_lease_needs_a_driver(hl: HiLok) -> None:
+    lease = hl.acquire("u", "read")
+    with pytest.raises(TypeError):
+        forged(lease).release()
+    hl.release(lease)
+
+
+# -- re-entrancy and renewal ----------------------------------------------------------------
+
+
+def test_holder_never_blocks_on_itself(hl: HiLok) -> None:
+    read = hl.acquire("e/a", "read")
+    write = hl.acquire("e/a", "write", handle=read.handle, block=False)
+    below = hl.acquire("e/a/b", "read", handle=read.handle, block=False)
+    above = hl.acquire("e", "write", handle=read.handle, block=False)
+    assert {read.handle, write.handle, below.handle, above.handle} == {read.handle}
+    assert [h.mode for h in hl.status("e").holders if h.relation == "self"] == ["write"]
+    with pytest.raises(LockNotAcquired):
+        hl.acquire("e/a/b", "read", block=False)
+    # Each grant is released on its own; the others stay.
+    hl.release(above, write)
+    other = hl.acquire("e/a/x", "read", block=False)
+    with pytest.raises(LockNotAcquired):
+        hl.acquire("e/a", "write", block=False)
+    hl.release(read, below, other)
+    hl.release(hl.acquire("e", "write", block=False))
+
+
+def test_write_then_read_below_same_holder(hl: HiLok) -> None:
+    write = hl.acquire("e/a", "write")
+    read = hl.acquire("e/a/b", "read", handle=write.handle, block=False)
+    hl.release(write)
+    # The read below is still held.
+    with pytest.raises(LockNotAcquired):
+        hl.acquire("e/a/b/c", "write", block=False)
+    hl.release(hl.acquire("e/a/c", "write", block=False))
+    hl.release(read)
+    hl.release(hl.acquire("e", "write", block=False))
+
+
+def test_renewal_keeps_the_token_and_does_not_stack(hl: HiLok) -> None:
+    first = hl.acquire("n/a", "read", ttl=1.0)
+    again = hl.acquire("n/a", "read", ttl=8.0, handle=first.handle, block=False)
+    assert again.token == first.token
+    assert again.handle == first.handle
+    found = hl.status("n/a").holders
+    assert [(h.handle, h.mode) for h in found] == [(first.handle, "read")]
+    assert found[0].ttl > 1.0  # renewed with the new ttl
+    # One release frees it.
+    hl.release(again)
+    assert not hl.status("n/a").held
+    hl.release(hl.acquire("n", "write", block=False))
+
+
+def test_reacquire_after_expiry_is_a_new_grant(hl: HiLok) -> None:
+    lease = hl.acquire("n/b", "write", ttl=0.1)
+    wait_until(lambda: not hl.status("n/b").held, "the lease to run out")
+    again = hl.acquire("n/b", "write", handle=lease.handle, block=False)
+    assert again.token > lease.token
+    hl.release(again)
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+def test_dead_reader_expires_while_live_reader_refreshes(
+    hl: HiLok, pool: ThreadPoolExecutor
+) -> None:
+    live = hl.acquire("x/node", "read", ttl=0.6)
+    dead = hl.acquire("x/node", "read", ttl=0.6)
+    hl.keep_alive(live)  # refreshed in the background; `dead` never is
+    wait_until(lambda: dead.handle not in handles(hl, "x/node"), "the dead reader to expire")
+    assert handles(hl, "x/node") == {live.handle}
+    # A writer (on the node, or above it through the intention marks) is blocked by the live
+    # reader only.
+    for path in ("x/node", "x"):
+        with pytest.raises(LockNotAcquired) as info:
+            hl.acquire(path, "write", block=False)
+        assert live.handle[:6] in str(info.value)
+        assert dead.handle[:6] not in str(info.value)
+    writer = pool.submit(hl.acquire, "x", "write", timeout=20)
+    wait_for_waiter(hl, "x", "write")
+    hl.release(live)
+    lease = writer.result(timeout=20)
+    assert handles(hl, "x/node") == {lease.handle}
+    with pytest.raises(LockLost):
+        hl.refresh(dead)
+    hl.release(lease)
+
+
+def test_refresh_after_expiry_raises_and_never_revives(hl: HiLok) -> None:
+    lease = hl.acquire("l/a", "write", ttl=0.2)
+    hl.refresh(lease)  # still fine
+    time.sleep(0.3)  # outlive the lease: nobody else took the lock meanwhile
+    with pytest.raises(LockLost) as info:
+        hl.refresh(lease)
+    assert "l/a" in str(info.value)
+    assert lease.lost
+    with pytest.raises(LockLost):
+        hl.refresh(lease)
+    assert not hl.status("l/a").held
+    hl.release(hl.acquire("l", "write", block=False))
+    # Releasing a lease that ran out reports it.
+    with pytest.raises(LockLost):
+        hl.release(lease)
+
+
+def test_refresh_extends(hl: HiLok) -> None:
+    first = hl.acquire("l/b", "read", ttl=0.5)
+    second = hl.acquire("l/c", "write", ttl=0.5)
+    hl.refresh(first, second, ttl=30.0)
+    assert first.ttl == second.ttl == 30.0
+    time.sleep(0.6)
+    assert handles(hl, "l") == {first.handle, second.handle}
+    assert hl.refresh_many([first, second]) == [True, True]
+    assert hl.refresh_many([]) == []
+    hl.release(first, second)
+    assert hl.refresh_many([first, second]) == [False, False]
+
+
+def test_refresh_many_of_several_holders_reports_each(hl: HiLok) -> None:
+    alive = hl.acquire("m/a", "read", ttl=5.0)
+    short = hl.acquire("m/b", "read", ttl=0.1)
+    gone = hl.acquire("m/c", "read")
+    hl.release(gone)
+    wait_until(lambda: short.handle not in handles(hl, "m"), "the short lease to run out")
+    assert hl.refresh_many([alive, short, gone]) == [True, False, False]
+    assert not alive.lost and short.lost and gone.lost
+    hl.release(alive)
+
+
+# -- fencing tokens -------------------------------------------------------------------------
+
+
+def test_tokens_increase_across_conflicting_grants(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+    tokens = []
+    for path, mode in [("k/a", "write"), ("k/a/b", "write"), ("k/a", "read"), ("k", "write")]:
+        lease = hl.acquire(path, mode)  # type: ignore[arg-type]
+        tokens.append(lease.token)
+        hl.release(lease)
+    # Blocked then granted after the holder's release.
+    holder = hl.acquire("k/a/b", "write")
+    tokens.append(holder.token)
+    waiter = pool.submit(hl.acquire, "k", "read", timeout=20)
+    wait_for_waiter(hl, "k", "read")
+    hl.release(holder)
+    lease = waiter.result(timeout=20)
+    tokens.append(lease.token)
+    hl.release(lease)
+    # After an expiry (no release): the next conflicting grant still gets a larger token.
+    expired = hl.acquire("k/a", "write", ttl=0.1)
+    tokens.append(expired.token)
+    wait_until(lambda: not hl.status("k/a").held, "the lease to run out")
+    tokens.append(hl.acquire("k/a/b/c", "write").token)
+    assert tokens == sorted(tokens)
+    assert len(set(tokens)) == len(tokens)
+
+
+def test_concurrent_grants_get_distinct_tokens(hl: HiLok) -> None:
+    leases = [hl.acquire("k2/a", "read") for _ in range(5)]
+    tokens = [lease.token for lease in leases]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 5
+    hl.release(*leases)
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def test_status_shows_holders_and_waiters(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+    above = hl.acquire("s/a", "read", ttl=9.0, block=False)
+    on = hl.acquire("s/a/b", "read", block=False)
+    node_only = hl.acquire("s/a/b", "read-node", block=False)
+    below = hl.acquire("s/a/b/c/d", "read", block=False)
+    beside = hl.acquire("s/x", "write", block=False)  # not on the line of s/a/b
+    elsewhere = hl.acquire("t/a/b", "write", block=False)  # another tree
+    waiter = pool.submit(hl.acquire, "s", "write", timeout=20)
+    entry = wait_for_waiter(hl, "s", "write")
+
+    status = hl.status("/s/a/b/")
+    assert status.path == "s/a/b"
+    assert status.held
+    assert {(h.handle, h.mode, h.path, h.relation) for h in status.holders} == {
+        (above.handle, "read", "s/a", "above"),
+        (on.handle, "read", "s/a/b", "self"),
+        (node_only.handle, "read-node", "s/a/b", "self"),
+        (below.handle, "read", "s/a/b/c/d", "below"),
+    }
+    for holder in status.holders:
+        assert 0 < holder.ttl <= (9.0 if holder.handle == above.handle else 10.0)
+    assert [(w.handle, w.mode, w.path) for w in status.waiters] == [(entry.handle, "write", "s")]
+    assert status.waiters[0].ttl > 0
+
+    assert (beside.handle, "write", "s/x", "below") in holders(hl, "s")
+    assert holders(hl, "s/x") == {(beside.handle, "write", "s/x", "self")}
+    assert holders(hl, "s/x/y") == {(beside.handle, "write", "s/x", "above")}
+    assert holders(hl, "t") == {(elsewhere.handle, "write", "t/a/b", "below")}
+    assert not hl.status("u/v").held
+    assert hl.status("t").waiters == []
+
+    hl.release(above, on, node_only, below, beside, elsewhere)
+    lease = waiter.result(timeout=20)
+    assert holders(hl, "s/a/b") == {(lease.handle, "write", "s", "above")}
+    hl.release(lease)
+    assert not hl.status("s/a/b").held and hl.status("s").waiters == []
+
+
+# -- context managers -----------------------------------------------------------------------
+
+
+def test_context_managers_release(hl: HiLok) -> None:
+    with hl.write("c/a", timeout=1.0) as lease:
+        assert (lease.path, lease.mode) == ("c/a", "write")
+        assert handles(hl, "c/a") == {lease.handle}
+    assert lease.released
+    assert not hl.status("c/a").held
+    with hl.read("/c/", block=False, ttl=3.0) as lease:
+        assert (lease.path, lease.mode, lease.ttl) == ("c", "read", 3.0)
+        with pytest.raises(LockNotAcquired):
+            hl.acquire("c/a", "write", block=False)
+    assert not hl.status("c").held
+
+
+def test_context_manager_releases_on_error(hl: HiLok) -> None:
+    with pytest.raises(KeyError):
+        with hl.write("c/b") as lease:
+            raise KeyError("boom")
+    assert lease.released
+    assert not hl.status("c/b").held
+
+
+def test_context_manager_refreshes_in_the_background(hl: HiLok) -> None:
+    ttl = 0.5
+    with hl.write("c/r", ttl=ttl) as lease:
+        start = time.monotonic()
+        while time.monotonic() - start < 3 * ttl:  # outlive the ttl several times over
+            assert handles(hl, "c/r") == {lease.handle}
+            time.sleep(0.05)
+        with pytest.raises(LockNotAcquired):
+            hl.acquire("c", "read", block=False)
+    assert not lease.lost
+    assert not hl.status("c/r").held
+
+
+def test_context_manager_raises_lock_lost_on_exit(hl: HiLok) -> None:
+    lost = threading.Event()
+    with pytest.raises(LockLost):
+        with hl.write("c/l", ttl=0.3) as lease:
+            lease.on_lost(lambda _: lost.set())
+            hl.release(forged(lease))  # released "elsewhere", e.g. by another process
+            # The background refresh notices.
+            assert lost.wait(10), "the refresher did not report the lost lease"
+            assert lease.lost
+    assert not hl.status("c/l").held
+
+
+# -- several locks at once ------------------------------------------------------------------
+
+
+def test_acquire_many_is_all_or_nothing(hl: HiLok) -> None:
+    blocker = hl.acquire("b/x", "write")
+    with pytest.raises(LockNotAcquired) as info:
+        hl.acquire_many(
+            [("a/1", "write"), ("a/2", "read"), ("b", "read"), ("c", "write")], block=False
+        )
+    assert "b/x" in str(info.value)
+    for path in ("a", "a/1", "a/2", "b", "c"):
+        assert handles(hl, path) <= {blocker.handle}, path
+    with pytest.raises(LockNotAcquired):
+        hl.acquire_many([("a/1", "write"), ("b/x/y", "read")], timeout=0.2)
+    assert not hl.status("a").held
+    assert hl.status("b").waiters == [] and hl.status("a").waiters == []
+    hl.release(blocker)
+
+    leases = hl.acquire_many([("a/1", "write"), ("a/2", "read"), ("b", "read"), ("a/1", "write")])
+    assert [(lease.path, lease.mode) for lease in leases] == [
+        ("a/1", "write"),
+        ("a/2", "read"),
+        ("b", "read"),
+    ]
+    assert len({lease.handle for lease in leases}) == 1
+    assert handles(hl, "a") == handles(hl, "b") == {leases[0].handle}
+    hl.release(*leases)
+    assert not hl.status("a").held and not hl.status("b").held
+
+
+# -- Redis failures -------------------------------------------------------------------------
+
+
+def test_unreachable_redis_raises_connection_error(namespace: str) -> None:
+    port = free_port()  # nothing listens there
+    with HiLok(f"redis://127.0.0.1:{port}/0", namespace=namespace) as hl:
+        for call in (
+            lambda: hl.acquire("a", "write"),
+            lambda: hl.acquire("a", "write", block=False),
+            lambda: hl.status("a"),
+        ):
+            with pytest.raises(HiLokConnectionError) as info:
+                call()
+            assert not isinstance(info.value, LockNotAcquired)
+            assert f"127.0.0.1:{port}" in str(info.value)
+
+
+def test_server_killed_mid_wait(
+    redis_server_factory: Callable[..., RedisServer], namespace: str, pool: ThreadPoolExecutor
+) -> None:
+    server = redis_server_factory()
+    with HiLok(f"{server.url}/0", namespace=namespace) as hl:
+        holder = hl.acquire("d/a", "write")
+        waiter = pool.submit(hl.acquire, "d", "write")  # no timeout: must not hang either
+        wait_for_waiter(hl, "d", "write")
+        server.kill()
+        with pytest.raises(HiLokConnectionError) as info:
+            waiter.result(timeout=60)
+        assert f"127.0.0.1:{server.port}" in str(info.value)
+        with pytest.raises(HiLokConnectionError):
+            hl.refresh(holder)
+        with pytest.raises(HiLokConnectionError):
+            hl.release(holder)
+
+
+def test_restart_loses_locks_but_scripts_come_back(
+    redis_server_factory: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = redis_server_factory()
+    with HiLok(f"{server.url}/0", namespace=namespace) as hl:
+        lease = hl.acquire("d/a", "write")
+        server.restart()  # no data, no scripts
+        with pytest.raises(LockLost):
+            hl.refresh(lease)
+        again = hl.acquire("d/a", "write", block=False)
+        hl.release(again)
+
+
+def test_script_flush_falls_back_to_eval(hl: HiLok, redis_client: redis.Redis) -> None:
+    hl.release(hl.acquire("z/a", "read"))
+    redis_client.script_flush()
+    assert redis_client.script_exists(ACQUIRE.sha) == [False]
+    lease = hl.acquire("z/a", "write", block=False)
+    assert redis_client.script_exists(ACQUIRE.sha) == [True]
+    redis_client.script_flush()
+    assert hl.status("z/a").held
+    redis_client.script_flush()
+    hl.refresh(lease)
+    redis_client.script_flush()
+    hl.release(lease)
+    assert not hl.status("z/a").held
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+
+def _all_keys(client: redis.Redis) -> set[bytes]:
+    return set(client.scan_iter(count=1000))
+
+
+def test_keys_stay_inside_the_namespace(
+    hl: HiLok, redis_client: redis.Redis, namespace: str, pool: ThreadPoolExecutor
+) -> None:
+    before = _all_keys(redis_client)
+    leases = [
+        hl.acquire("user/42/a/b/c/d/e/f", "write"),
+        hl.acquire("{tag}/x y/50%", "read"),
+        hl.acquire("ünï:cødé", "read-node"),
+        *hl.acquire_many([("m/1", "read"), ("n/2", "write")]),
+    ]
+    waiter = pool.submit(hl.acquire, "user", "read", timeout=20)
+    wait_for_waiter(hl, "user", "read")
+    during = _all_keys(redis_client) - before
+    hl.refresh(*leases)
+    hl.release(*leases)
+    hl.release(waiter.result(timeout=20))
+    after = _all_keys(redis_client) - before
+    assert during, "locking created no key at all?"
+    prefix = f"{namespace}:".encode()
+    for key in during | after:
+        assert key.startswith(prefix), key
+        assert key.count(b"{") == 1 and key.count(b"}") == 1, key
+    # Released locks leave at most the trees' token counters behind.
+    assert all(key.endswith(b"::n") for key in after), after
+
+
+def test_application_keys_named_like_paths(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    app_keys = ["user", "user/42", "user/42:s", namespace, f"{namespace}:user", "{user}"]
+    for key in app_keys:
+        redis_client.set(key, "application data")
+    redis_client.hset("user:42", mapping={"name": "x"})
+    try:
+        with HiLok(redis_url, namespace=namespace) as hl:
+            with hl.write("user/42") as lease:
+                with pytest.raises(LockNotAcquired):
+                    hl.acquire("user", "read", block=False)
+                assert handles(hl, "user") == {lease.handle}
+            hl.release(hl.acquire("user", "write", block=False))
+        for key in app_keys:
+            assert redis_client.get(key) == b"application data"
+            assert redis_client.ttl(key) == -1
+        assert redis_client.hgetall("user:42") == {b"name": b"x"}
+    finally:
+        redis_client.delete(*app_keys, "user:42")
+
+
+def test_existing_client_is_not_closed(redis_client: redis.Redis, namespace: str) -> None:
+    hl = HiLok(redis_client, namespace=namespace)
+    hl.release(hl.acquire("q", "write"))
+    hl.close()
+    assert redis_client.ping()
