@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .aio import AsyncHiLok
+from .compat import RedisHiLok, RedisHiLokError, RedisHiLokStatus
 from .errors import HiLokConnectionError, HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Holder, Lease, LockStatus, QueuedRequest
 from .sync import HiLok
@@ -21,5 +22,8 @@ __all__ = [
     "LockNotAcquired",
     "LockStatus",
     "QueuedRequest",
+    "RedisHiLok",
+    "RedisHiLokError",
+    "RedisHiLokStatus",
     "__version__",
 ]
