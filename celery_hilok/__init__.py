@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .aio import AsyncHiLok
+from .celery import HiLokTask, TaskLocks, hilok_lease_lost
 from .compat import RedisHiLok, RedisHiLokError, RedisHiLokStatus
 from .errors import HiLokConnectionError, HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Holder, Lease, LockStatus, QueuedRequest
@@ -15,6 +16,7 @@ __all__ = [
     "HiLok",
     "HiLokConnectionError",
     "HiLokError",
+    "HiLokTask",
     "Holder",
     "InvalidArgument",
     "Lease",
@@ -25,5 +27,7 @@ __all__ = [
     "RedisHiLok",
     "RedisHiLokError",
     "RedisHiLokStatus",
+    "TaskLocks",
     "__version__",
+    "hilok_lease_lost",
 ]

@@ -1,0 +1,18 @@
+"""Celery integration: :class:`HiLokTask`, a task base that runs its body under locks.
+
+Importing this package (``celery_hilok`` does) connects the signal receivers that hand
+handles between chain steps and release locks on every way out of a task. See
+docs/celery.md for the guide.
+"""
+
+from __future__ import annotations
+
+from . import _hooks
+from .locks import TaskLocks
+from .request import HiLokRequest
+from .signals import hilok_lease_lost
+from .task import HiLokTask
+
+__all__ = ["HiLokRequest", "HiLokTask", "TaskLocks", "hilok_lease_lost"]
+
+_hooks.connect()

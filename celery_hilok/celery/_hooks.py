@@ -1,0 +1,139 @@
+"""Receivers of Celery's signals: the hand-over of handles and the ways out of a task.
+
+Connected once, when :mod:`celery_hilok.celery` is imported. Where each one runs:
+
+- ``before_task_publish`` (the publishing process: the caller, or the pool process of the
+  task whose chain step or retry is being sent): turns ``hilok_handle=h`` into the message
+  header, hands a keeping task's locks to the next step of its chain, and gives a
+  retrying task's handed-over locks to its retry.
+- ``task_prerun`` / ``task_postrun`` (the process that runs the task): a task that is not
+  a ``HiLokTask`` but was handed locks (a chain step) adopts them, and every task that
+  holds locks gives them up on its way out (success, failure, retry, Reject, Ignore,
+  a terminated or timed-out pool process that still runs its postrun).
+- ``task_revoked`` (the worker's main process): releases the locks of a revoked task,
+  including ones handed to a chain step that was revoked while it waited in the queue.
+- ``worker_process_init`` / ``worker_process_shutdown`` (each prefork pool process): makes
+  the process's lock client after fork, and closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery._state import get_current_app, get_current_task
+
+from ._runtime import ATTEMPT_HEADER, HEADER, Handover, close_runtimes, runtime
+from .locks import STATE_ATTR, begin, locks_of, next_step_id, option
+
+log = logging.getLogger("celery_hilok.celery")
+
+
+def _is_hilok_task(task: Any) -> bool:
+    from .task import HiLokTask
+
+    return isinstance(task, HiLokTask)
+
+
+def on_before_publish(
+    headers: dict[str, Any] | None = None,
+    properties: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    if headers is None:
+        return
+    if properties and "hilok_handle" in properties:
+        # sig.set(hilok_handle=h) on a task that is not a HiLokTask reaches here as a
+        # message property: make it the header every task reads.
+        headers[HEADER] = Handover(str(properties.pop("hilok_handle"))).encode()
+    task = get_current_task()
+    if task is None:
+        return
+    request = task.request
+    state = locks_of(request)
+    if state is None:
+        return
+    message_id = headers.get("id")
+    if message_id is not None and message_id == request.id:
+        # The running task is being retried (self.retry, or a contention retry).
+        if not _is_contention_retry(headers, request):
+            headers.pop(ATTEMPT_HEADER, None)
+        state.hand_to_retry(headers)
+        return
+    if headers.get("parent_id") != request.id or not option(task, "hilok_keep"):
+        return
+    step = next_step_id(request)
+    if step is None:
+        return
+    step_id, step_name = step
+    if (step_id is not None and step_id == message_id) or (
+        step_id is None and step_name == headers.get("task")
+    ):
+        state.hand_to_next(headers)
+
+
+def _is_contention_retry(headers: dict[str, Any], request: Any) -> bool:
+    before = (request.headers or {}).get(ATTEMPT_HEADER) or 0
+    return bool(headers.get(ATTEMPT_HEADER, 0) != before)
+
+
+def on_prerun(task: Any = None, **_: Any) -> None:
+    if task is None or _is_hilok_task(task):
+        return  # a HiLokTask does this in before_start, where it may still refuse to run
+    request = task.request
+    if Handover.of_request(request) is None and not getattr(request, "is_eager", False):
+        return
+    try:
+        state = begin(task, request)
+    except Exception as exc:
+        log.error("%s[%s]: could not take over its handed locks: %s", task.name, request.id, exc)
+        return
+    if state.handle is None:
+        delattr(request, STATE_ATTR)  # eager, nothing handed over: nothing to track
+
+
+def on_postrun(task: Any = None, state: str | None = None, **_: Any) -> None:
+    if task is None:
+        return
+    held = locks_of(task.request)
+    if held is not None:
+        held.finish(state)
+
+
+def on_revoked(request: Any = None, terminated: bool = False, **_: Any) -> None:
+    from .request import release_in_main_process
+
+    if request is None:
+        return
+    data = getattr(request, "request_dict", None) or {}
+    if HEADER in data or (terminated and _is_hilok_task(getattr(request, "task", None))):
+        why = "terminated (revoked)" if terminated else "revoked before it ran"
+        release_in_main_process(request, why)
+
+
+def on_process_init(**_: Any) -> None:
+    app = get_current_app()
+    try:
+        if any(_is_hilok_task(t) for t in app.tasks.values()):
+            runtime(app)
+    except Exception as exc:
+        log.warning("celery_hilok: no lock client in this worker process yet: %s", exc)
+
+
+def on_process_shutdown(**_: Any) -> None:
+    close_runtimes()
+
+
+def connect() -> None:
+    """Connect the receivers (idempotent: each has a dispatch_uid)."""
+    pairs = [
+        (signals.before_task_publish, on_before_publish),
+        (signals.task_prerun, on_prerun),
+        (signals.task_postrun, on_postrun),
+        (signals.task_revoked, on_revoked),
+        (signals.worker_process_init, on_process_init),
+        (signals.worker_process_shutdown, on_process_shutdown),
+    ]
+    for signal, receiver in pairs:
+        signal.connect(receiver, weak=False, dispatch_uid=f"celery_hilok.{receiver.__name__}")

@@ -1,0 +1,151 @@
+"""One lock client per process and app, shared by every task thread and by the refresher.
+
+A worker process (prefork child, or the main process for threads/solo/gevent) holds one
+:class:`~celery_hilok.HiLok` per Celery app: its background thread renews every lease the
+process holds in one round trip per tick. It is made after fork (``worker_process_init``
+for prefork children) or on first use, and made again when the process id changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from .._core import Request
+from ..errors import HiLokError
+from ..lease import Lease
+from ..sync import HiLok
+from .config import redis_url, setting
+
+__all__ = ["HEADER", "Handover", "Runtime", "runtime"]
+
+log = logging.getLogger("celery_hilok.celery")
+
+HEADER: Final = "hilok"
+"""Message header carrying a handle (and what it holds) to the task that runs under it."""
+EXEC_HEADER: Final = "hilok_exec"
+"""Request key with the fresh handle the worker's main process made for one execution."""
+ATTEMPT_HEADER: Final = "hilok_attempt"
+"""Message header counting the contention retries of a task so far."""
+
+
+class Runtime:
+    """The lock client of one app in one process, with the app's settings."""
+
+    def __init__(self, app: Any) -> None:
+        conf = app.conf
+        self.pid = os.getpid()
+        self.separator: str = setting(conf, "hilok_separator")
+        self.namespace: str = setting(conf, "hilok_namespace")
+        self.hilok = HiLok(
+            redis_url(conf),
+            namespace=self.namespace,
+            separator=self.separator,
+            ttl=float(setting(conf, "hilok_ttl")),
+            redis_options=dict(conf.get("hilok_redis_options") or {}),
+        )
+
+    def lease(self, path: str, mode: str, handle: str, token: int, ttl: float) -> Lease:
+        """A lease object for a grant known by name (e.g. from a message header)."""
+        return Lease(Request.parse(path, mode, self.separator), handle, token, ttl, self.hilok)
+
+    def release_quietly(self, leases: Sequence[Lease], why: str) -> None:
+        """Release ``leases``; log instead of raising (what is left runs out by its ttl)."""
+        if not leases:
+            return
+        try:
+            self.hilok.release(*leases)
+        except HiLokError as exc:
+            # LockLost here only means some were already gone (released elsewhere, expired).
+            log.debug("releasing %s (%s): %s", leases, why, exc)
+
+    def release_named(self, handle: str, locks: Iterable[tuple[str, str]], why: str) -> None:
+        """Release what ``handle`` holds of ``locks``, owner-checked; quietly."""
+        leases = [self.lease(path, mode, handle, 0, self.hilok.ttl) for path, mode in locks]
+        if leases:
+            log.info("releasing %d lock(s) of %s...: %s", len(leases), handle[:6], why)
+        self.release_quietly(leases, why)
+
+    def close(self) -> None:
+        if self.pid == os.getpid():
+            self.hilok.close()
+
+
+_runtimes: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
+_runtimes_lock = threading.Lock()
+
+
+def runtime(app: Any) -> Runtime:
+    """The :class:`Runtime` of ``app`` in this process, made on first use (and after fork)."""
+    pid = os.getpid()
+    rt = _runtimes.get(app)
+    if rt is not None and rt.pid == pid:
+        return rt
+    with _runtimes_lock:
+        rt = _runtimes.get(app)
+        if rt is None or rt.pid != pid:
+            # A runtime inherited through fork is dropped, not closed: its threads do not
+            # exist here and redis-py's pool resets itself in a new process.
+            rt = Runtime(app)
+            _runtimes[app] = rt
+        return rt
+
+
+def close_runtimes() -> None:
+    """Close this process's runtimes (their refresher and wake-up threads)."""
+    with _runtimes_lock:
+        owned = [(app, rt) for app, rt in _runtimes.items() if rt.pid == os.getpid()]
+        for app, _ in owned:
+            del _runtimes[app]
+    for _, rt in owned:
+        try:
+            rt.close()
+        except Exception:  # pragma: no cover - best effort at process exit
+            log.debug("closing %r failed", rt, exc_info=True)
+
+
+class Handover:
+    """A handle given to a task through its message: ``{"handle": h, "locks": [...]}``.
+
+    ``locks`` lists what the handle holds that the task becomes responsible for (the locks
+    of the previous chain step); a handle given with ``sig.set(hilok_handle=h)`` lists none.
+    """
+
+    __slots__ = ("handle", "locks")
+
+    def __init__(self, handle: str, locks: Sequence[tuple[str, str, int]] = ()) -> None:
+        self.handle = handle
+        self.locks = list(locks)
+
+    def encode(self) -> dict[str, Any]:
+        return {"handle": self.handle, "locks": [list(lock) for lock in self.locks]}
+
+    @classmethod
+    def decode(cls, value: object) -> Handover | None:
+        if not isinstance(value, dict):
+            return None
+        handle = value.get("handle")
+        if not isinstance(handle, str):
+            return None
+        locks: list[tuple[str, str, int]] = []
+        for item in value.get("locks") or ():
+            if isinstance(item, (list, tuple)) and len(item) >= 2:
+                token = item[2] if len(item) > 2 and isinstance(item[2], int) else 0
+                locks.append((str(item[0]), str(item[1]), token))
+        return cls(handle, locks)
+
+    @classmethod
+    def of_request(cls, request: Any) -> Handover | None:
+        """The hand-over a task request (``task.request``, a Context) carries, if any."""
+        headers = getattr(request, "headers", None) or {}
+        value = headers.get(HEADER) if isinstance(headers, dict) else None
+        if value is None:
+            value = getattr(request, HEADER, None)
+        return cls.decode(value)
+
+    def __repr__(self) -> str:
+        return f"<Handover {self.handle[:6]}... {len(self.locks)} lock(s)>"

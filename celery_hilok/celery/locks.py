@@ -1,0 +1,336 @@
+"""What one execution of a task holds (``self.hilok``), from its start to its way out.
+
+One :class:`TaskLocks` lives on each task request (``task.request``, which Celery keeps per
+thread), so that concurrent executions of one task in one process never share lock state.
+It is made when the task starts, holds the leases handed to it (``inherited``) and the ones
+its own lock spec acquired (``own``), and is finished by exactly one way out: released,
+handed to the next step of a chain, or handed to the task's own retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Final
+
+from .._core import check_handle, new_handle
+from ..errors import LockLost
+from ..lease import Lease
+from ._runtime import HEADER, Handover, Runtime, runtime
+from .config import setting
+from .signals import hilok_lease_lost
+
+__all__ = ["TaskLocks", "locks_of"]
+
+log = logging.getLogger("celery_hilok.celery")
+
+STATE_ATTR: Final = "_hilok_locks"
+"""Attribute of the task request (a Celery ``Context``) that holds its :class:`TaskLocks`."""
+
+
+def option(task: Any, name: str) -> Any:
+    """A task option: the task's own value, else the app's ``hilok_*`` setting, else default."""
+    value = getattr(task, name, None)
+    return setting(task.app.conf, name) if value is None else value
+
+
+class TaskLocks:
+    """The locks of one task execution, available in the body as ``self.hilok``.
+
+    ``handle`` is the holder handle the task runs as (None while it holds nothing and was
+    given no handle); ``leases`` every lease it holds (``inherited`` ones, handed over by
+    the previous step of a chain, then ``own`` ones, acquired for its own lock spec);
+    ``tokens`` the fencing token of each locked path; ``lost`` whether the refresher found
+    any of them gone.
+    """
+
+    __slots__ = (
+        "_finished",
+        "_handed_over",
+        "_rt",
+        "_task",
+        "handle",
+        "inherited",
+        "own",
+        "source",
+        "task_id",
+    )
+
+    def __init__(self, task: Any = None, task_id: str | None = None) -> None:
+        self._task = task
+        self.task_id = task_id
+        self.handle: str | None = None
+        self.source: str | None = None  # None (fresh), "handover" (chain, sig.set)
+        self.inherited: list[Lease] = []
+        self.own: list[Lease] = []
+        self._rt: Runtime | None = None
+        self._finished = False
+        self._handed_over = False
+
+    @property
+    def leases(self) -> list[Lease]:
+        return [*self.inherited, *self.own]
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """Fencing token of each locked path (pass them to stores that check them)."""
+        return {lease.path: lease.token for lease in self.leases}
+
+    @property
+    def lost(self) -> bool:
+        """True once a background refresh found one of the leases gone."""
+        return any(lease.lost for lease in self.leases)
+
+    def check(self) -> None:
+        """Raise :class:`~celery_hilok.LockLost` if a lease was lost (a step boundary check)."""
+        lost = [lease for lease in self.leases if lease.lost]
+        if lost:
+            raise LockLost(
+                "lock lost while the task ran (its lease ran out before it was refreshed): "
+                + ", ".join(f"{lease.mode} {lease.path!r}" for lease in lost)
+            )
+
+    def __repr__(self) -> str:
+        held = ", ".join(f"{lease.mode} {lease.path!r}" for lease in self.leases) or "nothing"
+        who = f"{self.handle[:6]}..." if self.handle else "no handle"
+        return f"<TaskLocks {who}: {held}{' LOST' if self.lost else ''}>"
+
+    # -- internals --------------------------------------------------------------------
+
+    @property
+    def rt(self) -> Runtime:
+        if self._rt is None:
+            self._rt = runtime(self._task.app)
+        return self._rt
+
+    def _hold(self, leases: Sequence[Lease]) -> None:
+        """Keep ``leases`` alive from the process's refresher until released or handed over."""
+        interval = option(self._task, "hilok_refresh_interval")
+        for lease in leases:
+            lease.on_lost(self._on_lost)
+            self.rt.hilok.keep_alive(lease, interval=interval)
+
+    def _on_lost(self, lease: Lease) -> None:
+        task = self._task
+        log.warning(
+            "%s[%s]: lost its %s lock on %r (the lease ran out before it was refreshed)",
+            getattr(task, "name", task),
+            self.task_id,
+            lease.mode,
+            lease.path,
+        )
+        hilok_lease_lost.send(sender=task, task_id=self.task_id, lease=lease, locks=self)
+
+    def _adopt(self, handover: Handover) -> None:
+        """Run as ``handover.handle`` and take over the locks it lists, renewed at once.
+
+        Raises :class:`LockLost` when one of them already ran out: the guarantee that
+        nobody came in between the previous step and this one no longer holds.
+        """
+        self.handle = check_handle(handover.handle)
+        self.source = "handover"
+        if not handover.locks:
+            return
+        ttl = float(option(self._task, "hilok_ttl"))
+        leases = [self.rt.lease(p, m, handover.handle, t, ttl) for p, m, t in handover.locks]
+        alive = self.rt.hilok.refresh_many(leases, ttl=ttl)
+        self.inherited = [lease for lease, ok in zip(leases, alive, strict=True) if ok]
+        self._hold(self.inherited)
+        gone = [lease for lease, ok in zip(leases, alive, strict=True) if not ok]
+        if gone:
+            keep_ttl = option(self._task, "hilok_keep_ttl")
+            raise LockLost(
+                "the lock(s) handed over by the previous step ran out before this task "
+                f"started (hilok_keep_ttl={keep_ttl}s): "
+                + ", ".join(f"{lease.mode} {lease.path!r}" for lease in gone)
+            )
+
+    def _handle_for_acquire(self, request: Any) -> str:
+        """The handle to acquire the task's own locks with (fixed from then on)."""
+        if self.handle is None:
+            given = getattr(request, "hilok_exec", None)
+            self.handle = given if isinstance(given, str) else new_handle()
+        return self.handle
+
+    def _pass_on(self, leases: Sequence[Lease]) -> list[Lease]:
+        """Stop refreshing ``leases`` here and give them ``hilok_keep_ttl`` to be picked up."""
+        if not leases:
+            return []
+        keep_ttl = float(option(self._task, "hilok_keep_ttl"))
+        self.rt.hilok.stop_keep_alive(*leases)
+        alive = self.rt.hilok.refresh_many(leases, ttl=keep_ttl)
+        kept = [lease for lease, ok in zip(leases, alive, strict=True) if ok]
+        if len(kept) < len(leases):
+            log.warning(
+                "%s[%s]: lock(s) lost before they could be handed over: %s",
+                self._task.name,
+                self.task_id,
+                [lease for lease in leases if lease not in kept],
+            )
+        return kept
+
+    def _handover(self, leases: Sequence[Lease]) -> Handover:
+        assert self.handle is not None
+        return Handover(self.handle, [(lease.path, lease.mode, lease.token) for lease in leases])
+
+    def hand_to_next(self, headers: dict[str, Any]) -> None:
+        """Give every lock to the next step of the chain, through its message headers."""
+        if self._finished or self._handed_over or self.handle is None:
+            return
+        kept = self._pass_on(self.leases)
+        headers[HEADER] = self._handover(kept).encode()
+        self._handed_over = True
+        log.debug("%s[%s]: handed %s to the next step", self._task.name, self.task_id, kept)
+
+    def hand_to_retry(self, headers: dict[str, Any] | None) -> None:
+        """The task is being retried: release its own locks, keep the handed-over ones.
+
+        What the task acquired for its own spec it gives up (the retry acquires again);
+        what was handed to it stays with the chain and goes with the retry message.
+        """
+        if self._finished or self._handed_over:
+            return
+        own, self.own = self.own, []
+        if own:
+            self.rt.release_quietly(own, "retry")
+        if self.source is None:
+            if headers is not None:
+                headers.pop(HEADER, None)
+            self._handed_over = True
+            return
+        kept = self._pass_on(self.inherited)
+        if headers is not None:
+            headers[HEADER] = self._handover(kept).encode()
+        self._handed_over = True
+
+    def finish(self, state: str | None) -> None:
+        """The task's way out (``task_postrun``): release, unless handed over already."""
+        if self._finished:
+            return
+        try:
+            if self._handed_over:
+                return
+            if state == "RETRY":
+                self.hand_to_retry(None)
+                return
+            keep = state == "SUCCESS" and option(self._task, "hilok_keep")
+            if keep and self.handle is not None and _eager_stash(self):
+                return
+            leases = self.leases
+            if leases:
+                self.rt.release_quietly(leases, f"task ended {state or 'abruptly'}")
+        finally:
+            self._finished = True
+
+
+def locks_of(request: Any) -> TaskLocks | None:
+    """The :class:`TaskLocks` of a task request, if the task runs with any."""
+    state = getattr(request, STATE_ATTR, None)
+    return state if isinstance(state, TaskLocks) else None
+
+
+def begin(task: Any, request: Any) -> TaskLocks:
+    """The :class:`TaskLocks` of the running request, made (and handed locks adopted) once."""
+    state = locks_of(request)
+    if state is not None:
+        return state
+    state = TaskLocks(task, getattr(request, "id", None))
+    setattr(request, STATE_ATTR, state)
+    handover = Handover.of_request(request)
+    if handover is None and getattr(request, "is_eager", False):
+        handover = _eager_take()
+    if handover is not None:
+        state._adopt(handover)
+    return state
+
+
+def next_step_id(request: Any) -> tuple[str | None, str | None] | None:
+    """(task id, task name) of the next step of the request's chain, if it is one task."""
+    chain = getattr(request, "chain", None)
+    if not chain:
+        return None
+    step = chain[-1]
+    if not isinstance(step, dict) or step.get("subtask_type"):
+        return None  # a group, chord or nested chain: no single task to hand over to
+    options = step.get("options") or {}
+    return options.get("task_id"), step.get("task")
+
+
+# -- eager mode ---------------------------------------------------------------------------
+#
+# In eager mode (task_always_eager) a chain runs its steps one after another inside
+# celery.canvas._chain.apply, without messages, so the hand-over cannot travel in headers.
+# The step that keeps its locks leaves them in a per-thread slot tagged with that
+# _chain.apply frame and the index of the next step; the next step of the same chain run
+# takes them from there. Anything else (a task outside a chain, the last step) releases.
+
+
+@dataclass
+class _Pending:
+    frame: FrameType
+    next_index: int
+    handover: Handover
+    rt: Runtime
+    leases: list[Lease]
+
+
+_eager = threading.local()
+
+
+def _chain_position() -> tuple[FrameType, int, int] | None:
+    """(frame, index of the running step, number of steps) of the enclosing eager chain."""
+    from celery.canvas import _chain
+
+    code = _chain.apply.__code__
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            local = frame.f_locals
+            index, tasks = local.get("index"), local.get("tasks")
+            if isinstance(index, int) and isinstance(tasks, list):
+                return frame, index, len(tasks)
+            return None
+        frame = frame.f_back
+    return None
+
+
+def _eager_stash(state: TaskLocks) -> bool:
+    """Keep ``state``'s locks for the next step of the eager chain; False if there is none."""
+    if not getattr(state._task.request, "is_eager", False):
+        return False
+    position = _chain_position()
+    if position is None or position[1] + 1 >= position[2]:
+        return False
+    stale: _Pending | None = getattr(_eager, "pending", None)
+    if stale is not None:
+        stale.rt.release_quietly(stale.leases, "never picked up by an eager chain step")
+    kept = state._pass_on(state.leases)
+    _eager.pending = _Pending(position[0], position[1] + 1, state._handover(kept), state.rt, kept)
+    state._handed_over = True
+    return True
+
+
+def _eager_take() -> Handover | None:
+    pending: _Pending | None = getattr(_eager, "pending", None)
+    if pending is None:
+        return None
+    position = _chain_position()
+    if position is None or position[0] is not pending.frame or position[1] != pending.next_index:
+        return None
+    _eager.pending = None
+    return pending.handover
+
+
+def explicit_handover(options: dict[str, Any]) -> None:
+    """Turn the ``hilok_handle`` option of ``apply_async`` / ``apply`` into the header."""
+    handle = options.pop("hilok_handle", None)
+    if handle is None:
+        return
+    check_handle(handle)
+    headers = dict(options.get("headers") or {})
+    headers[HEADER] = Handover(handle).encode()
+    options["headers"] = headers

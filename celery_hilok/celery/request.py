@@ -1,0 +1,99 @@
+"""The worker's main-process side of a ``HiLokTask``: its handle, and releases after a crash.
+
+Celery makes one :class:`HiLokRequest` per delivered message, in the worker's main process,
+before the task runs in a pool process. It gives that execution a fresh holder handle (the
+pool process acquires with it), so that when the pool process is killed (SIGKILL, OOM,
+hard time limit) the main process knows exactly which holder to release: the task's lock
+spec is evaluated again from the message's arguments, and only that holder's grants are
+released (owner-checked, so a duplicate delivery running elsewhere keeps its locks).
+
+A task with its own ``Request`` class must derive it from :class:`HiLokRequest`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.worker.request import Request
+
+from .._core import new_handle
+from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
+
+__all__ = ["HiLokRequest", "release_in_main_process"]
+
+log = logging.getLogger("celery_hilok.celery")
+
+# What a pool process that died mid-task reports to the main process. (A terminated task,
+# revoke(terminate=True), is released by the task_revoked receiver instead.)
+_LOST = (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)
+
+
+class HiLokRequest(Request):  # type: ignore[misc]
+    """A worker request that gives its execution a handle and cleans up after a crash."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Always a new one: a retried or redelivered message may carry an old one along.
+        self._request_dict[EXEC_HEADER] = new_handle()
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        try:
+            super().on_timeout(soft, timeout)
+        finally:
+            if not soft:
+                release_in_main_process(self, f"hard time limit ({timeout}s) exceeded")
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # unwrap billiard's ExceptionWithTraceback
+        try:
+            return super().on_failure(
+                exc_info, send_failed_event=send_failed_event, return_ok=return_ok
+            )
+        finally:
+            if isinstance(exc, _LOST) and not self._completed_before_loss():
+                release_in_main_process(self, f"worker process lost ({type(exc).__name__})")
+
+    def _completed_before_loss(self) -> bool:
+        """Did the task succeed (and so release or hand over its locks) before dying?"""
+        stored = getattr(self, "_success_was_stored", None)
+        if stored is None:
+            return False
+        try:
+            return bool(stored())
+        except Exception:
+            return False
+
+
+def release_in_main_process(request: Any, why: str) -> None:
+    """Release what the execution of ``request`` (a worker Request) may hold; quietly.
+
+    That is its task's lock spec and the locks handed to it, held by its handle: the
+    handed-over one, else the fresh one its :class:`HiLokRequest` made.
+    """
+    from .task import HiLokTask
+
+    task = request.task
+    data = getattr(request, "request_dict", None) or {}
+    handover = Handover.decode(data.get(HEADER))
+    handle = handover.handle if handover is not None else data.get(EXEC_HEADER)
+    if not isinstance(handle, str):
+        return
+    locks = [(path, mode) for path, mode, _ in handover.locks] if handover else []
+    if isinstance(task, HiLokTask):
+        try:
+            locks += task.hilok_locks(request.args, request.kwargs)
+        except Exception as exc:
+            log.warning("%s[%s]: cannot compute its locks: %s", task.name, request.id, exc)
+    if not locks:
+        return
+    try:
+        rt = runtime(task.app)
+    except Exception as exc:
+        log.warning("%s[%s]: cannot release its locks: %s", task.name, request.id, exc)
+        return
+    rt.release_named(handle, locks, f"{task.name}[{request.id}]: {why}")

@@ -1,0 +1,191 @@
+"""``HiLokTask``: a Celery task base class that runs its body under hierarchical locks."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+
+from ..errors import LockNotAcquired
+from ..lease import Lease
+from ..sync import HiLok
+from ._runtime import ATTEMPT_HEADER
+from .config import TASK_OPTIONS, check_task_option, setting
+from .locks import TaskLocks, begin, explicit_handover, locks_of, option
+from .spec import LockSpec, Mode, task_signature
+
+__all__ = ["HiLokTask"]
+
+log = logging.getLogger("celery_hilok.celery")
+
+
+class HiLokTask(Task):  # type: ignore[misc]
+    """A task whose body runs under the locks its ``hilok_read`` / ``hilok_write`` name.
+
+    ::
+
+        @app.task(base=HiLokTask, bind=True, hilok_write="accounts/{account_id}")
+        def debit(self, account_id, amount): ...
+
+    Before the body runs (``before_start``), all of the task's locks are acquired in one
+    atomic step, as one holder with a handle of its own (fresh for every execution, so a
+    duplicate delivery of the same message never shares or frees the running copy's locks).
+    They are renewed in the background while the body runs and released on every way out.
+    What happens when they are taken is ``hilok_on_contention``'s choice:
+
+    - ``"retry"`` (default): retry the task later with exponential backoff and jitter
+      (``hilok_retry_backoff``, ``hilok_retry_backoff_max``, ``hilok_retry_jitter``), at most
+      ``hilok_max_retries`` times, counted apart from the task's own ``max_retries``;
+    - ``"wait"``: wait for them, up to ``hilok_timeout`` seconds (None: no limit);
+    - ``"fail"``: fail at once with :class:`~celery_hilok.LockNotAcquired`;
+    - ``"skip"``: do not run the body; the task ends IGNORED, with a log line naming the
+      path that blocked it.
+
+    ``hilok_keep=True`` hands the locks, when the body succeeds, to the next task of the
+    chain. See docs/celery.md for every option and setting.
+    """
+
+    Request = "celery_hilok.celery.request:HiLokRequest"
+
+    hilok_read: Any = None
+    hilok_write: Any = None
+    hilok_on_contention: str | None = None
+    hilok_timeout: float | None = None
+    hilok_ttl: float | None = None
+    hilok_refresh_interval: float | None = None
+    hilok_keep: bool | None = None
+    hilok_keep_ttl: float | None = None
+    hilok_retry_backoff: float | None = None
+    hilok_retry_backoff_max: float | None = None
+    hilok_retry_jitter: bool | None = None
+    hilok_max_retries: int | None = None
+
+    _hilok_spec: ClassVar[LockSpec] = LockSpec("HiLokTask", None)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Runs when a task class is made, which is when @app.task registers a function
+        # (at decoration, or when the app is finalized for lazily evaluated tasks): a bad
+        # option or a template naming an unknown argument fails there, not at run time.
+        super().__init_subclass__(**kwargs)
+        where = cls.__dict__.get("name") or f"{cls.__module__}.{cls.__qualname__}"
+        for name, value in cls.__dict__.items():
+            is_option = name.startswith("hilok_") and name not in ("hilok_read", "hilok_write")
+            if is_option and (name in TASK_OPTIONS or not callable(value)):
+                check_task_option(name, value, where)
+        cls._hilok_spec = LockSpec(where, task_signature(cls), cls.hilok_read, cls.hilok_write)
+
+    # -- what the body sees -----------------------------------------------------------
+
+    @property
+    def hilok(self) -> TaskLocks:
+        """The locks of the running execution: handle, leases, tokens, lost."""
+        state = locks_of(self.request)
+        return state if state is not None else TaskLocks(self, self.request.id)
+
+    def hilok_locks(self, args: Any, kwargs: Any) -> list[tuple[str, Mode]]:
+        """The (path, mode) pairs a call with ``args`` and ``kwargs`` locks."""
+        separator = setting(self.app.conf, "hilok_separator")
+        return self._hilok_spec.locks(args or (), kwargs or {}, separator)
+
+    # -- Celery hooks -----------------------------------------------------------------
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Acquire the task's locks, all at once, before the body runs."""
+        state = begin(self, self.request)
+        wanted = self.hilok_locks(args, kwargs)
+        if not wanted:
+            return
+        handle = state._handle_for_acquire(self.request)
+        policy = option(self, "hilok_on_contention")
+        ttl = float(option(self, "hilok_ttl"))
+        hl = state.rt.hilok
+        try:
+            if policy == "wait":
+                timeout = option(self, "hilok_timeout")
+                leases = hl.acquire_many(wanted, timeout=timeout, ttl=ttl, handle=handle)
+            elif policy == "retry" and self.request.is_eager:
+                leases = self._acquire_in_place(hl, wanted, ttl, handle)
+            else:
+                leases = hl.acquire_many(wanted, block=False, ttl=ttl, handle=handle)
+        except LockNotAcquired as exc:
+            if policy == "skip":
+                log.info("%s[%s] skipped: %s", self.name, task_id, exc)
+                raise Ignore(str(exc)) from None
+            if policy == "retry" and not self.request.is_eager:
+                self._retry_on_contention(exc)
+            raise
+        state.own = leases
+        state._hold(leases)
+
+    def _acquire_in_place(
+        self, hl: HiLok, wanted: list[tuple[str, Mode]], ttl: float, handle: str
+    ) -> list[Lease]:
+        """The ``retry`` policy in eager mode: wait the backoff delays in place, then give up.
+
+        An eager retry would run again at once (Celery ignores its countdown there), so the
+        same budget and delays are spent waiting here instead.
+        """
+        max_retries = option(self, "hilok_max_retries")
+        attempt, wait = 0, 0.0
+        while True:
+            try:
+                if attempt == 0:
+                    return hl.acquire_many(wanted, block=False, ttl=ttl, handle=handle)
+                return hl.acquire_many(wanted, timeout=wait, ttl=ttl, handle=handle)
+            except LockNotAcquired as exc:
+                if max_retries is not None and attempt >= max_retries:
+                    raise _gave_up(exc, attempt, max_retries) from exc
+                wait = self._backoff(attempt)
+                attempt += 1
+
+    def _retry_on_contention(self, exc: LockNotAcquired) -> None:
+        """Republish this task for later, counting contention retries on their own."""
+        request = self.request
+        headers = dict(request.headers or {})
+        attempt = int(headers.get(ATTEMPT_HEADER) or getattr(request, ATTEMPT_HEADER, 0) or 0)
+        max_retries = option(self, "hilok_max_retries")
+        if max_retries is not None and attempt >= max_retries:
+            raise _gave_up(exc, attempt, max_retries) from exc
+        delay = self._backoff(attempt)
+        headers[ATTEMPT_HEADER] = attempt + 1
+        # The retry keeps the task's own retry count: contention does not use up max_retries.
+        sig = self.signature_from_request(
+            request, countdown=delay, retries=request.retries, headers=headers
+        )
+        try:
+            sig.apply_async()
+        except Exception as publish_error:
+            raise Reject(publish_error, requeue=False) from publish_error
+        raise Retry(f"locked: {exc}", exc=exc, when=delay, sig=sig)
+
+    def _backoff(self, attempt: int) -> float:
+        base = float(option(self, "hilok_retry_backoff"))
+        cap = float(option(self, "hilok_retry_backoff_max"))
+        delay: float = min(cap, base * 2**attempt)
+        if option(self, "hilok_retry_jitter"):
+            delay = delay / 2 + random.random() * delay / 2
+        return delay
+
+    # -- handles given by the caller ----------------------------------------------------
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
+        """Celery's ``apply_async``; also takes ``hilok_handle=h`` to run under handle h."""
+        explicit_handover(options)
+        return super().apply_async(args, kwargs, *more, **options)
+
+    def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
+        """Celery's ``apply`` (eager run); also takes ``hilok_handle=h``."""
+        explicit_handover(options)
+        return super().apply(args, kwargs, *more, **options)
+
+
+def _gave_up(exc: LockNotAcquired, attempts: int, max_retries: int) -> LockNotAcquired:
+    return LockNotAcquired(
+        f"{exc} (gave up after {attempts} contention retries, hilok_max_retries={max_retries})",
+        path=exc.path,
+        mode=exc.mode,
+        blocker=exc.blocker,
+    )
