@@ -142,4 +142,5 @@ def _on_line(a: str, b: str) -> bool:
 def _int(value: object) -> int | None:
     if value is None:
         return None
-    return int(value.decode() if isinstance(value, bytes) else str(value))
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return int(text.split("|", 1)[0])  # holder entries are "<token>|<expiry ms>"

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
+import redis
 
 from celery_hilok import HiLok, Lease, LockNotAcquired
 
@@ -256,3 +257,43 @@ def test_holder_is_not_blocked_by_waiters_behind_it(hl: HiLok) -> None:
 
     assert written.token > upgraded.token > mine.token
     hl.release(written)
+
+
+def wait_past_server_time(client: redis.Redis, seconds: float) -> None:
+    sec, usec = client.time()
+    target_ms = sec * 1000 + usec // 1000 + round(seconds * 1000) + 1
+    time.sleep(seconds)
+    while True:
+        sec, usec = client.time()
+        if sec * 1000 + usec // 1000 >= target_ms:
+            return
+        time.sleep(0.001)
+
+
+def test_handle_with_only_expired_grants_queues_like_anyone(
+    hl: HiLok, redis_client: redis.Redis
+) -> None:
+    handle = secrets.token_urlsafe(12)
+    kept = hl.acquire("a/b", "read", handle=handle)  # long lease
+    hl.acquire("a/c", "read", handle=handle, ttl=0.05)  # left to run out
+    hl.release(kept)
+    wait_past_server_time(redis_client, 0.05)
+    assert all(h.handle != handle for h in hl.status("a").holders)  # holds nothing now
+
+    other = hl.acquire("a/x", "read")
+    writer = secrets.token_urlsafe(12)
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(hl.acquire, "a", "write", handle=writer, timeout=30.0)
+        wait_until(lambda: queued(hl, "a", writer), "the writer to queue")
+        try:
+            overtaking = hl.acquire("a/c", "read", handle=handle, block=False)
+        except LockNotAcquired as exc:
+            overtaking = None
+            assert "queued before you" in str(exc)
+        hl.release(other)
+        if overtaking is not None:
+            hl.release(overtaking)
+        hl.release(writing.result(timeout=30.0))
+    assert overtaking is None, (
+        "a handle holding nothing live in the tree overtook the queued writer"
+    )

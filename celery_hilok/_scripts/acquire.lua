@@ -7,7 +7,7 @@
 --        {0, blocker member, blocker remaining ms, 'held' | 'queued'} when refused.
 --
 -- Guarantees: a grant is made only if no live mark of another holder conflicts with it on
--- its chain and, unless the holder already holds something in that tree, no earlier queued
+-- its chain and, unless the holder already holds a live grant in that tree, no earlier queued
 -- request of another holder conflicts with it (first come, first served). Re-acquiring a
 -- live grant renews it and keeps its token; a new grant gets a token larger than every
 -- token issued before in its tree.
@@ -77,7 +77,7 @@ for _, g in ipairs(grants) do
   if not checked[tree] then
     checked[tree] = true
     local q, qx = tree_key(tree, 2), tree_key(tree, 3)
-    if redis.call('EXISTS', g.hkey) == 0 and redis.call('ZCARD', q) > 0 then
+    if redis.call('ZCARD', q) > 0 and not holds_live(g.hkey) then
       local dead = redis.call('ZRANGEBYSCORE', qx, '-inf', NOW)
       for _, m in ipairs(dead) do redis.call('ZREM', q, m) end
       if #dead > 0 then redis.call('ZREMRANGEBYSCORE', qx, '-inf', NOW) end
@@ -113,7 +113,10 @@ for i, g in ipairs(grants) do
   local leaf = mark_key(g, g.depth, LEAF_MARK[g.mode])
   local score = tonumber(redis.call('ZSCORE', leaf, g.member))
   local token = nil
-  if score and score > NOW then token = redis.call('HGET', g.hkey, field) end
+  if score and score > NOW then
+    local entry = redis.call('HGET', g.hkey, field)
+    if entry then token = entry_token(entry) end
+  end
   if not token then
     token = fresh[g.tree]
     if token == nil then
@@ -128,7 +131,7 @@ for i, g in ipairs(grants) do
     redis.call('ZADD', key, exp, g.member)
     bump(key, ttl)
   end
-  redis.call('HSET', g.hkey, field, token)
+  redis.call('HSET', g.hkey, field, holder_entry(token, exp))
   bump(g.hkey, ttl)
   local q = tree_key(g.tree, 2)
   if redis.call('ZREM', q, g.member) == 1 then redis.call('ZREM', tree_key(g.tree, 3), g.member) end

@@ -40,6 +40,27 @@ local function parse_member(m)
   return string.sub(m, 1, a - 1), string.sub(m, a + 1, a + 1), string.sub(m, a + 3)
 end
 
+-- the holder hash keeps, per grant ("<mode>|<path>"), "<token>|<expiry ms>"
+local function holder_entry(token, exp)
+  return token .. '|' .. string.format('%d', exp)
+end
+
+local function entry_token(entry)
+  return string.sub(entry, 1, string.find(entry, '|', 1, true) - 1)
+end
+
+-- does the holder hash `hkey` hold a live grant? (expired entries are dropped on the way)
+local function holds_live(hkey)
+  local flat = redis.call('HGETALL', hkey)
+  local live = false
+  for i = 1, #flat, 2 do
+    local entry = flat[i + 1]
+    local exp = tonumber(string.sub(entry, string.find(entry, '|', 1, true) + 1))
+    if exp > NOW then live = true else redis.call('HDEL', hkey, flat[i]) end
+  end
+  return live
+end
+
 -- make key live at least ms more milliseconds
 local function bump(key, ms)
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end

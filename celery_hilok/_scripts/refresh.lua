@@ -23,6 +23,9 @@ for i, g in ipairs(grants) do
       redis.call('ZADD', key, exp, member)
       bump(key, g.ttl)
     end
+    local field = g.mode .. '|' .. g.path
+    local entry = redis.call('HGET', g.hkey, field)
+    if entry then redis.call('HSET', g.hkey, field, holder_entry(entry_token(entry), exp)) end
     bump(g.hkey, g.ttl)
     result[i] = 1
   else
