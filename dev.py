@@ -34,7 +34,7 @@ STAMP = VENV / ".hilok-installed"
 PYPROJECT = ROOT / "pyproject.toml"
 
 # Used only if the `files` list cannot be read from [tool.mypy] in pyproject.toml.
-DEFAULT_MYPY_FILES = ("celery_hilok", "tests", "examples", "dev.py")
+DEFAULT_MYPY_FILES = ("celery_hilok", "tests", "examples", "benchmarks", "dev.py")
 
 EXIT_NO_REDIS = 2
 

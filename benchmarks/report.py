@@ -1,0 +1,558 @@
+"""Ratios, targets, the Markdown tables and the chart of a results dict (see ``run.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DASH = "—"
+
+# Targets of issue 5.
+SEED_RATIO_D3 = 4.0
+SEED_RATIO_D8 = 8.0
+FLOOR_RATIO = 1.5
+WAKEUP_MEDIAN_MS = 2.0
+# A fair writer waits for the readers ahead of it plus one wake-up: allow this much more.
+FAIR_SLACK_MS = 10.0
+# "One command per tick": a counting window of 8 ticks can catch one tick more or less.
+REFRESH_PER_TICK = 1.25
+CELERY_LOCKED_SHARE = 0.85
+
+
+# -- lookups ----------------------------------------------------------------------------------
+
+
+def rate_of(results: dict[str, Any], lib: str, mode: str, depth: int, clients: int) -> float | None:
+    for row in results.get("rate", {}).get("rates", []):
+        if (row["lib"], row["mode"], row["depth"], row["clients"]) == (lib, mode, depth, clients):
+            return float(row["rate"])
+    return None
+
+
+def floor_of(results: dict[str, Any], client: str, kind: str, clients: int) -> float | None:
+    for row in results.get("rate", {}).get("floors", []):
+        if (row["client"], row["kind"], row["clients"]) == (client, kind, clients):
+            return float(row["rate"])
+    return None
+
+
+def cpu_of(results: dict[str, Any], lib: str, mode: str, depth: int, clients: int) -> float | None:
+    """Client CPU microseconds per pair; ``lib`` "floor:<client>" for a floor's."""
+    if lib.startswith("floor:"):
+        rows = results.get("rate", {}).get("floors", [])
+        key: tuple[Any, ...] = (lib[6:], "evalsha", clients)
+        fields: tuple[str, ...] = ("client", "kind", "clients")
+    else:
+        rows = results.get("rate", {}).get("rates", [])
+        key, fields = (lib, mode, depth, clients), ("lib", "mode", "depth", "clients")
+    for row in rows:
+        if tuple(row[f] for f in fields) == key:
+            value = row.get("cpu_us_per_op")
+            return None if value is None else float(value)
+    return None
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
+    return DASH if value is None else f"{value:{spec}}{suffix}"
+
+
+def _grid(results: dict[str, Any]) -> list[tuple[int, str, int]]:
+    rows = {(r["clients"], r["mode"], r["depth"]) for r in results.get("rate", {}).get("rates", [])}
+    order = {"write": 0, "read": 1}
+    return sorted(rows, key=lambda k: (k[0], order.get(k[1], 9), k[2]))
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue 5 with the value measured in this run and whether it is met."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, value: float | None, met: bool | None, detail: str) -> None:
+        out.append({"target": name, "goal": goal, "value": value, "met": met, "detail": detail})
+
+    grid = _grid(results)
+    if grid:
+        for depth, goal in ((3, SEED_RATIO_D3), (8, SEED_RATIO_D8)):
+            ratios = [
+                (
+                    _div(
+                        rate_of(results, "AsyncHiLok", m, d, c), rate_of(results, "seed", m, d, c)
+                    ),
+                    m,
+                    c,
+                )
+                for c, m, d in grid
+                if d == depth
+            ]
+            known = [(r, m, c) for r, m, c in ratios if r is not None]
+            if known:
+                worst = min(known)
+                add(
+                    f"acquire+release vs seed, depth {depth}",
+                    f">= {goal:g}x",
+                    worst[0],
+                    worst[0] >= goal,
+                    f"worst: {worst[1]}, {worst[2]} client(s); AsyncHiLok/seed",
+                )
+        for lib, client in (("AsyncHiLok", "async"), ("HiLok", "sync")):
+            slow = [
+                (
+                    _div(floor_of(results, client, "evalsha", c), rate_of(results, lib, m, d, c)),
+                    m,
+                    d,
+                    c,
+                )
+                for c, m, d in grid
+            ]
+            known4 = [(r, m, d, c) for r, m, d, c in slow if r is not None]
+            if known4:
+                worst4 = max(known4)
+                add(
+                    f"{lib} vs two-EVALSHA floor",
+                    f"<= {FLOOR_RATIO:g}x",
+                    worst4[0],
+                    worst4[0] <= FLOOR_RATIO,
+                    f"worst: {worst4[1]} depth {worst4[2]}, {worst4[3]} client(s); floor/{lib}",
+                )
+    wake = results.get("wakeup", {}).get("ours", [])
+    if wake:
+        worst_case = max(wake, key=lambda r: r["median_ms"])
+        add(
+            "wake-up median",
+            f"<= {WAKEUP_MEDIAN_MS:g} ms",
+            worst_case["median_ms"],
+            worst_case["median_ms"] <= WAKEUP_MEDIAN_MS,
+            f"worst case: {worst_case['case']}",
+        )
+    fair = results.get("fairness", {}).get("ours")
+    if fair:
+        after = fair["max_after_ahead_ms"]
+        ok = (
+            fair["starved"] == 0
+            and fair["overtaking_grants"] == 0
+            and after is not None
+            and after <= FAIR_SLACK_MS
+        )
+        add(
+            "fair writer waits only for the readers ahead",
+            f"no reader overtakes; granted <= {FAIR_SLACK_MS:g} ms after the last one ahead left",
+            after,
+            ok,
+            f"overtaking reader grants: {fair['overtaking_grants']}, starved: {fair['starved']}; "
+            f"max wait {fair['max_wait_ms']:.1f} ms (value: ms after the readers ahead)",
+        )
+    refresh = results.get("refresh", {}).get("ours", [])
+    if refresh:
+        worst_r = max(refresh, key=lambda r: r["calls_per_tick"])
+        add(
+            "refresh: one command per tick, any number of leases",
+            f"<= {REFRESH_PER_TICK:g} calls/tick",
+            worst_r["calls_per_tick"],
+            worst_r["calls_per_tick"] <= REFRESH_PER_TICK,
+            f"worst at {worst_r['leases']} leases",
+        )
+    celery = results.get("celery")
+    if celery:
+        rates = celery.get("rates", {})
+        share = _div(rates.get("distinct"), rates.get("unlocked"))
+        add(
+            "Celery locked (distinct paths) vs unlocked",
+            f">= {CELERY_LOCKED_SHARE:.0%}",
+            share,
+            None if share is None else share >= CELERY_LOCKED_SHARE,
+            "skipped: " + celery["skipped"] if celery.get("skipped") else "distinct/unlocked",
+        )
+    return out
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole report as Markdown (readable as plain text too)."""
+    meta = results.get("meta", {})
+    seed = meta.get("seed") or {}
+    parts = [
+        "## Machine and run",
+        "",
+        f"- {meta.get('nproc')} CPUs ({meta.get('cpu')}), {meta.get('os')}",
+        f"- Python {meta.get('python')}, redis-server {meta.get('redis_server')}, "
+        f"redis-py {meta.get('redis_py')}, hiredis {meta.get('hiredis')}, "
+        f"celery {meta.get('celery')}, celery-hilok {meta.get('celery_hilok')} "
+        f"(git {meta.get('git_commit')}{', dirty tree' if meta.get('git_dirty') else ''})",
+        "- seed: "
+        + (
+            f"redishilok {seed.get('redishilok')} on redis-py {seed.get('redis')}, "
+            f"hiredis {seed.get('hiredis')}, Python {seed.get('python')}"
+            if seed
+            else "not measured (--no-seed)"
+        ),
+        f"- mode {meta.get('mode')}, `{meta.get('command')}`, {meta.get('date')}, "
+        f"{meta.get('seconds')} s; load average "
+        f"{_load(meta.get('loadavg_start'))} at start, {_load(meta.get('loadavg_end'))} at end",
+    ]
+    if "rate" in results:
+        parts += ["", _rate_section(results)]
+    if "wakeup" in results:
+        parts += ["", _wakeup_section(results["wakeup"])]
+    if "fairness" in results:
+        parts += ["", _fairness_section(results["fairness"])]
+    if "handoff" in results:
+        parts += ["", _handoff_section(results["handoff"])]
+    if "refresh" in results:
+        parts += ["", _refresh_section(results["refresh"])]
+    if "celery" in results:
+        parts += ["", _celery_section(results["celery"])]
+    if results.get("targets"):
+        rows = [
+            [
+                t["target"],
+                t["goal"],
+                _fmt(t["value"], ".2f"),
+                {True: "met", False: "**missed**", None: DASH}[t["met"]],
+                t["detail"],
+            ]
+            for t in results["targets"]
+        ]
+        parts += ["", "### Targets", "", _table(["target", "goal", "value", "", "detail"], rows)]
+    return "\n".join(parts) + "\n"
+
+
+def _load(values: Any) -> str:
+    return DASH if not values else "/".join(f"{v:.2f}" for v in values)
+
+
+def _rate_section(results: dict[str, Any]) -> str:
+    cfg = results.get("config", {})
+    rows = []
+    for c, m, d in _grid(results):
+        a = rate_of(results, "AsyncHiLok", m, d, c)
+        s = rate_of(results, "HiLok", m, d, c)
+        seed = rate_of(results, "seed", m, d, c)
+        fa = floor_of(results, "async", "evalsha", c)
+        fs = floor_of(results, "sync", "evalsha", c)
+        rows.append(
+            [
+                str(c),
+                m,
+                str(d),
+                _fmt(a),
+                _fmt(s),
+                _fmt(seed),
+                _fmt(_div(a, seed), ".1f", "x"),
+                _fmt(_div(s, seed), ".1f", "x"),
+                _fmt(_div(fa, a), ".2f", "x"),
+                _fmt(_div(fs, s), ".2f", "x"),
+            ]
+        )
+    header = [
+        "clients",
+        "mode",
+        "depth",
+        "AsyncHiLok /s",
+        "HiLok /s",
+        "seed /s",
+        "Async/seed",
+        "HiLok/seed",
+        "floor/Async",
+        "floor/HiLok",
+    ]
+    cpu_rows = []
+    for c, m, d in _grid(results):
+        a = cpu_of(results, "AsyncHiLok", m, d, c)
+        s = cpu_of(results, "HiLok", m, d, c)
+        seed = cpu_of(results, "seed", m, d, c)
+        fa = cpu_of(results, "floor:async", m, d, c)
+        fs = cpu_of(results, "floor:sync", m, d, c)
+        cpu_rows.append(
+            [
+                str(c),
+                m,
+                str(d),
+                _fmt(a),
+                _fmt(s),
+                _fmt(seed),
+                _fmt(_div(seed, a), ".1f", "x"),
+                _fmt(_div(a, fa), ".2f", "x"),
+                _fmt(_div(s, fs), ".2f", "x"),
+            ]
+        )
+    cpu_header = [
+        "clients",
+        "mode",
+        "depth",
+        "AsyncHiLok µs",
+        "HiLok µs",
+        "seed µs",
+        "seed/Async",
+        "Async/floor",
+        "HiLok/floor",
+    ]
+    floors = results["rate"].get("floors", [])
+    clients = sorted({f["clients"] for f in floors})
+    kinds = sorted({(f["client"], f["kind"]) for f in floors})
+    floor_rows = [
+        [client, f"2x {kind.upper()}"] + [_fmt(floor_of(results, client, kind, c)) for c in clients]
+        for client, kind in kinds
+    ]
+    labels = {"async": "redis.asyncio", "sync": "redis (sync)", "seed-async": "seed venv asyncio"}
+    for row in floor_rows:
+        row[0] = labels.get(row[0], row[0])
+    return "\n".join(
+        [
+            "### 1. Uncontended acquire+release (context managers, pairs per second)",
+            "",
+            f"Median of {cfg.get('rounds')} interleaved round(s) of {cfg.get('duration')} s each. "
+            "Each client works on its own tree; 32 clients are 32 asyncio tasks sharing one "
+            "instance (HiLok: 32 threads sharing one HiLok). floor/X: how many times slower X "
+            "is than two bare EVALSHA round trips from the same kind of client.",
+            "",
+            _table(header, rows),
+            "",
+            "Physical floor (two round trips per pair, pairs per second):",
+            "",
+            _table(["client", "pair"] + [f"{c} client(s)" for c in clients], floor_rows),
+            "",
+            "Client CPU time per pair (µs of user+system time of the whole client process, "
+            "all threads; time spent waiting for a CPU is not counted, so these ratios are "
+            "steadier than the rates on a busy machine). floor: two bare EVALSHA from the "
+            "same kind of client.",
+            "",
+            _table(cpu_header, cpu_rows),
+        ]
+    )
+
+
+def _wakeup_section(wakeup: dict[str, Any]) -> str:
+    seed = {r["case"]: r for r in wakeup.get("seed", [])}
+    rows = []
+    for r in wakeup.get("ours", []):
+        s = seed.get(r["case"], {})
+        rows.append(
+            [
+                r["case"],
+                _fmt(r.get("median_ms"), ".2f"),
+                _fmt(r.get("p99_ms"), ".2f"),
+                str(r.get("n")),
+                _fmt(s.get("median_ms"), ".1f"),
+                _fmt(s.get("p99_ms"), ".1f"),
+                str(s.get("n", DASH)),
+            ]
+        )
+    return "\n".join(
+        [
+            "### 2. Wake-up latency",
+            "",
+            "From the holder starting its release to the blocked waiter's acquire returning "
+            "(holder and waiter: two instances on one event loop).",
+            "",
+            _table(
+                ["case", "AsyncHiLok median ms", "p99 ms", "n", "seed median ms", "p99 ms", "n"],
+                rows,
+            ),
+        ]
+    )
+
+
+def _fairness_section(fair: dict[str, Any]) -> str:
+    rows = []
+    for lib, label in (("ours", "AsyncHiLok"), ("seed", "seed")):
+        f = fair.get(lib)
+        if not f:
+            continue
+        trials = f["trials"]
+        rows.append(
+            [
+                label,
+                str(len(trials)),
+                f"{f['readers']} x {f['hold_ms']:.0f} ms",
+                _fmt(f["max_wait_ms"], ".1f"),
+                _fmt(f["max_after_ahead_ms"], ".1f"),
+                str(max(t["readers_ahead"] for t in trials)),
+                str(f["overtaking_grants"]),
+                f"{f['starved']} (cap {f['cap_s']:g} s)",
+            ]
+        )
+    return "\n".join(
+        [
+            "### 3. Fairness: a writer behind looping readers",
+            "",
+            "Readers hold the path in staggered turns, each asking again as soon as it leaves. "
+            "'after ahead': from the last reader that asked before the writer leaving to the "
+            "writer's grant. 'overtaking': reader grants asked for after the writer asked and "
+            "granted before it.",
+            "",
+            _table(
+                [
+                    "lib",
+                    "trials",
+                    "readers x hold",
+                    "writer wait, max ms",
+                    "after ahead, max ms",
+                    "readers ahead",
+                    "overtaking grants",
+                    "starved",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
+def _handoff_section(handoff: dict[str, Any]) -> str:
+    rows = []
+    for lib, label in (("ours", "AsyncHiLok"), ("seed", "seed")):
+        h = handoff.get(lib)
+        if h:
+            rows.append(
+                [
+                    label,
+                    str(len(h["per_client"])),
+                    _fmt(h["rate"], ".1f"),
+                    f"{h['min_per_contender']} / {h['max_per_contender']}",
+                    _fmt(h.get("script_calls_per_grant"), ".1f"),
+                ]
+            )
+    ratio = _div(handoff.get("ours", {}).get("rate"), handoff.get("seed", {}).get("rate"))
+    return "\n".join(
+        [
+            "### 4. Hot lock hand-off (contenders looping on write of one path)",
+            "",
+            _table(
+                [
+                    "lib",
+                    "contenders",
+                    "grants/s",
+                    "grants per contender, min / max",
+                    "script calls per grant",
+                ],
+                rows,
+            ),
+            "",
+            f"AsyncHiLok/seed: {_fmt(ratio, '.2g', 'x')}",
+        ]
+    )
+
+
+def _refresh_section(refresh: dict[str, Any]) -> str:
+    seed = {r["leases"]: r for r in refresh.get("seed", [])}
+    rows = []
+    interval = depth = None
+    for r in refresh.get("ours", []):
+        s = seed.get(r["leases"], {})
+        interval, depth = r["interval_s"], r["depth"]
+        rows.append(
+            [
+                str(r["leases"]),
+                _fmt(r["calls_per_s"], ".1f"),
+                _fmt(r["calls_per_tick"], ".2f"),
+                _fmt(r["server_ms_per_s"], ".2f"),
+                _fmt(s.get("calls_per_s"), ".1f"),
+                _fmt(s.get("calls_per_tick"), ".1f"),
+                _fmt(s.get("server_ms_per_s"), ".2f"),
+            ]
+        )
+    return "\n".join(
+        [
+            f"### 5. Refresh cost (context-manager locks at depth {depth}, renewed every "
+            f"{interval} s, one process)",
+            "",
+            _table(
+                [
+                    "leases",
+                    "AsyncHiLok script calls/s",
+                    "calls/tick",
+                    "server ms/s",
+                    "seed script calls/s",
+                    "calls/tick",
+                    "server ms/s",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
+def _celery_section(celery: dict[str, Any]) -> str:
+    rates = celery.get("rates", {})
+    base = rates.get("unlocked")
+    labels = {
+        "unlocked": "no lock",
+        "distinct": "hilok_write, distinct path per task",
+        "hot": "hilok_write, one hot path (wait)",
+    }
+    rows = [[labels.get(v, v), _fmt(r), _fmt(_div(r, base), ".0%")] for v, r in rates.items()]
+    lines = [
+        f"### 6. Celery: no-op tasks through a {celery.get('pool')} worker "
+        f"(concurrency {celery.get('concurrency')}, Redis broker)",
+        "",
+        _table(["variant", "tasks/s", "vs no lock"], rows),
+    ]
+    if celery.get("skipped"):
+        lines += ["", f"Locked variants skipped: {celery['skipped']}"]
+    return "\n".join(lines)
+
+
+# -- chart ------------------------------------------------------------------------------------
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """PNG of acquire+release rate vs depth, one panel per client count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = _grid(results)
+    clients = sorted({c for c, _, _ in grid})
+    depths = sorted({d for _, _, d in grid})
+    fig, axes = plt.subplots(1, len(clients), figsize=(5.5 * len(clients), 4.2), squeeze=False)
+    styles = {"AsyncHiLok": "tab:blue", "HiLok": "tab:green", "seed": "tab:red"}
+    for ax, c in zip(axes[0], clients, strict=True):
+        for lib, color in styles.items():
+            for mode, dash in (("write", "-"), ("read", "--")):
+                ys = [rate_of(results, lib, mode, d, c) for d in depths]
+                if all(y is None for y in ys):
+                    continue
+                ax.plot(
+                    depths,
+                    [float("nan") if y is None else y for y in ys],
+                    dash,
+                    color=color,
+                    marker="o",
+                    label=f"{lib} {mode}",
+                )
+        floor = floor_of(results, "async", "evalsha", c)
+        if floor is not None:
+            ax.axhline(floor, color="grey", linestyle=":", label="floor: 2 EVALSHA (asyncio)")
+        ax.set_yscale("log")
+        ax.set_xticks(depths)
+        ax.set_xlabel("path depth")
+        ax.set_ylabel("acquire+release pairs per second")
+        ax.set_title(f"{c} client{'s' if c > 1 else ''}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = results.get("meta", {})
+    fig.suptitle(
+        f"celery_hilok vs redishilok 1.1.0: {meta.get('nproc')} CPUs, "
+        f"redis-server {meta.get('redis_server')}, {meta.get('mode')} mode",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,48 @@
+"""The benchmarks still run: ``python -m benchmarks.run --quick --no-seed`` exits 0 and writes
+its JSON. No timing is asserted; this only keeps the benchmark code from rotting.
+
+Deselect with ``-m 'not bench'``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.bench, pytest.mark.celery_worker, pytest.mark.timeout(300)]
+
+
+def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
+    output = tmp_path / "latest.json"
+    chart = tmp_path / "depth.png"
+    # The chart needs matplotlib (in the `dev` extra, not in `test`).
+    with_chart = importlib.util.find_spec("matplotlib") is not None
+    args = ["--quick", "--no-seed", "--output", str(output)]
+    if with_chart:
+        args += ["--chart", str(chart)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = json.loads(output.read_text())
+    for part in ("rate", "wakeup", "fairness", "handoff", "refresh", "celery"):
+        assert part in results, part
+    assert results["rate"]["rates"] and results["rate"]["floors"]
+    assert results["meta"]["seed"] is None
+    assert results["targets"]
+    assert "### 1. Uncontended acquire+release" in done.stdout
+    if with_chart:
+        assert chart.stat().st_size > 0
