@@ -101,15 +101,14 @@ def on_postrun(task: Any = None, state: str | None = None, **_: Any) -> None:
         held.finish(state)
 
 
-def on_revoked(request: Any = None, terminated: bool = False, **_: Any) -> None:
+def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
     from .request import release_in_main_process
 
-    if request is None:
+    if request is None or sender is None:
         return
-    data = getattr(request, "request_dict", None) or {}
-    if HEADER in data or (terminated and _is_hilok_task(getattr(request, "task", None))):
+    if Handover.of_request(request) is not None or (terminated and _is_hilok_task(sender)):
         why = "terminated (revoked)" if terminated else "revoked before it ran"
-        release_in_main_process(request, why)
+        release_in_main_process(sender, request, why)
 
 
 def on_process_init(**_: Any) -> None:

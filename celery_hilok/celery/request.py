@@ -28,6 +28,7 @@ log = logging.getLogger("celery_hilok.celery")
 # What a pool process that died mid-task reports to the main process. (A terminated task,
 # revoke(terminate=True), is released by the task_revoked receiver instead.)
 _LOST = (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)
+RELEASED = "hilok_released"
 
 
 class HiLokRequest(Request):  # type: ignore[misc]
@@ -43,7 +44,7 @@ class HiLokRequest(Request):  # type: ignore[misc]
             super().on_timeout(soft, timeout)
         finally:
             if not soft:
-                release_in_main_process(self, f"hard time limit ({timeout}s) exceeded")
+                self._release(f"hard time limit ({timeout}s) exceeded")
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -56,7 +57,13 @@ class HiLokRequest(Request):  # type: ignore[misc]
             )
         finally:
             if isinstance(exc, _LOST) and not self._completed_before_loss():
-                release_in_main_process(self, f"worker process lost ({type(exc).__name__})")
+                self._release(f"worker process lost ({type(exc).__name__})")
+
+    def _release(self, why: str) -> None:
+        # Billiard reports a hard time limit twice (as a failure and as a timeout).
+        if not self._request_dict.get(RELEASED):
+            self._request_dict[RELEASED] = True
+            release_in_main_process(self.task, self, why)
 
     def _completed_before_loss(self) -> bool:
         """Did the task succeed (and so release or hand over its locks) before dying?"""
@@ -69,31 +76,36 @@ class HiLokRequest(Request):  # type: ignore[misc]
             return False
 
 
-def release_in_main_process(request: Any, why: str) -> None:
-    """Release what the execution of ``request`` (a worker Request) may hold; quietly.
+def release_in_main_process(task: Any, request: Any, why: str) -> None:
+    """Release what one execution of ``task`` may hold; quietly.
 
-    That is its task's lock spec and the locks handed to it, held by its handle: the
-    handed-over one, else the fresh one its :class:`HiLokRequest` made.
+    ``request`` is the worker's :class:`Request` or its ``Context`` (as ``task_revoked``
+    gives it). Released are the task's lock spec and the locks handed to it, held by its
+    handle: the handed-over one, else the fresh one its :class:`HiLokRequest` made.
     """
     from .task import HiLokTask
 
-    task = request.task
-    data = getattr(request, "request_dict", None) or {}
-    handover = Handover.decode(data.get(HEADER))
-    handle = handover.handle if handover is not None else data.get(EXEC_HEADER)
+    def value(key: str) -> Any:
+        data = getattr(request, "request_dict", None)
+        if isinstance(data, dict):
+            return data.get(key)
+        return getattr(request, key, None)
+
+    handover = Handover.decode(value(HEADER))
+    handle = handover.handle if handover is not None else value(EXEC_HEADER)
     if not isinstance(handle, str):
         return
     locks = [(path, mode) for path, mode, _ in handover.locks] if handover else []
     if isinstance(task, HiLokTask):
         try:
-            locks += task.hilok_locks(request.args, request.kwargs)
+            locks += task.hilok_locks(value("args"), value("kwargs"))
         except Exception as exc:
-            log.warning("%s[%s]: cannot compute its locks: %s", task.name, request.id, exc)
+            log.warning("%s[%s]: cannot compute its locks: %s", task.name, value("id"), exc)
     if not locks:
         return
     try:
         rt = runtime(task.app)
     except Exception as exc:
-        log.warning("%s[%s]: cannot release its locks: %s", task.name, request.id, exc)
+        log.warning("%s[%s]: cannot release its locks: %s", task.name, value("id"), exc)
         return
-    rt.release_named(handle, locks, f"{task.name}[{request.id}]: {why}")
+    rt.release_named(handle, locks, f"{task.name}[{value('id')}]: {why}")

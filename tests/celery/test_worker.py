@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import uuid
 from typing import Any
 
 import pytest
@@ -204,6 +205,26 @@ def test_skip_policy_ignores_the_task_and_logs_the_blocking_path(
     assert started(lab, run, "write a1") is None  # the body never ran
     assert result.state == "PENDING"  # IGNORED stores no result
     hl.release(outside)
+
+
+def test_a_duplicate_delivery_never_frees_the_running_copys_lock(
+    run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    # The same message delivered twice (as after a visibility timeout): same task id.
+    task_id = str(uuid.uuid4())
+    first = tasks.write_fail.apply_async((run, "t1", "a1", "copy", "g"), task_id=task_id)
+    entry = wait_for(lambda: started(lab, run, "copy"), what="the first copy to start")
+    duplicate = tasks.write_fail.apply_async((run, "t1", "a1", "copy", "g"), task_id=task_id)
+    wait_for(lambda: duplicate.state == "FAILURE", what="the duplicate to be refused")
+    # The refused copy had a handle of its own: the running copy still holds its lock.
+    assert [h.handle for h in hl.status(path(run, "t1", "a1")).holders] == [entry["handle"]]
+    open_gate(lab, run, "g")
+    # (Not first.state: the backend caches the duplicate's FAILURE for the shared id.)
+    wait_for(
+        lambda: any(e["kind"] == "end" for e in events(lab, run)), what="the first copy to end"
+    )
+    wait_for(lambda: is_free(hl, path(run, "t1")), what="the lock to be released")
+    assert first.id == task_id
 
 
 # -- ways out -----------------------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""HiLokTask on a real prefork worker subprocess: refresh in pool processes, chains published
+from them, and every way a pool process can die (SIGKILL, hard time limit, terminate), plus
+revoked chain steps and warm shutdown.
+
+The locks here have the default 30 s lease, and every "released" check gives up well
+before that: a lock found free was released by someone, not left to run out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from celery import chain
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+
+from celery_hilok import HiLok
+from tests.celery.app import events, open_gate, tasks
+from tests.celery.conftest import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.celery_worker
+
+RESULT_TIMEOUT = 30.0
+RELEASE_TIMEOUT = 15.0  # half the lease: a release seen within this came from the worker
+
+
+def account(run: str) -> str:
+    return f"{run}/tenants/t1/accounts/a1"
+
+
+def start_of(lab: redis.Redis, run: str, name: str) -> Callable[[], dict[str, Any] | None]:
+    def find() -> dict[str, Any] | None:
+        for e in events(lab, run):
+            if e["kind"] == "start" and e["name"] == name:
+                return e
+        return None
+
+    return find
+
+
+def holder_handles(hl: HiLok, path: str) -> list[str]:
+    return [h.handle for h in hl.status(path).holders]
+
+
+def count_renewals(hl: HiLok, path: str, handle: str, wanted: int) -> int:
+    """Watch the lease of ``handle`` on ``path`` until it was renewed ``wanted`` times.
+
+    Fails if anyone else holds it meanwhile or it disappears (it ran out).
+    """
+    seen, last = 0, float("inf")
+
+    def renewed() -> bool:
+        nonlocal seen, last
+        holders = hl.status(path).holders
+        assert [h.handle for h in holders] == [handle], "the lease was not kept"
+        if holders[0].ttl > last:
+            seen += 1
+        last = holders[0].ttl
+        return seen >= wanted
+
+    wait_for(renewed, what=f"{wanted} renewals")
+    return seen
+
+
+def main_process_released(worker: WorkerProcess, task_id: str, why: str) -> bool:
+    """Did the worker's main process log releasing ``task_id``'s locks for ``why``?"""
+    return any(
+        "MainProcess" in line and task_id in line and why in line
+        for line in worker.log().splitlines()
+    )
+
+
+def released(hl: HiLok, path: str, why: str) -> None:
+    wait_for(lambda: not hl.status(path).holders, timeout=RELEASE_TIMEOUT, what=why)
+
+
+def test_pool_processes_refresh_and_serialise(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    q = prefork_worker.queue
+    # `lose` holds a 0.6 s lease: it stays held for many leases only if the pool process's
+    # refresher (started after fork) keeps renewing it.
+    result = tasks.lose.apply_async((run, "t1", "a1"), queue=q)
+    entry = wait_for(start_of(lab, run, "lose"), what="the task to start")
+    assert entry["pid"] != prefork_worker.pid  # it runs in a pool process
+    token = entry["tokens"][account(run)]
+    renewals = count_renewals(hl, account(run), entry["handle"], wanted=4)
+    assert renewals >= 4
+    other = tasks.write_fail.apply_async((run, "t1", "a1"), queue=q)
+    with pytest.raises(Exception, match="could not acquire"):
+        other.get(timeout=RESULT_TIMEOUT)
+    open_gate(lab, run, "lost")
+    assert result.get(timeout=RESULT_TIMEOUT) == "lose"
+    after = next(e for e in events(lab, run) if e["kind"] == "lost?")
+    assert after["lost"] is False and after["tokens"][account(run)] == token
+    released(hl, account(run), "the release")
+
+
+def test_chain_steps_published_by_pool_processes_keep_the_lock(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    result = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1", "s1"),
+        tasks.keep_step.s(run, "t1", "a1", "step 2"),
+        tasks.last_step.s(run, "t1", "a1", "step 3"),
+    ).apply_async(queue=prefork_worker.queue)
+    first = wait_for(start_of(lab, run, "step 1"), what="step 1")
+    waiter = tasks.write_wait.apply_async((run, "t1", "a1", "outsider"), queue=prefork_worker.queue)
+    wait_for(lambda: hl.status(account(run)).waiters, what="the outsider task to queue")
+    open_gate(lab, run, "s1")
+    assert result.get(timeout=RESULT_TIMEOUT) == "step 3"
+    assert waiter.get(timeout=RESULT_TIMEOUT) == "outsider"
+    names = [f"{e['kind']} {e['name']}" for e in events(lab, run)]
+    assert names == [
+        "start step 1",
+        "end step 1",
+        "start step 2",
+        "end step 2",
+        "start step 3",
+        "end step 3",
+        "start outsider",
+        "end outsider",
+    ]
+    starts = {e["name"]: e for e in events(lab, run) if e["kind"] == "start"}
+    assert starts["step 2"]["handle"] == starts["step 3"]["handle"] == first["handle"]
+    released(hl, account(run), "the release")
+
+
+def test_sigkilled_pool_process_is_released_by_the_main_process(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    result = tasks.exit.apply_async((run, "t1", "a1", "block"), queue=prefork_worker.queue)
+    entry = wait_for(start_of(lab, run, "block"), what="the task to start")
+    assert holder_handles(hl, account(run)) == [entry["handle"]]
+    os.kill(entry["pid"], signal.SIGKILL)  # what the OOM killer does
+    with pytest.raises(WorkerLostError):
+        result.get(timeout=RESULT_TIMEOUT)
+    released(hl, account(run), "the main process to release the dead process's lock")
+    assert main_process_released(prefork_worker, result.id, "worker process lost")
+
+
+def test_hard_time_limit_is_released_by_the_main_process(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    result = tasks.exit.apply_async(
+        (run, "t1", "a1", "block"), queue=prefork_worker.queue, time_limit=1
+    )
+    wait_for(start_of(lab, run, "block"), what="the task to start")
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=RESULT_TIMEOUT)
+    released(hl, account(run), "the release after the hard time limit")
+    assert main_process_released(prefork_worker, result.id, "TimeLimitExceeded")
+
+
+def test_soft_time_limit_is_released_by_the_task(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    result = tasks.exit.apply_async(
+        (run, "t1", "a1", "block"), queue=prefork_worker.queue, soft_time_limit=0.5
+    )
+    with pytest.raises(SoftTimeLimitExceeded):
+        result.get(timeout=RESULT_TIMEOUT)
+    released(hl, account(run), "the release after the soft time limit")
+
+
+def test_terminated_task_is_released(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    result = tasks.exit.apply_async((run, "t1", "a1", "block"), queue=prefork_worker.queue)
+    wait_for(start_of(lab, run, "block"), what="the task to start")
+    result.revoke(terminate=True)
+    released(hl, account(run), "the release of the terminated task")
+    wait_for(lambda: result.state == "REVOKED", what="the REVOKED state")
+
+
+def test_chain_step_revoked_in_the_queue_releases_what_was_handed_to_it(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    sig = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "locker"),
+        tasks.last_step.s(run, "t1", "a1", "never"),
+    )
+    last = sig.freeze()  # the ids of the steps, known before anything runs
+    last.revoke()
+    first = sig.apply_async(queue=prefork_worker.queue)
+    assert first.parent.get(timeout=RESULT_TIMEOUT) == "locker"
+    # The locker handed its lock over (kept for hilok_keep_ttl = 300 s) to a step that
+    # was revoked: the worker's main process releases it when it drops the message.
+    released(hl, account(run), "the release of the revoked step's handed lock")
+    assert start_of(lab, run, "never")() is None
+
+
+def test_warm_shutdown_lets_the_task_finish_and_release(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    worker = worker_factory(1)
+    result = tasks.write_fail.apply_async((run, "t1", "a1", "busy", "g"), queue=worker.queue)
+    entry = wait_for(start_of(lab, run, "busy"), what="the task to start")
+    worker.warm_shutdown()
+    # The worker waits for the running task, which still holds its lock ...
+    assert holder_handles(hl, account(run)) == [entry["handle"]]
+    open_gate(lab, run, "g")
+    assert result.get(timeout=RESULT_TIMEOUT) == "busy"
+    assert worker.wait() == 0
+    # ... and released it on its way out.
+    assert not hl.status(account(run)).holders
