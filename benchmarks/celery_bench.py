@@ -136,24 +136,44 @@ def run_variant(
         counter.delete(key)
         for i in range(tasks):
             task.apply_async(kwargs={"i": i}, queue=queue)
+        before = _commandstats(counter)
         with tempfile.TemporaryFile() as log:
             worker = _start_worker(base_url, queue, concurrency, log)
             try:
                 first, done, now = _count_until(
                     counter, key, tasks, skip, worker, log, variant, timeout
                 )
+                after = _commandstats(counter)
             finally:
                 _stop_worker(worker)
     finally:
         counter.close()
     seconds = now - first[0]
     counted = done - first[1]
+    per_task = {
+        name: round((after[name] - before.get(name, 0)) / tasks, 2)
+        for name in sorted(after, key=lambda n: before.get(n, 0) - after[n])
+        # GET and INFO are this benchmark polling the counter
+        if name not in ("get", "info") and after[name] > before.get(name, 0)
+    }
     return {
         "variant": variant,
         "tasks": tasks,
         "counted": counted,
         "seconds": seconds,
         "rate": counted / seconds if seconds > 0 else 0.0,
+        # Redis commands per task, worker start-up included (INFO commandstats counts the
+        # commands run inside scripts too: evalsha is the number of script calls).
+        "commands_per_task": per_task,
+    }
+
+
+def _commandstats(client: redis.Redis) -> dict[str, int]:
+    info: dict[str, Any] = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(entry["calls"])
+        for name, entry in info.items()
+        if isinstance(entry, dict)
     }
 
 

@@ -504,6 +504,23 @@ def _celery_section(celery: dict[str, Any]) -> str:
     ]
     if celery.get("skipped"):
         lines += ["", f"Locked variants skipped: {celery['skipped']}"]
+    commands = []
+    for variant, runs in celery.get("runs", {}).items():
+        per = runs[0].get("commands_per_task") if runs else None
+        if per:
+            scripts = per.get("evalsha", 0) + per.get("eval", 0)
+            top = f"script calls {scripts:g}; " + ", ".join(
+                f"{n} {v:g}" for n, v in list(per.items())[:8]
+            )
+            commands.append(f"- {labels.get(variant, variant)}: {top}")
+    if commands:
+        lines += [
+            "",
+            "Redis commands per task (first round, worker start-up included; commands run "
+            "inside scripts count too, evalsha is the number of script calls):",
+            "",
+            *commands,
+        ]
     return "\n".join(lines)
 
 

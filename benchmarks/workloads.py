@@ -318,7 +318,8 @@ async def fairness(
     - ``wait_ms``: from the writer asking to its grant;
     - ``overtaking_grants``: reader grants asked for *after* the writer asked and granted
       before it (a first-come-first-served lock has none);
-    - ``readers_ahead``: reader grants asked for before the writer and granted before it;
+    - ``readers_ahead``: reader grants asked for before the writer, granted before it and
+      not yet left when it asked (holding, or asking, at that moment);
     - ``after_ahead_ms``: from the last of those readers leaving to the writer's grant,
       i.e. how much longer than the readers ahead of it the writer waited.
 
@@ -392,7 +393,8 @@ async def _fairness_trial(
         if isinstance(outcome, BaseException):
             raise outcome
     t0 = asked[0]
-    ahead = [r for r in records if r[0] <= t0 and r[1] <= granted]
+    # asked before the writer, granted before it, and not gone when it asked
+    ahead = [r for r in records if r[0] <= t0 and r[1] <= granted and r[2] > t0]
     overtaking = [r for r in records if r[0] > t0 and r[1] < granted]
     last_left = max([t0, *(r[2] for r in ahead)])
     return {
