@@ -149,9 +149,9 @@ class LockSpec:
             else:
                 for path in _paths_of(item.fn(*args, **kwargs), self.task, item.fn):
                     out.append((path, item.mode))
-        for path, _ in out:
-            parse_path(path, separator)  # fail here, with the path in the message
-        return out
+        # Normalised (fails here, with the path in the message) and each lock once.
+        normal = [(parse_path(path, separator).text, mode) for path, mode in out]
+        return list(dict.fromkeys(normal))
 
     def _arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if self._signature is None:

@@ -95,7 +95,9 @@ class HiLokTask(Task):  # type: ignore[misc]
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Acquire the task's locks, all at once, before the body runs."""
         state = begin(self, self.request)
-        wanted = self.hilok_locks(args, kwargs)
+        # What was handed over is held already (and renewed): acquire the rest.
+        handed = {(lease.path, lease.mode) for lease in state.inherited}
+        wanted = [lock for lock in self.hilok_locks(args, kwargs) if lock not in handed]
         if not wanted:
             return
         handle = state._handle_for_acquire(self.request)
