@@ -326,7 +326,7 @@ def print_report(run: Run, worker_log: str) -> bool:
                 f"meanwhile {', '.join(before) or 'nothing'} held acme"
             )
     if any(x.label == "audit acme" for x in ex):
-        print("  audit acme: found acme idle, so it ran (\"skip\" policy)")
+        print('  audit acme: found acme idle, so it ran ("skip" policy)')
     for e in run.journal:
         if e["kind"] == "skipped":
             print(f'  {e["label"]}: skipped ("skip" policy): {e["why"]}')

