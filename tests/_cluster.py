@@ -85,7 +85,7 @@ class RedisClusterServers:
     def _state(node: RedisServer) -> str:
         client = redis.Redis(host=node.host, port=node.port)
         try:
-            info = client.execute_command("CLUSTER", "INFO")
+            info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
         finally:
             client.close()
         text = info.decode() if isinstance(info, bytes) else str(info)
