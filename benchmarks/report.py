@@ -36,8 +36,16 @@ def floor_of(results: dict[str, Any], client: str, kind: str, clients: int) -> f
     return None
 
 
-def cpu_of(results: dict[str, Any], lib: str, mode: str, depth: int, clients: int) -> float | None:
-    """Client CPU microseconds per pair; ``lib`` "floor:<client>" for a floor's."""
+def cpu_of(
+    results: dict[str, Any],
+    lib: str,
+    mode: str,
+    depth: int,
+    clients: int,
+    name: str = "cpu_us_per_op",
+) -> float | None:
+    """Client CPU microseconds per pair (or another per-op figure, ``name``) of a cell;
+    ``lib`` "floor:<client>" for a floor's."""
     if lib.startswith("floor:"):
         rows = results.get("rate", {}).get("floors", [])
         key: tuple[Any, ...] = (lib[6:], "evalsha", clients)
@@ -47,7 +55,7 @@ def cpu_of(results: dict[str, Any], lib: str, mode: str, depth: int, clients: in
         key, fields = (lib, mode, depth, clients), ("lib", "mode", "depth", "clients")
     for row in rows:
         if tuple(row[f] for f in fields) == key:
-            value = row.get("cpu_us_per_op")
+            value = row.get(name)
             return None if value is None else float(value)
     return None
 
@@ -289,6 +297,10 @@ def _rate_section(results: dict[str, Any]) -> str:
                 _fmt(_div(seed, a), ".1f", "x"),
                 _fmt(_div(a, fa), ".2f", "x"),
                 _fmt(_div(s, fs), ".2f", "x"),
+                _fmt(cpu_of(results, "AsyncHiLok", m, d, c, "script_calls_per_op"), ".1f"),
+                _fmt(cpu_of(results, "seed", m, d, c, "script_calls_per_op"), ".1f"),
+                _fmt(cpu_of(results, "AsyncHiLok", m, d, c, "server_us_per_op"), ".0f"),
+                _fmt(cpu_of(results, "seed", m, d, c, "server_us_per_op"), ".0f"),
             ]
         )
     cpu_header = [
@@ -301,6 +313,10 @@ def _rate_section(results: dict[str, Any]) -> str:
         "seed/Async",
         "Async/floor",
         "HiLok/floor",
+        "Async calls",
+        "seed calls",
+        "Async server µs",
+        "seed server µs",
     ]
     floors = results["rate"].get("floors", [])
     clients = sorted({f["clients"] for f in floors})
@@ -327,10 +343,11 @@ def _rate_section(results: dict[str, Any]) -> str:
             "",
             _table(["client", "pair"] + [f"{c} client(s)" for c in clients], floor_rows),
             "",
-            "Client CPU time per pair (µs of user+system time of the whole client process, "
-            "all threads; time spent waiting for a CPU is not counted, so these ratios are "
-            "steadier than the rates on a busy machine). floor: two bare EVALSHA from the "
-            "same kind of client.",
+            "Cost per pair. µs: client CPU time (user+system time of the whole client "
+            "process, all threads; time spent waiting for a CPU is not counted, so these "
+            "ratios are steadier than the rates on a busy machine). floor: two bare EVALSHA "
+            "from the same kind of client. calls: script calls (EVALSHA/EVAL) per pair; "
+            "server µs: time Redis spent running them (INFO commandstats).",
             "",
             _table(cpu_header, cpu_rows),
         ]

@@ -273,12 +273,12 @@ class Runner:
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median rate and CPU per op over the rounds of one cell, and each round's values."""
-    cpus = [r["cpu_us_per_op"] for r in runs if r.get("cpu_us_per_op") is not None]
-    return {
-        "rate": statistics.median(r["rate"] for r in runs),
-        "cpu_us_per_op": statistics.median(cpus) if cpus else None,
-        "rounds": [round(r["rate"], 1) for r in runs],
-    }
+    out: dict[str, Any] = {"rate": statistics.median(r["rate"] for r in runs)}
+    for name in ("cpu_us_per_op", "script_calls_per_op", "server_us_per_op"):
+        values = [r[name] for r in runs if r.get(name) is not None]
+        out[name] = statistics.median(values) if values else None
+    out["rounds"] = [round(r["rate"], 1) for r in runs]
+    return out
 
 
 # -- the machine ------------------------------------------------------------------------------

@@ -201,8 +201,12 @@ async def script_stats(raw: Any, names: Sequence[str]) -> tuple[int, int]:
 async def lock_rate(
     backend: Backend, mode: str, depth: int, clients: int, duration: float, warmup: float
 ) -> dict[str, Any]:
-    """Acquire+release pairs per second with ``async with``; each client on its own tree."""
+    """Acquire+release pairs per second with ``async with``; each client on its own tree.
+
+    Also: script calls and Redis server time per pair (INFO commandstats, whole run).
+    """
     service = await backend.new()
+    raw = backend.raw()
     try:
         enter = service.write if mode == "write" else service.read
         tag = _tag("rate")
@@ -215,9 +219,16 @@ async def lock_rate(
             return op
 
         ops = [make(chain_path(f"{tag}c{i}", depth)) for i in range(clients)]
-        return await measure_rate(ops, duration, warmup)
+        calls0, usec0 = await script_stats(raw, backend.script_commands)
+        result = await measure_rate(ops, duration, warmup)
+        calls1, usec1 = await script_stats(raw, backend.script_commands)
     finally:
         await backend.close(service)
+        await raw.aclose()
+    total = max(1, result["total_ops"])
+    result["script_calls_per_op"] = (calls1 - calls0) / total
+    result["server_us_per_op"] = (usec1 - usec0) / total
+    return result
 
 
 TRIVIAL_SCRIPT = "return 1"
