@@ -31,6 +31,20 @@ EXEC_HEADER: Final = "hilok_exec"
 """Request key with the fresh handle the worker's main process made for one execution."""
 ATTEMPT_HEADER: Final = "hilok_attempt"
 """Message header counting the contention retries of a task so far."""
+CLAIM_TTL: Final = 86400.0
+"""Seconds the hand-over claims of a handle are remembered after their last use."""
+
+# Take the hand-over offered to one task id, for one execution, unless another took it.
+# KEYS[1] the handle's claims hash; ARGV[1] task id, ARGV[2] "taken:<execution>", ARGV[3]
+# ttl ms. Reply: the field's value before ("free" when this call took it; nil if unknown).
+_TAKE_CLAIM = """
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+if before == 'free' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return before
+"""
 
 
 class Runtime:
@@ -48,6 +62,42 @@ class Runtime:
             ttl=float(setting(conf, "hilok_ttl")),
             redis_options=dict(conf.get("hilok_redis_options") or {}),
         )
+        self._take = self.hilok.redis.register_script(_TAKE_CLAIM)
+
+    # -- hand-over claims ------------------------------------------------------------
+    #
+    # A handle handed to the next task travels in its message, and a message can be
+    # delivered twice (a visibility timeout, a lost worker with acks_late). So that the
+    # second delivery never runs as the same holder, the sender offers the hand-over to
+    # that task id ("free") and the first execution to start takes it ("taken:<exec>").
+
+    def _claims(self, handle: str) -> str:
+        return f"{self.namespace}:celery:claims:{handle}"
+
+    def offer(self, handle: str, task_id: str) -> None:
+        key = self._claims(handle)
+        with self.hilok.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, task_id, "free")
+            pipe.pexpire(key, int(CLAIM_TTL * 1000))
+            pipe.execute()
+
+    def take(self, handle: str, task_id: str, execution: str) -> str | None:
+        """Take the hand-over to ``task_id``; returns what the claim was before."""
+        before = self._take(
+            keys=[self._claims(handle)],
+            args=[task_id, f"taken:{execution}", int(CLAIM_TTL * 1000)],
+        )
+        if isinstance(before, bytes):
+            before = before.decode()
+        return before if isinstance(before, str) else None
+
+    def claim_of(self, handle: str, task_id: str) -> str | None:
+        value = self.hilok.redis.hget(self._claims(handle), task_id)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def forget(self, handle: str) -> None:
+        """The chain of ``handle`` is over: drop its claims."""
+        self.hilok.redis.delete(self._claims(handle))
 
     def lease(self, path: str, mode: str, handle: str, token: int, ttl: float) -> Lease:
         """A lease object for a grant known by name (e.g. from a message header)."""
@@ -115,14 +165,20 @@ class Handover:
     of the previous chain step); a handle given with ``sig.set(hilok_handle=h)`` lists none.
     """
 
-    __slots__ = ("handle", "locks")
+    __slots__ = ("claim", "handle", "locks")
 
-    def __init__(self, handle: str, locks: Sequence[tuple[str, str, int]] = ()) -> None:
+    def __init__(
+        self, handle: str, locks: Sequence[tuple[str, str, int]] = (), claim: bool = False
+    ) -> None:
         self.handle = handle
         self.locks = list(locks)
+        self.claim = claim  # offered to one task id: see Runtime.offer
 
     def encode(self) -> dict[str, Any]:
-        return {"handle": self.handle, "locks": [list(lock) for lock in self.locks]}
+        value: dict[str, Any] = {"handle": self.handle, "locks": [list(x) for x in self.locks]}
+        if self.claim:
+            value["claim"] = True
+        return value
 
     @classmethod
     def decode(cls, value: object) -> Handover | None:
@@ -136,7 +192,7 @@ class Handover:
             if isinstance(item, (list, tuple)) and len(item) >= 2:
                 token = item[2] if len(item) > 2 and isinstance(item[2], int) else 0
                 locks.append((str(item[0]), str(item[1]), token))
-        return cls(handle, locks)
+        return cls(handle, locks, bool(value.get("claim")))
 
     @classmethod
     def of_request(cls, request: Any) -> Handover | None:

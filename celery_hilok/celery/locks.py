@@ -49,10 +49,12 @@ class TaskLocks:
     """
 
     __slots__ = (
+        "_claimed",
         "_finished",
         "_handed_over",
         "_rt",
         "_task",
+        "duplicate_of",
         "handle",
         "inherited",
         "own",
@@ -70,6 +72,10 @@ class TaskLocks:
         self._rt: Runtime | None = None
         self._finished = False
         self._handed_over = False
+        self._claimed = False  # this execution took a hand-over offered to its task id
+        # A second delivery of a message whose hand-over an earlier delivery took: it runs
+        # as a holder of its own and must acquire the handed locks like any other task.
+        self.duplicate_of: Handover | None = None
 
     @property
     def leases(self) -> list[Lease]:
@@ -125,13 +131,27 @@ class TaskLocks:
         )
         hilok_lease_lost.send(sender=task, task_id=self.task_id, lease=lease, locks=self)
 
-    def _adopt(self, handover: Handover) -> None:
+    def _adopt(self, handover: Handover, request: Any) -> None:
         """Run as ``handover.handle`` and take over the locks it lists, renewed at once.
 
         Raises :class:`LockLost` when one of them already ran out: the guarantee that
         nobody came in between the previous step and this one no longer holds.
         """
-        self.handle = check_handle(handover.handle)
+        check_handle(handover.handle)
+        if handover.claim and self.task_id:
+            execution = getattr(request, "hilok_exec", None) or new_handle()
+            before = self.rt.take(handover.handle, self.task_id, execution)
+            if before is not None and before != "free":
+                log.warning(
+                    "%s[%s]: another delivery of this message already runs under the handle "
+                    "it was handed; this one runs as a holder of its own",
+                    self._task.name,
+                    self.task_id,
+                )
+                self.duplicate_of = handover
+                return
+            self._claimed = before == "free"
+        self.handle = handover.handle
         self.source = "handover"
         if not handover.locks:
             return
@@ -182,7 +202,12 @@ class TaskLocks:
         if self._finished or self._handed_over or self.handle is None:
             return
         kept = self._pass_on(self.leases)
-        headers[HEADER] = self._handover(kept).encode()
+        handover = self._handover(kept)
+        next_id = headers.get("id")
+        if isinstance(next_id, str):
+            self.rt.offer(self.handle, next_id)
+            handover.claim = True
+        headers[HEADER] = handover.encode()
         self._handed_over = True
         log.debug("%s[%s]: handed %s to the next step", self._task.name, self.task_id, kept)
 
@@ -203,8 +228,12 @@ class TaskLocks:
             self._handed_over = True
             return
         kept = self._pass_on(self.inherited)
+        handover = self._handover(kept)
+        if self._claimed and self.handle is not None and self.task_id:
+            self.rt.offer(self.handle, self.task_id)  # for the retried execution to take
+            handover.claim = True
         if headers is not None:
-            headers[HEADER] = self._handover(kept).encode()
+            headers[HEADER] = handover.encode()
         self._handed_over = True
 
     def finish(self, state: str | None) -> None:
@@ -223,6 +252,8 @@ class TaskLocks:
             leases = self.leases
             if leases:
                 self.rt.release_quietly(leases, f"task ended {state or 'abruptly'}")
+            if self._claimed and self.handle is not None:
+                self.rt.forget(self.handle)  # the end of the chain
         finally:
             self._finished = True
 
@@ -244,7 +275,7 @@ def begin(task: Any, request: Any) -> TaskLocks:
     if handover is None and getattr(request, "is_eager", False):
         handover = _eager_take()
     if handover is not None:
-        state._adopt(handover)
+        state._adopt(handover, request)
     return state
 
 

@@ -92,20 +92,30 @@ def release_in_main_process(task: Any, request: Any, why: str) -> None:
         return getattr(request, key, None)
 
     handover = Handover.decode(value(HEADER))
-    handle = handover.handle if handover is not None else value(EXEC_HEADER)
-    if not isinstance(handle, str):
-        return
-    locks = [(path, mode) for path, mode, _ in handover.locks] if handover else []
-    if isinstance(task, HiLokTask):
-        try:
-            locks += task.hilok_locks(value("args"), value("kwargs"))
-        except Exception as exc:
-            log.warning("%s[%s]: cannot compute its locks: %s", task.name, value("id"), exc)
-    if not locks:
-        return
+    execution = value(EXEC_HEADER)
     try:
         rt = runtime(task.app)
     except Exception as exc:
         log.warning("%s[%s]: cannot release its locks: %s", task.name, value("id"), exc)
         return
-    rt.release_named(handle, locks, f"{task.name}[{value('id')}]: {why}")
+    own: list[tuple[str, str]] = []
+    if isinstance(task, HiLokTask):
+        try:
+            own = list(task.hilok_locks(value("args"), value("kwargs")))
+        except Exception as exc:
+            log.warning("%s[%s]: cannot compute its locks: %s", task.name, value("id"), exc)
+    handle, locks, chain_over = execution, own, False
+    if handover is not None:
+        handed = [(path, mode) for path, mode, _ in handover.locks]
+        ran_as_duplicate = False
+        if handover.claim:
+            claim = rt.claim_of(handover.handle, str(value("id")))
+            ran_as_duplicate = claim is not None and claim not in ("free", f"taken:{execution}")
+        if ran_as_duplicate:  # it acquired the handed locks as a holder of its own
+            locks = own + handed
+        else:
+            handle, locks, chain_over = handover.handle, handed + own, handover.claim
+    if isinstance(handle, str) and locks:
+        rt.release_named(handle, locks, f"{task.name}[{value('id')}]: {why}")
+    if chain_over and handover is not None:
+        rt.forget(handover.handle)

@@ -95,9 +95,13 @@ class HiLokTask(Task):  # type: ignore[misc]
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Acquire the task's locks, all at once, before the body runs."""
         state = begin(self, self.request)
-        # What was handed over is held already (and renewed): acquire the rest.
+        # What was handed over is held already (and renewed): acquire the rest. A second
+        # delivery of a chain step acquires the handed locks too, as a holder of its own.
         handed = {(lease.path, lease.mode) for lease in state.inherited}
+        wanted: list[tuple[str, Any]]
         wanted = [lock for lock in self.hilok_locks(args, kwargs) if lock not in handed]
+        if state.duplicate_of is not None:
+            wanted += [(p, m) for p, m, _ in state.duplicate_of.locks if (p, m) not in wanted]
         if not wanted:
             return
         handle = state._handle_for_acquire(self.request)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, chain, group
+from celery.signals import task_retry
 
 from celery_hilok import HiLok, LockNotAcquired
 from tests.celery import app as test_app
@@ -89,6 +90,80 @@ def test_chain_holds_its_lock_across_steps_with_no_gap(
     tokens = [e["tokens"][account(run)] for e in events(lab, run) if e["kind"] == "start"]
     assert tokens[0] == tokens[1] == tokens[2]  # one grant, never given up in between
     wait_for(lambda: not hl.status(account(run)).holders, what="the release")
+
+
+@pytest.mark.usefixtures("inproc_worker")
+def test_a_second_delivery_of_a_chain_step_never_runs_as_the_chains_holder(
+    run: str, lab: redis.Redis, hl: HiLok, hilok_config: dict[str, Any]
+) -> None:
+    result = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1"),
+        tasks.keep_step.s(run, "t1", "a1", "step 2", "g2"),
+        tasks.last_step.s(run, "t1", "a1", "step 3"),
+    ).delay()
+    step2 = wait_for(lambda: started(lab, run, "step 2"), what="step 2 to start")
+    handle = step2["handle"]
+    # The broker delivers step 2's message again (same id, same headers) while it runs.
+    token = step2["tokens"][account(run)]
+    header = {"handle": handle, "locks": [[account(run), "write", token]], "claim": True}
+    retried: list[str] = []
+
+    def on_retry(request: Any = None, **_: Any) -> None:
+        retried.append(request.id)
+
+    task_retry.connect(on_retry)
+    try:
+        tasks.keep_step.apply_async(
+            ("step 1", run, "t1", "a1", "step 2", "g2"),
+            task_id=step2["id"],
+            headers={"hilok": header},
+        )
+        wait_for(lambda: step2["id"] in retried, what="the second delivery to wait its turn")
+    finally:
+        task_retry.disconnect(on_retry)
+    assert [h.handle for h in hl.status(account(run)).holders] == [handle]
+    open_gate(lab, run, "g2", times=2)
+    assert result.get(timeout=RESULT_TIMEOUT) == "step 3"
+    wait_for(lambda: order(lab, run).count("end step 2") == 2, what="the second delivery")
+    assert order(lab, run) == [
+        "start step 1",
+        "end step 1",
+        "start step 2",
+        "end step 2",
+        "start step 3",
+        "end step 3",
+        "start step 2",
+        "end step 2",
+    ]
+    second = [e for e in events(lab, run) if e["kind"] == "start"][-1]
+    assert second["handle"] != handle  # a holder of its own, after the chain was done
+    wait_for(lambda: not hl.status(account(run)).holders, what="the release")
+    claims = f"{hilok_config['hilok_namespace']}:celery:claims:{handle}"
+    assert not lab.exists(claims)  # forgotten at the end of the chain
+
+
+@pytest.mark.usefixtures("inproc_worker")
+def test_a_chain_step_that_retries_keeps_the_chains_lock(
+    run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    # flaky retries itself once (self.retry); what was handed to it goes with the retry.
+    result = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "locker"),
+        tasks.flaky.si(run, "t1", "a1", fail_times=1),
+    ).delay()
+    assert result.get(timeout=RESULT_TIMEOUT) == "done after 2 tries"
+    starts = [e for e in events(lab, run) if e["kind"] == "start"]
+    assert [e["name"] for e in starts] == ["locker", "try 1", "try 2"]
+    assert len({e["handle"] for e in starts}) == 1
+    assert len({e["tokens"][account(run)] for e in starts}) == 1  # one grant throughout
+    wait_for(lambda: not hl.status(account(run)).holders, what="the release")
+
+
+def started(lab: redis.Redis, run: str, name: str) -> dict[str, Any] | None:
+    for e in events(lab, run):
+        if e["kind"] == "start" and e["name"] == name:
+            return e
+    return None
 
 
 @pytest.mark.usefixtures("inproc_worker")
