@@ -25,7 +25,7 @@ from celery import signals
 from celery._state import get_current_app, get_current_task
 
 from ._runtime import ATTEMPT_HEADER, HEADER, Handover, close_runtimes, runtime
-from .locks import STATE_ATTR, begin, locks_of, next_step_id, option
+from .locks import STATE_ATTR, begin, keeps, locks_of, next_step_id
 
 log = logging.getLogger("celery_hilok.celery")
 
@@ -61,7 +61,7 @@ def on_before_publish(
             headers.pop(ATTEMPT_HEADER, None)
         state.hand_to_retry(headers)
         return
-    if headers.get("parent_id") != request.id or not option(task, "hilok_keep"):
+    if headers.get("parent_id") != request.id or not keeps(task):
         return
     step = next_step_id(request)
     if step is None:

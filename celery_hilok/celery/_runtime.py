@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from .._core import Request
-from ..errors import HiLokError
+from ..errors import HiLokError, LockLost
 from ..lease import Lease
 from ..sync import HiLok
 from .config import redis_url, setting
@@ -109,9 +109,13 @@ class Runtime:
             return
         try:
             self.hilok.release(*leases)
-        except HiLokError as exc:
-            # LockLost here only means some were already gone (released elsewhere, expired).
+        except LockLost as exc:
+            # Some were already gone (released elsewhere, or ran out): nothing left to do.
             log.debug("releasing %s (%s): %s", leases, why, exc)
+        except HiLokError as exc:
+            log.warning(
+                "could not release %s (%s): %s; they run out by their ttl", leases, why, exc
+            )
 
     def release_named(self, handle: str, locks: Iterable[tuple[str, str]], why: str) -> None:
         """Release what ``handle`` holds of ``locks``, owner-checked; quietly."""

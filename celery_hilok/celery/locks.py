@@ -38,6 +38,13 @@ def option(task: Any, name: str) -> Any:
     return setting(task.app.conf, name) if value is None else value
 
 
+def keeps(task: Any) -> bool:
+    """Does ``task`` hand its locks to the next step? Only a HiLokTask with hilok_keep."""
+    from .task import HiLokTask
+
+    return isinstance(task, HiLokTask) and bool(option(task, "hilok_keep"))
+
+
 class TaskLocks:
     """The locks of one task execution, available in the body as ``self.hilok``.
 
@@ -246,7 +253,7 @@ class TaskLocks:
             if state == "RETRY":
                 self.hand_to_retry(None)
                 return
-            keep = state == "SUCCESS" and option(self._task, "hilok_keep")
+            keep = state == "SUCCESS" and keeps(self._task)
             if keep and self.handle is not None and _eager_stash(self):
                 return
             leases = self.leases
@@ -320,10 +327,14 @@ def _chain_position() -> tuple[FrameType, int, int] | None:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:
+            # _chain.apply loops ``for ... task in ...`` over the chain's steps (by index in
+            # Celery 5.6+): find the running step among ``self.tasks`` by identity.
             local = frame.f_locals
-            index, tasks = local.get("index"), local.get("tasks")
-            if isinstance(index, int) and isinstance(tasks, list):
-                return frame, index, len(tasks)
+            chain, step = local.get("self"), local.get("task")
+            steps = list(getattr(chain, "tasks", None) or ())
+            for index, candidate in enumerate(steps):
+                if candidate is step:
+                    return frame, index, len(steps)
             return None
         frame = frame.f_back
     return None
