@@ -108,7 +108,10 @@ def hl(hilok_config: dict[str, Any]) -> Iterator[HiLok]:
 class WorkerProcess:
     """``celery -A tests.celery.app worker -P prefork`` as a subprocess, on its own queue."""
 
-    def __init__(self, config: dict[str, Any], concurrency: int = 2, *extra: str) -> None:
+    def __init__(
+        self, config: dict[str, Any], concurrency: int = 2, *extra: str, pool: str = "prefork"
+    ) -> None:
+        self.pool = pool
         self.queue = f"proc-{uuid.uuid4().hex[:8]}"
         self.ready_key = f"lab:ready:{self.queue}"
         self.config = {**config, "task_default_queue": self.queue}
@@ -132,7 +135,7 @@ class WorkerProcess:
             "tests.celery.app",
             "worker",
             "-P",
-            "prefork",
+            self.pool,
             "-c",
             str(self.concurrency),
             "-Q",
@@ -206,8 +209,8 @@ def worker_factory(
 ) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def factory(concurrency: int = 2, *extra: str) -> WorkerProcess:
-        worker = WorkerProcess(hilok_config, concurrency, *extra)
+    def factory(concurrency: int = 2, *extra: str, pool: str = "prefork") -> WorkerProcess:
+        worker = WorkerProcess(hilok_config, concurrency, *extra, pool=pool)
         started.append(worker)
         return worker.start(lab)
 

@@ -1,6 +1,6 @@
-"""HiLokTask on a real prefork worker subprocess: refresh in pool processes, chains published
+"""HiLokTask on real worker subprocesses: refresh in prefork pool processes, chains published
 from them, and every way a pool process can die (SIGKILL, hard time limit, terminate), plus
-revoked chain steps and warm shutdown.
+revoked chain steps, warm shutdown, and the solo pool.
 
 The locks here have the default 30 s lease, and every "released" check gives up well
 before that: a lock found free was released by someone, not left to run out.
@@ -208,3 +208,18 @@ def test_warm_shutdown_lets_the_task_finish_and_release(
     assert worker.wait() == 0
     # ... and released it on its way out.
     assert not hl.status(account(run)).holders
+
+
+def test_solo_pool_runs_a_chain_under_one_holder(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    worker = worker_factory(1, pool="solo")  # everything in the worker's one process
+    result = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1"),
+        tasks.last_step.s(run, "t1", "a1", "step 2"),
+    ).apply_async(queue=worker.queue)
+    assert result.get(timeout=RESULT_TIMEOUT) == "step 2"
+    starts = [e for e in events(lab, run) if e["kind"] == "start"]
+    assert [e["pid"] for e in starts] == [worker.pid, worker.pid]
+    assert starts[0]["handle"] == starts[1]["handle"]
+    released(hl, account(run), "the release")
