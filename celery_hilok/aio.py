@@ -206,16 +206,23 @@ class AsyncHiLok:
         self, leases: Sequence[Lease], *, ttl: float | None = None
     ) -> list[bool]:
         """Extend many leases, of any holders, in one round trip; True for each still held."""
+        alive = await self._renew(leases, ttl)
+        for lease, ok in zip(leases, alive, strict=True):
+            if not ok:
+                lease.lost = True
+        return alive
+
+    async def _renew(self, leases: Sequence[Lease], ttl: float | None) -> list[bool]:
+        """:meth:`refresh_many` without marking the leases found lost."""
         if not leases:
             return []
         new_ttl = None if ttl is None else check_ttl(ttl)
         items = [(lease.handle, lease.request, new_ttl or lease.ttl) for lease in leases]
         codes = self._protocol.decode_codes(await self._run(self._protocol.refresh(items)))
-        for lease, code in zip(leases, codes, strict=True):
-            if new_ttl is not None and code:
-                lease.ttl = new_ttl
-            if not code:
-                lease.lost = True
+        if new_ttl is not None:
+            for lease, code in zip(leases, codes, strict=True):
+                if code:
+                    lease.ttl = new_ttl
         return [bool(c) for c in codes]
 
     def keep_alive(self, lease: Lease, *, interval: float | None = None) -> None:
@@ -400,7 +407,8 @@ class _Waker:
 
     async def _run(self, pubsub: Any) -> None:
         backoff = 0.05
-        while True:
+        # Until stop() drops this task: redis-py may swallow the cancellation it sends.
+        while self._task is asyncio.current_task():
             try:
                 if not pubsub.subscribed:
                     await asyncio.sleep(0.01)
@@ -482,7 +490,8 @@ class _Refresher:
         self._leases.pop(id(lease), None)
 
     async def _run(self, changed: asyncio.Event) -> None:
-        while True:
+        # Until stop() drops this task: redis-py may swallow the cancellation it sends.
+        while self._task is asyncio.current_task():
             changed.clear()
             if not self._leases:
                 self._due = float("inf")
@@ -501,12 +510,13 @@ class _Refresher:
 
     async def tick(self, leases: list[Lease]) -> None:
         try:
-            alive = await self._owner.refresh_many(leases)
+            alive = await self._owner._renew(leases, None)
         except HiLokError as exc:
             log.warning("could not refresh %d lease(s): %s", len(leases), exc)
             return
         for lease, ok in zip(leases, alive, strict=True):
-            if not ok:
+            # A lease released while this tick was in flight is not lost.
+            if not ok and self._leases.get(id(lease)) is lease:
                 self.discard(lease)
                 log.warning("lease lost: %r", lease)
                 try:
@@ -517,6 +527,8 @@ class _Refresher:
     async def stop(self) -> None:
         task = self._task
         self._task = None
+        if self._changed is not None:
+            self._changed.set()
         if task is not None and not task.done():
             task.cancel()
             try:

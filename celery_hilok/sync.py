@@ -211,16 +211,23 @@ class HiLok:
 
     def refresh_many(self, leases: Sequence[Lease], *, ttl: float | None = None) -> list[bool]:
         """Extend many leases, of any holders, in one round trip; True for each still held."""
+        alive = self._renew(leases, ttl)
+        for lease, ok in zip(leases, alive, strict=True):
+            if not ok:
+                lease.lost = True
+        return alive
+
+    def _renew(self, leases: Sequence[Lease], ttl: float | None) -> list[bool]:
+        """:meth:`refresh_many` without marking the leases found lost."""
         if not leases:
             return []
         new_ttl = None if ttl is None else check_ttl(ttl)
         items = [(lease.handle, lease.request, new_ttl or lease.ttl) for lease in leases]
         codes = self._protocol.decode_codes(self._run(self._protocol.refresh(items)))
-        for lease, code in zip(leases, codes, strict=True):
-            if new_ttl is not None and code:
-                lease.ttl = new_ttl
-            if not code:
-                lease.lost = True
+        if new_ttl is not None:
+            for lease, code in zip(leases, codes, strict=True):
+                if code:
+                    lease.ttl = new_ttl
         return [bool(c) for c in codes]
 
     def keep_alive(self, lease: Lease, *, interval: float | None = None) -> None:
@@ -531,13 +538,17 @@ class _Refresher:
 
     def tick(self, leases: list[Lease]) -> None:
         try:
-            alive = self._owner.refresh_many(leases)
+            alive = self._owner._renew(leases, None)
         except HiLokError as exc:
             log.warning("could not refresh %d lease(s): %s", len(leases), exc)
             return
         for lease, ok in zip(leases, alive, strict=True):
             if not ok:
-                self.discard(lease)
+                with self._cond:
+                    # Released (or handed over) while this tick was in flight: not lost.
+                    if self._leases.get(id(lease)) is not lease:
+                        continue
+                    del self._leases[id(lease)]
                 log.warning("lease lost: %r", lease)
                 try:
                     lease._mark_lost()

@@ -248,6 +248,27 @@ async def _lacks(ahl: AsyncHiLok, path: str, handle: str) -> bool:
     return handle not in await handles(ahl, path)
 
 
+async def test_release_during_a_background_refresh_is_not_a_loss(ahl: AsyncHiLok) -> None:
+    # The refresher renews 50 other leases every millisecond, so releases land on ticks in
+    # flight: such a tick finds the lease gone, but it was released, not lost.
+    others = await ahl.acquire_many([(f"c/other/{i}/x/y", "read") for i in range(50)])
+    for lease in others:
+        ahl.keep_alive(lease, interval=0.001)
+    rng = random.Random(5)
+    reported: list[Lease] = []
+    leases = []
+    for i in range(100):
+        lease = await ahl.acquire(f"c/busy/{i}", "write")
+        lease.on_lost(reported.append)
+        ahl.keep_alive(lease, interval=0.001)
+        await asyncio.sleep(rng.uniform(0, 0.003))
+        await ahl.release(lease)  # a live lease: must not raise
+        leases.append(lease)
+    await ahl.close()  # ends the refresher, whatever tick it was in
+    assert reported == []
+    assert not any(lease.lost for lease in leases + others)
+
+
 # -- cancellation ---------------------------------------------------------------------------
 
 ROUNDS = 50

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -586,6 +587,27 @@ def test_context_manager_raises_lock_lost_on_exit(hl: HiLok) -> None:
             assert lost.wait(10), "the refresher did not report the lost lease"
             assert lease.lost
     assert not hl.status("c/l").held
+
+
+def test_release_during_a_background_refresh_is_not_a_loss(hl: HiLok) -> None:
+    # The refresher renews 50 other leases every millisecond, so releases land on ticks in
+    # flight: such a tick finds the lease gone, but it was released, not lost.
+    others = hl.acquire_many([(f"c/other/{i}/x/y", "read") for i in range(50)])
+    for lease in others:
+        hl.keep_alive(lease, interval=0.001)
+    rng = random.Random(5)
+    reported: list[Lease] = []
+    leases = []
+    for i in range(100):
+        lease = hl.acquire(f"c/busy/{i}", "write", ttl=10.0)
+        lease.on_lost(reported.append)
+        hl.keep_alive(lease, interval=0.001)
+        time.sleep(rng.uniform(0, 0.003))
+        hl.release(lease)  # a live lease: must not raise
+        leases.append(lease)
+    hl.close()  # waits for the refresher's last tick
+    assert reported == []
+    assert not any(lease.lost for lease in leases + others)
 
 
 # -- several locks at once ------------------------------------------------------------------
