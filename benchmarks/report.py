@@ -103,12 +103,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             known = [(r, m, c) for r, m, c in ratios if r is not None]
             if known:
                 worst = min(known)
+                ceiling = _div(
+                    floor_of(results, "async", "evalsha", worst[2]),
+                    rate_of(results, "seed", worst[1], depth, worst[2]),
+                )
                 add(
                     f"acquire+release vs seed, depth {depth}",
                     f">= {goal:g}x",
                     worst[0],
                     worst[0] >= goal,
-                    f"worst: {worst[1]}, {worst[2]} client(s); AsyncHiLok/seed",
+                    f"worst: {worst[1]}, {worst[2]} client(s); AsyncHiLok/seed. Ceiling for "
+                    f"any two-round-trip lock there (floor/seed): {_fmt(ceiling, '.1f', 'x')}",
                 )
         for lib, client in (("AsyncHiLok", "async"), ("HiLok", "sync")):
             slow = [
@@ -263,6 +268,7 @@ def _rate_section(results: dict[str, Any]) -> str:
                 _fmt(seed),
                 _fmt(_div(a, seed), ".1f", "x"),
                 _fmt(_div(s, seed), ".1f", "x"),
+                _fmt(_div(fa, seed), ".1f", "x"),
                 _fmt(_div(fa, a), ".2f", "x"),
                 _fmt(_div(fs, s), ".2f", "x"),
             ]
@@ -276,6 +282,7 @@ def _rate_section(results: dict[str, Any]) -> str:
         "seed /s",
         "Async/seed",
         "HiLok/seed",
+        "floor/seed",
         "floor/Async",
         "floor/HiLok",
     ]
@@ -335,7 +342,8 @@ def _rate_section(results: dict[str, Any]) -> str:
             f"Median of {cfg.get('rounds')} interleaved round(s) of {cfg.get('duration')} s each. "
             "Each client works on its own tree; 32 clients are 32 asyncio tasks sharing one "
             "instance (HiLok: 32 threads sharing one HiLok). floor/X: how many times slower X "
-            "is than two bare EVALSHA round trips from the same kind of client.",
+            "is than two bare EVALSHA round trips from the same kind of client; floor/seed is "
+            "thus the most any lock taking two round trips per pair could gain on the seed.",
             "",
             _table(header, rows),
             "",

@@ -342,6 +342,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per rate measurement")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of rate vs depth here")
     parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: print the tables (and --chart) of an earlier results file",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=DEFAULT_OUTPUT,
@@ -356,6 +362,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        results["targets"] = report.targets(results)
+        print(report.markdown(results))
+        if args.chart is not None:
+            report.chart(results, args.chart)
+        return 0
     cfg = Config(**asdict(QUICK if args.quick else FULL))
     if args.rounds:
         cfg.rounds = args.rounds
