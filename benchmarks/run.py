@@ -360,15 +360,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def render(path: Path, chart: Path | None) -> int:
+    """Print the tables (and draw the chart) of an earlier results file."""
+    results = json.loads(path.read_text())
+    results["targets"] = report.targets(results)
+    print(report.markdown(results))
+    if chart is not None:
+        report.chart(results, chart)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
-        results = json.loads(args.render.read_text())
-        results["targets"] = report.targets(results)
-        print(report.markdown(results))
-        if args.chart is not None:
-            report.chart(results, args.chart)
-        return 0
+        return render(args.render, args.chart)
     cfg = Config(**asdict(QUICK if args.quick else FULL))
     if args.rounds:
         cfg.rounds = args.rounds
