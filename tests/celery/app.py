@@ -25,7 +25,7 @@ from celery import Celery, Task
 from celery.exceptions import Ignore, Reject
 from celery.signals import worker_ready
 
-from celery_hilok import HiLokTask
+from celery_hilok import HiLokTask, LockLost
 
 CONFIG_ENV = "HILOK_TEST_CELERY_CONFIG"
 READY_ENV = "HILOK_TEST_READY_KEY"
@@ -140,6 +140,13 @@ def register(app: Celery) -> SimpleNamespace:
             )(write),
         )
     t.read = task("read", base=HiLokTask, hilok_read=TENANT, hilok_on_contention="wait")(read)
+    t.write_budget = task(
+        "write_budget",
+        base=HiLokTask,
+        hilok_write=ACCOUNT,
+        hilok_max_retries=2,
+        **FAST_RETRY,
+    )(write)
     t.write_short_wait = task(
         "write_short_wait",
         base=HiLokTask,
@@ -198,7 +205,12 @@ def register(app: Celery) -> SimpleNamespace:
         """Holds its lock (renewed every 0.2 s) until the gate opens; reports if it was lost."""
         record(self, run, "start", "lose")
         wait_gate(self, run, "lost")
-        record(self, run, "lost?", "lose")
+        try:
+            self.hilok.check()
+            checked = "ok"
+        except LockLost as exc:
+            checked = str(exc)
+        record(self, run, "lost?", "lose", check=checked)
         return "lose"
 
     @task(

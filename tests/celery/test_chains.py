@@ -290,6 +290,8 @@ def test_eager_policies_and_ways_out(
     with pytest.raises(LockNotAcquired, match="at once"):
         eager.write_fail.delay(run, "t1", "a1").get()
     assert eager.write_skip.delay(run, "t1", "a1").state == "IGNORED"
+    with pytest.raises(LockNotAcquired, match="gave up after 2 contention retries"):
+        eager.write_budget.delay(run, "t1", "a1").get()
     # retry waits in place (Celery runs an eager retry at once, ignoring its countdown)
     releaser = threading.Timer(0.3, hl.release, (outside,))
     releaser.start()

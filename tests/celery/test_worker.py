@@ -162,6 +162,14 @@ def test_retry_policy_retries_until_free_without_using_max_retries(
     assert runs[0]["handle"] != runs[1]["handle"]  # every execution has its own handle
 
 
+def test_retry_policy_gives_up_after_its_own_budget(run: str, hl: HiLok) -> None:
+    outside = hl.acquire(path(run, "t1", "a1"), "write")
+    result = tasks.write_budget.delay(run, "t1", "a1")  # hilok_max_retries=2
+    with pytest.raises(LockNotAcquired, match=r"gave up after 2 contention retries"):
+        result.get(timeout=RESULT_TIMEOUT)
+    hl.release(outside)
+
+
 def test_wait_policy_waits_and_gives_up_after_its_timeout(run: str, hl: HiLok) -> None:
     outside = hl.acquire(path(run, "t1", "a1"), "write")
     waiting = tasks.write_wait.delay(run, "t1", "a1")
@@ -279,5 +287,6 @@ def test_a_lost_lease_is_signalled_and_visible_to_the_task(
         assert result.get(timeout=RESULT_TIMEOUT) == "lose"
         after = [e for e in events(lab, run) if e["kind"] == "lost?"]
         assert after[0]["lost"] is True
+        assert after[0]["check"].startswith("lock lost while the task ran")
     finally:
         hilok_lease_lost.disconnect(on_lost)
