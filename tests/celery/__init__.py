@@ -1,0 +1,1 @@
+"""Tests of the Celery integration (real redis-server, real Celery workers)."""
