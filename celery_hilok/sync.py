@@ -245,10 +245,12 @@ class HiLok:
         """Stop refreshing leases given to :meth:`keep_alive`, without releasing them.
 
         They stay held until their lease runs out, unless someone refreshes or releases
-        them (e.g. another process that was given the handle).
+        them (e.g. another process that was given the handle). Returns once no refresh of
+        them is in flight, so a refresh that follows (say, to a longer ttl) is the last.
         """
         for lease in leases:
             self._refresher.discard(lease)
+        self._refresher.settle()
 
     def release(self, *leases: Lease) -> None:
         """Release the leases in one round trip. Idempotent per lease.
@@ -499,6 +501,7 @@ class _Refresher:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._stopping = threading.Event()
+        self._in_flight = threading.Lock()  # held while a tick's refresh call runs
 
     def add(self, lease: Lease) -> None:
         with self._cond:
@@ -506,6 +509,8 @@ class _Refresher:
             self._due = min(self._due, time.monotonic() + _interval(lease))
             pid = os.getpid()
             if self._thread is None or self._pid != pid or not self._thread.is_alive():
+                if self._pid != pid:
+                    self._in_flight = threading.Lock()  # a fork may have copied it held
                 self._pid = pid
                 self._stopping.clear()
                 self._thread = threading.Thread(
@@ -536,9 +541,16 @@ class _Refresher:
                 self._due = time.monotonic() + min(_interval(lease) for lease in leases)
             self.tick(leases)
 
+    def settle(self) -> None:
+        """Wait until a refresh call in flight, if any, has finished."""
+        if self._pid == os.getpid() and threading.current_thread() is not self._thread:
+            with self._in_flight:
+                pass
+
     def tick(self, leases: list[Lease]) -> None:
         try:
-            alive = self._owner._renew(leases, None)
+            with self._in_flight:
+                alive = self._owner._renew(leases, None)
         except HiLokError as exc:
             log.warning("could not refresh %d lease(s): %s", len(leases), exc)
             return
