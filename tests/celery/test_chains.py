@@ -256,6 +256,7 @@ def test_eager_chain_hands_over_like_a_worker(
     run: str, lab: redis.Redis, hl: HiLok, eager: SimpleNamespace
 ) -> None:
     seen: list[list[Any]] = []
+    lease_left: list[float] = []
 
     # In eager mode the steps run in this thread: look at the lock between steps from a
     # task_postrun receiver (after a step's way out, before the next starts).
@@ -263,7 +264,9 @@ def test_eager_chain_hands_over_like_a_worker(
 
     def between(task: Any = None, **_: Any) -> None:
         if task.name in ("hilok_tests.keep_step", "hilok_tests.last_step"):
-            seen.append([h.handle for h in hl.status(account(run)).holders])
+            holders = hl.status(account(run)).holders
+            seen.append([h.handle for h in holders])
+            lease_left.extend(h.ttl for h in holders)
 
     task_postrun.connect(between)
     try:
@@ -274,6 +277,8 @@ def test_eager_chain_hands_over_like_a_worker(
     held = handles(lab, run)
     assert held["step 1"] == held["step 2"] == held["step 3"] is not None
     assert seen == [[held["step 1"]], [held["step 1"]], []]  # kept, kept, released
+    # Between steps the lease is hilok_keep_ttl (300 s), not the running ttl (30 s).
+    assert len(lease_left) == 2 and all(left > 30 for left in lease_left)
 
 
 def test_eager_keep_without_a_next_step_releases(
