@@ -378,7 +378,14 @@ class _Waker:
         if to_subscribe:
             try:
                 await self._pubsub.subscribe(*to_subscribe)
-            except RedisError as exc:
+            except BaseException as exc:
+                # Let the next waiter subscribe again (this one failed or was cancelled).
+                for channel in to_subscribe:
+                    event = self._confirmed.pop(channel, None)
+                    if event is not None:
+                        event.set()
+                if not isinstance(exc, RedisError):
+                    raise
                 log.debug("subscribe failed (%s); waiting falls back to lease caps", exc)
                 return wait
         for event in events:

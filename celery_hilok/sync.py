@@ -378,6 +378,7 @@ class _Waker:
         self._lock = threading.Lock()
         self._waits: dict[str, set[_Wait]] = {}
         self._confirmed: dict[str, threading.Event] = {}
+        self._subscribing = threading.Lock()
         self._pubsub: Any = None
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -398,14 +399,27 @@ class _Waker:
             events = [self._confirmed[c] for c in channels]
         if to_subscribe:
             try:
-                self._pubsub.subscribe(*to_subscribe)
+                # One thread at a time: redis-py's PubSub opens its connection on first use
+                # without a lock, so racing threads would each open one, and all but the one
+                # the waker reads would be orphaned with their subscriptions.
+                with self._subscribing:
+                    self._pubsub.subscribe(*to_subscribe)
             except RedisError as exc:
                 log.debug("subscribe failed (%s); waiting falls back to lease caps", exc)
+                self._forget(to_subscribe)
                 return wait
         for event in events:
             # Without confirmation the waiter still works, capped by leases and KEEPALIVE.
             event.wait(5.0)
         return wait
+
+    def _forget(self, channels: list[str]) -> None:
+        """Let the next waiter subscribe to ``channels`` again (a subscribe failed)."""
+        with self._lock:
+            for channel in channels:
+                event = self._confirmed.pop(channel, None)
+                if event is not None:
+                    event.set()
 
     def unregister(self, wait: _Wait) -> None:
         with self._lock:
