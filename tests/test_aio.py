@@ -22,7 +22,7 @@ from celery_hilok import (
     QueuedRequest,
 )
 from celery_hilok._core import Mode
-from tests._redis import free_port
+from tests._redis import RedisServer, free_port
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -421,6 +421,35 @@ async def test_32_tasks_contending_for_one_lock_take_turns(ahl: AsyncHiLok) -> N
     await assert_only(ahl, "hot")
 
 
+async def test_one_pubsub_connection_whichever_tasks_wait(
+    redis_server_factory: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = redis_server_factory()  # only this test's clients subscribe there
+    admin = server.client()
+    trees = [f"tree{i}" for i in range(16)]
+    async with (
+        AsyncHiLok(f"{server.url}/0", namespace=namespace) as holder_side,
+        AsyncHiLok(f"{server.url}/0", namespace=namespace) as ahl,
+    ):
+        held = await holder_side.acquire_many([(tree, "write") for tree in trees])
+        waiters = [asyncio.create_task(ahl.acquire(tree, "write", timeout=30)) for tree in trees]
+
+        def subscriptions() -> list[int]:
+            counts = (int(client.get("sub", 0)) for client in admin.client_list())
+            return [count for count in counts if count]
+
+        async def all_subscribed() -> bool:
+            return sum(subscriptions()) >= len(trees)
+
+        try:
+            await wait_until(all_subscribed, "every tree's subscription")
+            assert subscriptions() == [len(trees)], "waiters subscribed on several connections"
+        finally:
+            await holder_side.release(*held)
+        await ahl.release(*await asyncio.gather(*waiters))
+    admin.close()
+
+
 # -- Redis failures and clients -------------------------------------------------------------
 
 
@@ -433,6 +462,22 @@ async def test_unreachable_redis(namespace: str) -> None:
         assert f"127.0.0.1:{port}" in str(info.value)
         with pytest.raises(HiLokConnectionError):
             await ahl.status("a")
+
+
+async def test_server_killed_mid_wait(
+    redis_server_factory: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = redis_server_factory()
+    async with AsyncHiLok(f"{server.url}/0", namespace=namespace) as ahl:
+        holder = await ahl.acquire("d/a", "write")
+        waiter = asyncio.create_task(ahl.acquire("d", "write"))  # no timeout: must not hang
+        await wait_for_waiter(ahl, "d", "write")
+        server.kill()
+        with pytest.raises(HiLokConnectionError) as info:
+            await asyncio.wait_for(waiter, 60)
+        assert f"127.0.0.1:{server.port}" in str(info.value)
+        with pytest.raises(HiLokConnectionError):
+            await ahl.release(holder)
 
 
 async def test_existing_client_is_not_closed(redis_url: str, namespace: str) -> None:

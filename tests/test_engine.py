@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 import redis
@@ -149,6 +151,54 @@ def test_compatibility(
     assert not hl.status(HELD_PATH).held
 
 
+@pytest.fixture(scope="module")
+def shared_hl(redis_server: str) -> Iterator[HiLok]:
+    """One HiLok for many cases, each in trees of its own (saves a waker thread per case)."""
+    locks = HiLok(f"{redis_server}/0", namespace=f"t{uuid.uuid4().hex[:12]}", ttl=10.0)
+    try:
+        yield locks
+    finally:
+        locks.close()
+
+
+@pytest.mark.parametrize(("queued", "requested", "relation", "compatible"), CASES)
+def test_compatibility_with_an_earlier_waiter(
+    shared_hl: HiLok,
+    pool: ThreadPoolExecutor,
+    queued: Mode,
+    requested: Mode,
+    relation: str,
+    compatible: bool,
+) -> None:
+    """First come, first served: the same table decides who may pass a queued request."""
+    hl = shared_hl
+    case = f"{queued}.{requested}.{relation}"  # trees of this case only
+
+    def at(path: str) -> str:
+        return f"{case}.{path.lstrip('/')}"
+
+    # The waiter wants `queued` on the path, and also a lock in another tree that is held:
+    # so it queues in the path's tree without anybody holding anything there.
+    blocker = hl.acquire(at("blocker"), "write", block=False)
+    waiter = pool.submit(
+        hl.acquire_many, [(at(HELD_PATH), queued), (at("blocker"), "write")], timeout=20
+    )
+    entry = wait_for_waiter(hl, at(HELD_PATH), queued)
+    for path in RELATIONS[relation]:
+        if compatible:
+            hl.release(hl.acquire(at(path), requested, block=False))
+        else:
+            with pytest.raises(LockNotAcquired) as info:
+                hl.acquire(at(path), requested, block=False)
+            expected = f"{queued} lock on {at(HELD_PATH)!r} queued before you by {entry.handle[:6]}"
+            assert expected in str(info.value)
+    hl.release(blocker)
+    leases = waiter.result(timeout=20)
+    hl.release(*leases)
+    assert not hl.status(at(HELD_PATH)).held
+    assert hl.status(at(HELD_PATH)).waiters == []
+
+
 def test_compatible_locks_on_one_line_all_together(hl: HiLok) -> None:
     # Readers share a whole line; a node-only read above writers leaves them be.
     leases = [
@@ -260,6 +310,71 @@ def test_waiter_is_woken_by_release(hl: HiLok, pool: ThreadPoolExecutor) -> None
     hl.release(lease)
 
 
+def test_waiter_gets_the_lock_when_the_holder_runs_out(hl: HiLok) -> None:
+    # Nobody releases: the wait is capped by the holder's lease, so its expiry is noticed.
+    holder = hl.acquire("w2/a", "write", ttl=0.3)
+    start = time.monotonic()
+    lease = hl.acquire("w2", "write", timeout=20)
+    assert time.monotonic() - start > 0.1
+    assert handles(hl, "w2") == {lease.handle}
+    with pytest.raises(LockLost):
+        hl.refresh(holder)
+    hl.release(lease)
+
+
+def test_multi_tree_waiter_is_woken_by_releases_in_either_tree(
+    hl: HiLok, pool: ThreadPoolExecutor
+) -> None:
+    first = hl.acquire("m1/a", "write")
+    second = hl.acquire("m2/b", "read")
+    waiter = pool.submit(hl.acquire_many, [("m1", "read"), ("m2", "write")], timeout=20)
+    wait_for_waiter(hl, "m1", "read")
+    wait_for_waiter(hl, "m2", "write")
+    hl.release(first)
+    # Still blocked in the other tree; its queue entries stay in both.
+    wait_until(lambda: handles(hl, "m1") == set(), "the first release")
+    assert not waiter.done()
+    assert len(hl.status("m1").waiters) == 1
+    hl.release(second)
+    leases = waiter.result(timeout=20)
+    assert [(lease.path, lease.mode) for lease in leases] == [("m1", "read"), ("m2", "write")]
+    hl.release(*leases)
+    assert hl.status("m1").waiters == [] and hl.status("m2").waiters == []
+
+
+def test_one_pubsub_connection_whichever_threads_wait(
+    redis_server_factory: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = redis_server_factory()  # only this test's clients subscribe there
+    admin = server.client()
+    trees = [f"tree{i}" for i in range(16)]
+    with (
+        HiLok(f"{server.url}/0", namespace=namespace) as holder_side,
+        HiLok(f"{server.url}/0", namespace=namespace) as hl,
+        ThreadPoolExecutor(len(trees)) as threads,
+    ):
+        held = [holder_side.acquire(tree, "write") for tree in trees]
+        start = threading.Barrier(len(trees))
+
+        def wait_for(tree: str) -> Lease:
+            start.wait(10)  # all threads start waiting at once, on a fresh waker
+            return hl.acquire(tree, "write", timeout=30)
+
+        waiters = [threads.submit(wait_for, tree) for tree in trees]
+
+        def subscriptions() -> list[int]:
+            counts = (int(client.get("sub", 0)) for client in admin.client_list())
+            return [count for count in counts if count]
+
+        try:
+            wait_until(lambda: sum(subscriptions()) >= len(trees), "every tree's subscription")
+            assert subscriptions() == [len(trees)], "waiters subscribed on several connections"
+        finally:
+            holder_side.release(*held)
+        hl.release(*(waiter.result(timeout=30) for waiter in waiters))
+    admin.close()
+
+
 def test_earlier_conflicting_waiter_goes_first(hl: HiLok, pool: ThreadPoolExecutor) -> None:
     reader = hl.acquire("f/a", "read")
     writer: Future[Lease] = pool.submit(hl.acquire, "f", "write", timeout=20)
@@ -332,6 +447,31 @@ def test_handle_works_from_another_client(redis_url: str, namespace: str, hl: Hi
         hl.release(lease)
     assert lease.released and lease.lost
     hl.release(lease)
+
+
+def _use_handle_elsewhere(url: str, namespace: str, blob: bytes) -> tuple[int, int]:
+    """In a child process: act as the holder of a pickled lease, then release it."""
+    lease: Lease = pickle.loads(blob)
+    with HiLok(url, namespace=namespace) as hl:
+        hl.refresh(lease)
+        # The holder never blocks on itself, whichever process it acts from.
+        below = hl.acquire(f"{lease.path}/child", "read", block=False, handle=lease.handle)
+        hl.release(below)
+        hl.release(lease)
+        return lease.token, below.token
+
+
+def test_handle_works_in_another_process(hl: HiLok, redis_url: str, namespace: str) -> None:
+    lease = hl.acquire("p/b", "write")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as procs:
+        token, below = procs.submit(
+            _use_handle_elsewhere, redis_url, namespace, pickle.dumps(lease)
+        ).result(timeout=60)
+    assert token == lease.token
+    assert below > lease.token
+    assert not hl.status("p/b").held
+    with pytest.raises(LockLost):
+        hl.release(lease)
 
 
 def test_unpickled_lease_needs_a_driver(hl: HiLok) -> None:
