@@ -57,27 +57,34 @@ local function join_queue()
   end
 end
 
--- 1. live holders
+-- 1. live holders. Usually none of the sets that could conflict exists at all: one EXISTS
+-- over all of them settles that; otherwise each is swept and searched.
+local suspects = {}
 for _, g in ipairs(grants) do
   for level = 1, g.depth do
     for _, idx in ipairs(CONFLICTS[mark_of(g, level)]) do
-      local m, exp = foreign(mark_key(g, level, idx))
-      if m then
-        join_queue()
-        return { 0, m, exp - NOW, 'held' }
-      end
+      suspects[#suspects + 1] = mark_key(g, level, idx)
+    end
+  end
+end
+if redis.call('EXISTS', unpack(suspects)) > 0 then
+  for _, key in ipairs(suspects) do
+    local m, exp = foreign(key)
+    if m then
+      join_queue()
+      return { 0, m, exp - NOW, 'held' }
     end
   end
 end
 
 -- 2. earlier waiters, in trees where this holder holds nothing yet
-local checked = {}
+local queued = {}  -- tree -> number of queue entries
 for _, g in ipairs(grants) do
   local tree = g.tree
-  if not checked[tree] then
-    checked[tree] = true
+  if queued[tree] == nil then
     local q, qx = tree_key(tree, 2), tree_key(tree, 3)
-    if redis.call('ZCARD', q) > 0 and not holds_live(g.hkey) then
+    queued[tree] = redis.call('ZCARD', q)
+    if queued[tree] > 0 and not holds_live(g.hkey) then
       local dead = redis.call('ZRANGEBYSCORE', qx, '-inf', NOW)
       for _, m in ipairs(dead) do redis.call('ZREM', q, m) end
       if #dead > 0 then redis.call('ZREMRANGEBYSCORE', qx, '-inf', NOW) end
@@ -110,12 +117,13 @@ local fresh = {}
 local tokens = {}
 for i, g in ipairs(grants) do
   local field = g.mode .. '|' .. g.path
-  local leaf = mark_key(g, g.depth, LEAF_MARK[g.mode])
-  local score = tonumber(redis.call('ZSCORE', leaf, g.member))
   local token = nil
-  if score and score > NOW then
-    local entry = redis.call('HGET', g.hkey, field)
-    if entry then token = entry_token(entry) end
+  -- a renewal (the grant is live) keeps its token; every grant has a holder entry
+  local entry = redis.call('HGET', g.hkey, field)
+  if entry then
+    local leaf = mark_key(g, g.depth, LEAF_MARK[g.mode])
+    local score = tonumber(redis.call('ZSCORE', leaf, g.member))
+    if score and score > NOW then token = entry_token(entry) end
   end
   if not token then
     token = fresh[g.tree]
@@ -133,8 +141,9 @@ for i, g in ipairs(grants) do
   end
   redis.call('HSET', g.hkey, field, holder_entry(token, exp))
   bump(g.hkey, ttl)
-  local q = tree_key(g.tree, 2)
-  if redis.call('ZREM', q, g.member) == 1 then redis.call('ZREM', tree_key(g.tree, 3), g.member) end
+  if queued[g.tree] > 0 and redis.call('ZREM', tree_key(g.tree, 2), g.member) == 1 then
+    redis.call('ZREM', tree_key(g.tree, 3), g.member)
+  end
   tokens[i] = tonumber(token)
 end
 return { 1, tokens }

@@ -27,10 +27,12 @@ for i, g in ipairs(grants) do
     redis.call('HDEL', g.hkey, g.mode .. '|' .. g.path)
   end
   local q = tree_key(g.tree, 2)
-  local withdrawn = redis.call('ZREM', q, member)
-  if withdrawn == 1 then redis.call('ZREM', tree_key(g.tree, 3), member) end
-  if result[i] == 1 or withdrawn == 1 then
-    if redis.call('EXISTS', q) == 1 then notify[#notify + 1] = g end
+  if redis.call('EXISTS', q) == 1 then  -- somebody waits in this tree
+    local withdrawn = redis.call('ZREM', q, member)
+    if withdrawn == 1 then redis.call('ZREM', tree_key(g.tree, 3), member) end
+    if (result[i] == 1 or withdrawn == 1) and redis.call('EXISTS', q) == 1 then
+      notify[#notify + 1] = g
+    end
   end
 end
 for _, g in ipairs(notify) do redis.call('PUBLISH', tree_key(g.tree, 4), g.path) end
