@@ -20,6 +20,36 @@ DEFAULT_CLIENT_OPTIONS: Mapping[str, Any] = {
 
 _SCHEMES = ("redis://", "rediss://", "unix://")
 
+MAX_CONNECTIONS = 256
+"""Connections in the pool of a client celery_hilok builds from a URL. The pool blocks (up
+to ``socket_timeout``) rather than failing when all are in use."""
+
+
+def fast_packing(connection_class: type[Any]) -> type[Any]:
+    """``connection_class`` packing commands with hiredis (redis-py's asyncio connections
+    pack in pure Python, which dominates the cost of a script call with many keys)."""
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - hiredis is a dependency
+        return connection_class
+    pack = hiredis.pack_command
+
+    class HiredisPacking(connection_class):  # type: ignore[misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            first = args[0]
+            if isinstance(first, str):
+                args = (*first.encode().split(), *args[1:])
+            elif b" " in first:
+                args = (*first.split(), *args[1:])
+            try:
+                return [pack(args)]
+            except TypeError:  # an argument hiredis cannot pack: let redis-py do it
+                result: list[bytes] = super().pack_command(*args)
+                return result
+
+    HiredisPacking.__name__ = HiredisPacking.__qualname__ = f"Hiredis{connection_class.__name__}"
+    return HiredisPacking
+
 
 def check_url(url: str) -> str:
     if not url.startswith(_SCHEMES):

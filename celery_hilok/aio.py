@@ -22,7 +22,14 @@ from ._core import (
     normalise_requests,
     related,
 )
-from ._redis import DEFAULT_CLIENT_OPTIONS, check_url, describe_server, translate
+from ._redis import (
+    DEFAULT_CLIENT_OPTIONS,
+    MAX_CONNECTIONS,
+    check_url,
+    describe_server,
+    fast_packing,
+    translate,
+)
 from .errors import HiLokError, InvalidArgument, LockLost
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
@@ -191,7 +198,11 @@ class AsyncHiLok:
         except BaseException:
             await _shielded(self._release_quietly([lease]))
             raise
-        await _shielded(self.release(lease))
+        try:
+            await self.release(lease)
+        except asyncio.CancelledError:
+            await _shielded(self._release_quietly([lease]))  # idempotent: finishes the job
+            raise
 
     # -- holding ----------------------------------------------------------------------------
 
@@ -313,8 +324,12 @@ class AsyncHiLok:
 
 def _make_client(target: str | AsyncClient, options: dict[str, Any] | None) -> AsyncClient:
     if isinstance(target, str):
-        kwargs = {**DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        return aredis.Redis.from_url(check_url(target), **kwargs)
+        kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
+        kwargs.setdefault("timeout", kwargs["socket_timeout"])  # waiting for a free connection
+        pool = aredis.BlockingConnectionPool.from_url(check_url(target), **kwargs)
+        if pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
+            pool.connection_class = fast_packing(pool.connection_class)
+        return aredis.Redis.from_pool(pool)
     if isinstance(target, (aredis.Redis, aredis.RedisCluster)):
         return target
     raise InvalidArgument(
@@ -484,14 +499,17 @@ class _Refresher:
 
     def add(self, lease: Lease) -> None:
         self._leases[id(lease)] = lease
-        self._due = min(self._due, time.monotonic() + _interval(lease))
+        due = time.monotonic() + _interval(lease)
         loop = asyncio.get_running_loop()
         task = self._task
         if task is None or task.done() or task.get_loop() is not loop:
             self._changed = asyncio.Event()
             self._task = loop.create_task(self._run(self._changed), name="hilok-refresher")
-        assert self._changed is not None
-        self._changed.set()
+            self._due = float("inf")
+        if due < self._due:  # only wake the task when the next tick must come sooner
+            self._due = due
+            assert self._changed is not None
+            self._changed.set()
 
     def discard(self, lease: Lease) -> None:
         self._leases.pop(id(lease), None)

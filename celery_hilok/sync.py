@@ -23,7 +23,7 @@ from ._core import (
     normalise_requests,
     related,
 )
-from ._redis import DEFAULT_CLIENT_OPTIONS, check_url, describe_server, translate
+from ._redis import DEFAULT_CLIENT_OPTIONS, MAX_CONNECTIONS, check_url, describe_server, translate
 from .errors import HiLokError, InvalidArgument, LockLost
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
@@ -336,8 +336,10 @@ class HiLok:
 
 def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> SyncClient:
     if isinstance(target, str):
-        kwargs = {**DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        return redis.Redis.from_url(check_url(target), **kwargs)
+        kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
+        kwargs.setdefault("timeout", kwargs["socket_timeout"])  # waiting for a free connection
+        pool = redis.BlockingConnectionPool.from_url(check_url(target), **kwargs)
+        return redis.Redis.from_pool(pool)
     if isinstance(target, (redis.Redis, redis.RedisCluster)):
         return target
     raise InvalidArgument(
@@ -520,7 +522,10 @@ class _Refresher:
     def add(self, lease: Lease) -> None:
         with self._cond:
             self._leases[id(lease)] = lease
-            self._due = min(self._due, time.monotonic() + _interval(lease))
+            due = time.monotonic() + _interval(lease)
+            wake = due < self._due  # only when the next tick must come sooner
+            if wake:
+                self._due = due
             pid = os.getpid()
             if self._thread is None or self._pid != pid or not self._thread.is_alive():
                 if self._pid != pid:
@@ -531,7 +536,8 @@ class _Refresher:
                     target=self._run, name="hilok-refresher", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
 
     def discard(self, lease: Lease) -> None:
         with self._cond:
