@@ -198,6 +198,16 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# The mark a grant of each mode places on its own node and on each ancestor, as an index into
+# a node's keys (is, ix, s, x); and the block of keys acquire gets for each mark: the mark's
+# own key first, then the keys of the marks that conflict with it (see common.lua).
+_MARKS: Final[dict[str, tuple[int, int]]] = {"read": (2, 0), "write": (3, 1), "read-node": (0, 0)}
+_BLOCKS: Final = ((0, 3), (1, 2, 3), (2, 1, 3), (3, 0, 1, 2))
+_N_Q_QX: Final = slice(0, 3)
+_Q_QX_C: Final = slice(1, 4)
+_NO_TREE_KEYS: Final = slice(0, 0)
+
+
 class Protocol:
     """Builds the calls of one namespace and decodes their replies."""
 
@@ -210,29 +220,39 @@ class Protocol:
     # -- key blocks ---------------------------------------------------------------------
 
     def _layout(
-        self, items: Sequence[tuple[str, Request]]
+        self, items: Sequence[tuple[str, Request]], tree_slice: slice, full: bool
     ) -> tuple[list[str], list[tuple[Request, int]], int]:
-        """KEYS for (handle, request) pairs: tree blocks, then one block per grant."""
+        """KEYS for (handle, request) pairs (see ``_scripts/common.lua``): the ``tree_slice``
+        of each tree's keys (n, q, qx, c), then per grant its holder hash and one block per
+        chain node: the grant's own mark, and with ``full`` the marks conflicting with it."""
+        space = self.keys
         trees: dict[str, int] = {}
         for _, req in items:
             trees.setdefault(req.path.tree, len(trees) + 1)
         keys: list[str] = []
         for tree in trees:
-            keys.extend(self.keys.tree_keys(tree))
+            keys.extend(space.tree_keys(tree)[tree_slice])
         placed: list[tuple[Request, int]] = []
-        space = self.keys
         for handle, req in items:
             tree = req.path.tree
             keys.append(space.holder_key(tree, handle))
-            for node in req.path.chain:
-                keys.extend(space.node_keys(tree, node))
+            leaf, intent = _MARKS[req.mode]
+            chain = req.path.chain
+            last = len(chain) - 1
+            for level, node in enumerate(chain):
+                marks = space.node_keys(tree, node)
+                mark = leaf if level == last else intent
+                if full:
+                    keys.extend([marks[i] for i in _BLOCKS[mark]])
+                else:
+                    keys.append(marks[mark])
             placed.append((req, trees[tree]))
         return keys, placed, len(trees)
 
     # -- calls ----------------------------------------------------------------------------
 
     def acquire(self, handle: str, requests: Sequence[Request], ttl: float, register: bool) -> Call:
-        keys, placed, ntrees = self._layout([(handle, r) for r in requests])
+        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _N_Q_QX, True)
         args: list[str | int] = [
             handle,
             int(ttl * 1000),
@@ -246,15 +266,15 @@ class Protocol:
         return Call(ACQUIRE, keys, args)
 
     def release(self, handle: str, requests: Sequence[Request], withdraw_only: bool) -> Call:
-        keys, placed, ntrees = self._layout([(handle, r) for r in requests])
+        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _Q_QX_C, False)
         args: list[str | int] = [handle, 1 if withdraw_only else 0, ntrees, len(placed)]
         for req, tree in placed:
             args += (req.code, req.path.depth, tree, req.path.canonical)
         return Call(RELEASE, keys, args)
 
     def refresh(self, items: Sequence[tuple[str, Request, float]]) -> Call:
-        keys, placed, ntrees = self._layout([(h, r) for h, r, _ in items])
-        args: list[str | int] = [ntrees, len(placed)]
+        keys, placed, _ = self._layout([(h, r) for h, r, _ in items], _NO_TREE_KEYS, False)
+        args: list[str | int] = [len(placed)]
         for (req, tree), (handle, _, ttl) in zip(placed, items, strict=True):
             args += (req.code, req.path.depth, tree, req.path.canonical, handle, int(ttl * 1000))
         return Call(REFRESH, keys, args)

@@ -43,14 +43,23 @@ def req(path: str, mode: str, separator: str = "/") -> Request:
     return Request.parse(path, mode, separator)
 
 
-def node(ns: str, tree: str, canonical: str) -> list[str]:
+def node(ns: str, tree: str, canonical: str, *kinds: str) -> list[str]:
+    """Mark-set keys of one node, in the order given (default: all four)."""
     base = f"{ns}:{{{tree}}}:{canonical}:"
-    return [base + "is", base + "ix", base + "s", base + "x"]
+    return [base + kind for kind in (kinds or ("is", "ix", "s", "x"))]
 
 
-def tree(ns: str, name: str) -> list[str]:
+def tree(ns: str, name: str, *kinds: str) -> list[str]:
+    """Tree keys, in the order given (default: n, q, qx, c)."""
     prefix = f"{ns}:{{{name}}}:"
-    return [prefix + ":n", prefix + ":q", prefix + ":qx", prefix + ":c"]
+    return [prefix + ":" + kind for kind in (kinds or ("n", "q", "qx", "c"))]
+
+
+# Node blocks acquire gets per mark: the mark's own set, then those conflicting with it.
+IS_BLOCK = ("is", "x")
+IX_BLOCK = ("ix", "s", "x")
+S_BLOCK = ("s", "ix", "x")
+X_BLOCK = ("x", "is", "ix", "s")
 
 
 def blocked_reply(
@@ -80,10 +89,10 @@ def test_acquire_layout_one_tree() -> None:
     call = proto.acquire(HANDLE, [req("a/b", "write")], ttl=2.5, register=True)
     assert call.script is ACQUIRE
     assert call.keys == [
-        *tree("ns", "a"),
+        *tree("ns", "a", "n", "q", "qx"),
         f"ns:{{a}}::h:{HANDLE}",
-        *node("ns", "a", "a"),
-        *node("ns", "a", "a/b"),
+        *node("ns", "a", "a", *IX_BLOCK),
+        *node("ns", "a", "a/b", *X_BLOCK),
     ]
     assert call.args == [HANDLE, 2500, 1, QUEUE_TTL_MS, 1, 1, "X", 2, 1, "a/b"]
 
@@ -93,16 +102,16 @@ def test_acquire_layout_several_trees_and_grants() -> None:
     requests = [req("a.b", "read", "."), req("c", "read-node", "."), req("a.x", "write", ".")]
     call = proto.acquire(HANDLE, requests, ttl=1.0, register=False)
     assert call.keys == [
-        *tree("ns", "a"),
-        *tree("ns", "c"),
+        *tree("ns", "a", "n", "q", "qx"),
+        *tree("ns", "c", "n", "q", "qx"),
         f"ns:{{a}}::h:{HANDLE}",
-        *node("ns", "a", "a"),
-        *node("ns", "a", "a/b"),
+        *node("ns", "a", "a", *IS_BLOCK),
+        *node("ns", "a", "a/b", *S_BLOCK),
         f"ns:{{c}}::h:{HANDLE}",
-        *node("ns", "c", "c"),
+        *node("ns", "c", "c", *IS_BLOCK),
         f"ns:{{a}}::h:{HANDLE}",
-        *node("ns", "a", "a"),
-        *node("ns", "a", "a/x"),
+        *node("ns", "a", "a", *IX_BLOCK),
+        *node("ns", "a", "a/x", *X_BLOCK),
     ]
     assert call.args == [
         HANDLE, 1000, 0, QUEUE_TTL_MS, 2, 3,
@@ -125,9 +134,17 @@ def test_release_layout() -> None:
     requests = [req("a/b/c", "read"), req("z", "write")]
     call = proto.release(HANDLE, requests, withdraw_only=False)
     assert call.script is RELEASE
-    assert call.keys[:8] == [*tree("ns", "a"), *tree("ns", "z")]
-    assert call.keys[8] == f"ns:{{a}}::h:{HANDLE}"
-    assert len(call.keys) == 8 + (1 + 4 * 3) + (1 + 4 * 1)
+    # Release touches only the grant's own mark on each node.
+    assert call.keys == [
+        *tree("ns", "a", "q", "qx", "c"),
+        *tree("ns", "z", "q", "qx", "c"),
+        f"ns:{{a}}::h:{HANDLE}",
+        *node("ns", "a", "a", "is"),
+        *node("ns", "a", "a/b", "is"),
+        *node("ns", "a", "a/b/c", "s"),
+        f"ns:{{z}}::h:{HANDLE}",
+        *node("ns", "z", "z", "x"),
+    ]
     assert call.args == [HANDLE, 0, 2, 2, "S", 3, 1, "a/b/c", "X", 1, 2, "z"]
     withdraw = proto.release(HANDLE, requests, withdraw_only=True)
     assert withdraw.args[1] == 1
@@ -139,16 +156,15 @@ def test_refresh_layout_many_holders() -> None:
     items = [("h-one-0001", req("a/b", "read"), 1.0), ("h-two-0002", req("a", "write"), 0.25)]
     call = proto.refresh(items)
     assert call.script is REFRESH
-    assert call.keys == [
-        *tree("ns", "a"),
+    assert call.keys == [  # no tree keys; only the grants' own marks
         "ns:{a}::h:h-one-0001",
-        *node("ns", "a", "a"),
-        *node("ns", "a", "a/b"),
+        *node("ns", "a", "a", "is"),
+        *node("ns", "a", "a/b", "s"),
         "ns:{a}::h:h-two-0002",
-        *node("ns", "a", "a"),
+        *node("ns", "a", "a", "x"),
     ]
     assert call.args == [
-        1, 2,
+        2,
         "S", 2, 1, "a/b", "h-one-0001", 1000,
         "X", 1, 1, "a", "h-two-0002", 250,
     ]  # fmt: skip
@@ -385,7 +401,7 @@ def test_existing_handle_is_used() -> None:
     attempt = _acquisition(handle=HANDLE)
     assert not attempt.fresh
     assert attempt.handle == HANDLE
-    assert attempt.call.keys[4] == f"ns:{{a}}::h:{HANDLE}"
+    assert attempt.call.keys[3] == f"ns:{{a}}::h:{HANDLE}"
 
 
 # -- argument checks ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 -- acquire: grant every requested lock to one holder, atomically, or none of them.
 --
--- KEYS: per tree {n, q, qx, c}; then per grant {holder hash, 4 mark keys per chain node}.
+-- KEYS: per tree {n, q, qx}; then per grant {holder hash, a full block per chain node}.
 -- ARGV: handle, ttl ms, register (1: join the wait queue when refused), queue entry ttl ms,
 --       tree count, grant count, then per grant: mode, depth, tree index, canonical path.
 -- Reply: {1, {token per grant}} when granted;
@@ -15,7 +15,7 @@
 local handle, ttl = ARGV[1], tonumber(ARGV[2])
 local register, qttl = ARGV[3] == '1', tonumber(ARGV[4])
 local ntrees, ngrants = tonumber(ARGV[5]), tonumber(ARGV[6])
-local grants = read_grants(ngrants, 7, 4 * ntrees + 1, false)
+local grants = read_grants(ngrants, 7, 3 * ntrees + 1, false, true)
 local prefix = handle .. '|'
 local plen = #prefix
 
@@ -62,8 +62,11 @@ end
 local suspects = {}
 for _, g in ipairs(grants) do
   for level = 1, g.depth do
-    for _, idx in ipairs(CONFLICTS[mark_of(g, level)]) do
-      suspects[#suspects + 1] = mark_key(g, level, idx)
+    local first = block_of(g, level)
+    local size = level == g.depth and g.lsize or g.isize
+    -- a write conflicts with other writes: its own mark's key is a suspect too
+    for k = (mark_of(g, level) == 4 and first or first + 1), first + size - 1 do
+      suspects[#suspects + 1] = KEYS[k]
     end
   end
 end
@@ -121,7 +124,7 @@ for i, g in ipairs(grants) do
   -- a renewal (the grant is live) keeps its token; every grant has a holder entry
   local entry = redis.call('HGET', g.hkey, field)
   if entry then
-    local leaf = mark_key(g, g.depth, LEAF_MARK[g.mode])
+    local leaf = KEYS[block_of(g, g.depth)]
     local score = tonumber(redis.call('ZSCORE', leaf, g.member))
     if score and score > NOW then token = entry_token(entry) end
   end
@@ -135,7 +138,7 @@ for i, g in ipairs(grants) do
     end
   end
   for level = 1, g.depth do
-    local key = mark_key(g, level, mark_of(g, level))
+    local key = KEYS[block_of(g, level)]
     redis.call('ZADD', key, exp, g.member)
     bump(key, ttl)
   end

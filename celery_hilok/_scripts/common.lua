@@ -7,18 +7,21 @@
 -- N -> is) and every ancestor an intention mark (S, N -> is; X -> ix). A member is live
 -- while its score is in the future; expired members are ignored and swept lazily.
 --
--- Key blocks. Every script receives, per tree, the block {n, q, qx, c} and, per grant,
--- {holder hash, then 4 keys (is, ix, s, x) per node of its chain, root first}.
+-- Key blocks. Scripts receive, per tree, a block of tree keys (acquire: n, q, qx; release:
+-- q, qx, c; refresh: none) and then, per grant, its holder hash followed by one block per
+-- node of its chain, root first. A node's block starts with the key of the mark the grant
+-- places there; for acquire it goes on with the keys of the marks that conflict with it
+-- (is: x; ix: s, x; s: ix, x; x: is, ix, s, the x itself conflicting too); release and
+-- refresh get the first key only.
 
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
--- index of the leaf mark of each mode within a node's 4 keys, and of the ancestors' mark
-local LEAF_MARK = { S = 3, X = 4, N = 1 }
-local INTENT_MARK = { S = 1, X = 2, N = 1 }
--- marks (by index: 1 is, 2 ix, 3 s, 4 x) that conflict with the mark of each index
-local CONFLICTS = { { 4 }, { 3, 4 }, { 2, 4 }, { 1, 2, 3, 4 } }
+-- marks by index: 1 is, 2 ix, 3 s, 4 x
+local LEAF_MARK = { S = 3, X = 4, N = 1 }    -- the mark a grant places on its own node
+local INTENT_MARK = { S = 1, X = 2, N = 1 }  -- and on each ancestor
+local BLOCK_SIZE = { 2, 3, 3, 4 }            -- acquire's node block for each mark
 
 -- a is an ancestor of b or b itself (canonical paths, '/' separated)
 local function covers(a, b)
@@ -61,30 +64,35 @@ local function holds_live(hkey)
   return live
 end
 
--- make key live at least ms more milliseconds
+-- make key live at least ms more milliseconds (never shorter than it already lives: every
+-- key outlives the longest lease it holds)
 local function bump(key, ms)
-  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+  if redis.call('PEXPIRE', key, ms, 'NX') == 0 then redis.call('PEXPIRE', key, ms, 'GT') end
 end
 
 -- read the grants described by ARGV from position `pos`: each is mode, depth, tree index,
--- canonical path (and, when with_ttl, ttl ms); returns them with their key offsets
-local function read_grants(count, pos, first_key, with_ttl)
+-- canonical path (and, when with_ttl, handle and ttl ms); `full` says whether node blocks
+-- hold the conflicting marks' keys too (acquire) or only the grant's own mark (others)
+local function read_grants(count, pos, first_key, with_ttl, full)
   local grants, k = {}, first_key
   for i = 1, count do
-    local g = { mode = ARGV[pos], depth = tonumber(ARGV[pos + 1]),
-                tree = tonumber(ARGV[pos + 2]), path = ARGV[pos + 3], hkey = KEYS[k],
-                base = k + 1 }
+    local mode, depth = ARGV[pos], tonumber(ARGV[pos + 1])
+    local g = { mode = mode, depth = depth, tree = tonumber(ARGV[pos + 2]), path = ARGV[pos + 3],
+                hkey = KEYS[k], base = k + 1, isize = 1, lsize = 1 }
+    if full then
+      g.isize, g.lsize = BLOCK_SIZE[INTENT_MARK[mode]], BLOCK_SIZE[LEAF_MARK[mode]]
+    end
     pos = pos + 4
     if with_ttl then g.handle = ARGV[pos]; g.ttl = tonumber(ARGV[pos + 1]); pos = pos + 2 end
     grants[i] = g
-    k = k + 1 + 4 * g.depth
+    k = k + 1 + g.isize * (depth - 1) + g.lsize
   end
   return grants, pos
 end
 
--- key of mark `idx` on level `level` (1 = root) of grant g
-local function mark_key(g, level, idx)
-  return KEYS[g.base + 4 * (level - 1) + idx - 1]
+-- index in KEYS of the block of `level` (1 = root) of grant g; its first key is g's own mark
+local function block_of(g, level)
+  return g.base + g.isize * (level - 1)
 end
 
 -- the mark index grant g places on `level`
@@ -93,6 +101,7 @@ local function mark_of(g, level)
   return INTENT_MARK[g.mode]
 end
 
+-- key i of the tree block of tree number `tree` (3 keys a tree)
 local function tree_key(tree, i)
-  return KEYS[4 * (tree - 1) + i]
+  return KEYS[3 * (tree - 1) + i]
 end

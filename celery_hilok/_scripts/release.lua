@@ -1,6 +1,6 @@
 -- release: drop grants of one holder and withdraw its queued requests for them.
 --
--- KEYS: per tree {n, q, qx, c}; then per grant {holder hash, 4 mark keys per chain node}.
+-- KEYS: per tree {q, qx, c}; then per grant {holder hash, its mark's key on each chain node}.
 -- ARGV: handle, withdraw only (1: leave grants alone, only leave the wait queue), tree
 --       count, grant count, then per grant: mode, depth, tree index, path.
 -- Reply: per grant 1 (a live grant was released), 2 (its lease had already run out),
@@ -12,28 +12,28 @@
 
 local handle, withdraw_only = ARGV[1], ARGV[2] == '1'
 local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
-local grants = read_grants(ngrants, 5, 4 * ntrees + 1, false)
+local grants = read_grants(ngrants, 5, 3 * ntrees + 1, false, false)
 local result = {}
 local notify = {}
 for i, g in ipairs(grants) do
   local member = handle .. '|' .. g.mode .. '|' .. g.path
-  local leaf = mark_key(g, g.depth, LEAF_MARK[g.mode])
+  local leaf = KEYS[block_of(g, g.depth)]
   local score = tonumber(redis.call('ZSCORE', leaf, member))
   if score == nil then result[i] = 0 elseif score > NOW then result[i] = 1 else result[i] = 2 end
   if withdraw_only then
     result[i] = 0
   else
-    for level = 1, g.depth do redis.call('ZREM', mark_key(g, level, mark_of(g, level)), member) end
+    for level = 1, g.depth do redis.call('ZREM', KEYS[block_of(g, level)], member) end
     redis.call('HDEL', g.hkey, g.mode .. '|' .. g.path)
   end
-  local q = tree_key(g.tree, 2)
+  local q = tree_key(g.tree, 1)
   if redis.call('EXISTS', q) == 1 then  -- somebody waits in this tree
     local withdrawn = redis.call('ZREM', q, member)
-    if withdrawn == 1 then redis.call('ZREM', tree_key(g.tree, 3), member) end
+    if withdrawn == 1 then redis.call('ZREM', tree_key(g.tree, 2), member) end
     if (result[i] == 1 or withdrawn == 1) and redis.call('EXISTS', q) == 1 then
       notify[#notify + 1] = g
     end
   end
 end
-for _, g in ipairs(notify) do redis.call('PUBLISH', tree_key(g.tree, 4), g.path) end
+for _, g in ipairs(notify) do redis.call('PUBLISH', tree_key(g.tree, 3), g.path) end
 return result
