@@ -297,13 +297,23 @@ class AsyncHiLok:
 
     async def _run(self, call: Call) -> Any:
         client = self.redis
+        cancel_count = _cancel_counter()
+        cancelling = cancel_count()
+        keys, args = call.keys, call.args
         try:
             try:
-                return await client.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                reply = await client.evalsha(call.script.sha, len(keys), *keys, *args)
             except NoScriptError:
-                return await client.eval(call.script.source, len(call.keys), *call.keys, *call.args)
+                reply = await client.eval(call.script.source, len(keys), *keys, *args)
         except RedisError as exc:
+            if cancel_count() > cancelling:
+                raise asyncio.CancelledError from exc
             raise translate(exc, self.server, call.script.name) from exc
+        # redis-py may swallow a cancellation that lands mid-call, though the task still
+        # counts it: honour it, or a cancelled task would carry on.
+        if cancel_count() > cancelling:
+            raise asyncio.CancelledError
+        return reply
 
     async def close(self) -> None:
         """Stop the background tasks and close the client if this instance created it."""

@@ -371,6 +371,38 @@ async def _still_works(ahl: AsyncHiLok) -> None:
     await assert_only(ahl, "after")
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="needs Task.cancelling()")
+@pytest.mark.parametrize("operation", ["status", "refresh", "acquire-release"])
+async def test_cancelling_a_task_busy_with_calls_ends_it(ahl: AsyncHiLok, operation: str) -> None:
+    # redis-py can swallow a cancellation that lands in the middle of a call; AsyncHiLok must
+    # not, or a cancelled task would go on running.
+    rng = random.Random(operation)
+    lease = await ahl.acquire("busy/a", "read")
+    stop = False
+
+    async def busy() -> None:
+        while not stop:
+            if operation == "status":
+                await ahl.status("busy/a/b/c")
+            elif operation == "refresh":
+                await ahl.refresh(lease)
+            else:
+                await ahl.release(await ahl.acquire("busy/b", "write"))
+
+    try:
+        for _ in range(ROUNDS):
+            task = asyncio.create_task(busy())
+            await asyncio.sleep(rng.uniform(0, 0.005))
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=5)
+            assert done, "the cancellation was swallowed: the task went on"
+            assert task.cancelled()
+    finally:
+        stop = True
+    await ahl.release(lease)
+    await assert_only(ahl, "busy")
+
+
 async def test_cancelled_context_manager_body_releases(ahl: AsyncHiLok) -> None:
     entered = asyncio.Event()
 
