@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from .errors import InvalidArgument
 from .paths import KeySpace, LockPath, parse_path
@@ -279,6 +279,35 @@ class Protocol:
             args += (req.code, req.path.depth, tree, req.path.canonical, handle, int(ttl * 1000))
         return Call(REFRESH, keys, args)
 
+    def refresh_batches(
+        self, items: Sequence[tuple[str, Request, float]], per_tree: bool
+    ) -> list[tuple[list[int], Call]]:
+        """Refresh calls for any number of (handle, request, ttl) items, each with the
+        indices of the items it covers, to be sent in one pipeline: a single call (up to
+        :data:`MAX_BATCH` grants), or with ``per_tree`` (Redis Cluster: one slot per script)
+        one call per tree."""
+
+        def key(item: tuple[str, Request, float]) -> object:
+            return item[1].path.tree if per_tree else None
+
+        return [(part, self.refresh([items[i] for i in part])) for part in _batches(items, key)]
+
+    def release_batches(
+        self, items: Sequence[tuple[str, Request]], per_tree: bool
+    ) -> list[tuple[list[int], Call]]:
+        """Release calls for (handle, request) items: one per holder (and per tree with
+        ``per_tree``), like :meth:`refresh_batches`."""
+
+        def key(item: tuple[str, Request]) -> object:
+            return (item[0], item[1].path.tree) if per_tree else item[0]
+
+        out = []
+        for part in _batches(items, key):
+            handle = items[part[0]][0]
+            call = self.release(handle, [items[i][1] for i in part], withdraw_only=False)
+            out.append((part, call))
+        return out
+
     def status(self, path: LockPath) -> Call:
         keys = list(self.keys.tree_keys(path.tree))
         for node in path.chain:
@@ -327,6 +356,31 @@ class Protocol:
             h, m, p = parse_member(queue[i])
             waiters.append(Waiter(h, m, p, int(float(queue[i + 1])), int(queue[i + 2]) / 1000))
         return nodes, waiters
+
+
+MAX_BATCH: Final = 1000
+"""Most grants one refresh or release script call handles (a call renewing 1000 grants at
+depth 3 runs for some tens of milliseconds in Redis)."""
+
+
+def _batches(items: Sequence[Any], key: Callable[[Any], object]) -> list[list[int]]:
+    """Indices of ``items`` grouped by ``key`` (in first-seen order), cut into MAX_BATCH."""
+    groups: dict[object, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return [
+        idxs[k : k + MAX_BATCH] for idxs in groups.values() for k in range(0, len(idxs), MAX_BATCH)
+    ]
+
+
+def by_tree(requests: Sequence[Request]) -> list[list[Request]]:
+    """Requests grouped by tree, trees in sorted order: the order in which a client that
+    cannot take several trees in one script (Redis Cluster) acquires them, so that two such
+    acquires never wait for each other in a cycle."""
+    groups: dict[str, list[Request]] = {}
+    for req in requests:
+        groups.setdefault(req.path.tree, []).append(req)
+    return [groups[tree] for tree in sorted(groups)]
 
 
 def related(a: str, b: str) -> bool:

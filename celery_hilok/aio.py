@@ -18,6 +18,8 @@ from ._core import (
     Mode,
     Protocol,
     Request,
+    by_tree,
+    check_timeout,
     check_ttl,
     normalise_requests,
     related,
@@ -67,6 +69,7 @@ class AsyncHiLok:
         self._owns_client = isinstance(redis, str)
         self.redis: AsyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
+        self._cluster = isinstance(self.redis, aredis.RedisCluster)
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
 
@@ -104,11 +107,37 @@ class AsyncHiLok:
         """Acquire several locks for one holder atomically; see :meth:`HiLok.acquire_many`."""
         requests = normalise_requests(locks, self.separator)
         lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
+        limit = check_timeout(timeout)
+        if not self._cluster or len({r.path.tree for r in requests}) == 1:
+            return await self._acquire_group(requests, handle, lease_ttl, block, limit)
+        # A cluster runs one script per slot: see HiLok.acquire_many.
+        start = time.monotonic()
+        leases: list[Lease] = []
+        try:
+            for group in by_tree(requests):
+                left = None if limit is None else max(0.0, limit - (time.monotonic() - start))
+                leases += await self._acquire_group(group, handle, lease_ttl, block, left)
+                handle = leases[0].handle
+        except BaseException:
+            await _shielded(self._release_quietly(leases))
+            raise
+        order = {req: i for i, req in enumerate(requests)}
+        return sorted(leases, key=lambda lease: order[lease.request])
+
+    async def _acquire_group(
+        self,
+        requests: list[Request],
+        handle: str | None,
+        ttl: float,
+        block: bool,
+        timeout: float | None,
+    ) -> list[Lease]:
+        """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
         attempt = Acquisition(
             self._protocol,
             requests,
             handle=handle,
-            ttl=lease_ttl,
+            ttl=ttl,
             block=block,
             timeout=timeout,
             now=time.monotonic(),
@@ -120,6 +149,7 @@ class AsyncHiLok:
             while True:
                 if waiter is not None:
                     waiter.event.clear()
+                sent = time.monotonic()
                 reply = await self._run(attempt.call)
                 # Some redis-py versions swallow a cancellation that lands mid-call; the
                 # task still counts it, so honour it here rather than hand out a lease.
@@ -127,10 +157,13 @@ class AsyncHiLok:
                     raise asyncio.CancelledError
                 step = attempt.step(reply, time.monotonic())
                 if isinstance(step, list):
-                    return [
-                        Lease(r, attempt.handle, token, lease_ttl, self)
+                    leases = [
+                        Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
                     ]
+                    for lease in leases:
+                        lease.renewed_at = sent
+                    return leases
                 if waiter is None:
                     waiter = await self._waker.register(requests)
                 else:
@@ -229,10 +262,14 @@ class AsyncHiLok:
             return []
         new_ttl = None if ttl is None else check_ttl(ttl)
         items = [(lease.handle, lease.request, new_ttl or lease.ttl) for lease in leases]
-        codes = self._protocol.decode_codes(await self._run(self._protocol.refresh(items)))
-        if new_ttl is not None:
-            for lease, code in zip(leases, codes, strict=True):
-                if code:
+        sent = time.monotonic()
+        codes = await self._run_batches(
+            self._protocol.refresh_batches(items, self._cluster), len(items)
+        )
+        for lease, code in zip(leases, codes, strict=True):
+            if code:
+                lease.renewed_at = sent
+                if new_ttl is not None:
                     lease.ttl = new_ttl
         return [bool(c) for c in codes]
 
@@ -248,19 +285,17 @@ class AsyncHiLok:
         todo = [lease for lease in leases if not lease.released]
         for lease in todo:
             self._refresher.discard(lease)
+        if not todo:
+            return
+        items = [(lease.handle, lease.request) for lease in todo]
+        batches = self._protocol.release_batches(items, self._cluster)
+        codes = await self._run_batches(batches, len(todo))
         lost: list[Lease] = []
-        groups: dict[str, list[Lease]] = {}
-        for lease in todo:
-            groups.setdefault(lease.handle, []).append(lease)
-        for handle, group in groups.items():
-            requests = [lease.request for lease in group]
-            call = self._protocol.release(handle, requests, withdraw_only=False)
-            codes = self._protocol.decode_codes(await self._run(call))
-            for lease, code in zip(group, codes, strict=True):
-                lease.released = True
-                if code != 1:
-                    lease.lost = True
-                    lost.append(lease)
+        for lease, code in zip(todo, codes, strict=True):
+            lease.released = True
+            if code != 1:
+                lease.lost = True
+                lost.append(lease)
         if lost:
             raise LockLost(
                 "released a lease that was no longer held (it ran out or was released "
@@ -314,6 +349,35 @@ class AsyncHiLok:
         if cancel_count() > cancelling:
             raise asyncio.CancelledError
         return reply
+
+    async def _run_batches(self, batches: list[tuple[list[int], Call]], count: int) -> list[int]:
+        """Send the batches in one round trip; the per-item reply codes, in item order."""
+        codes = [0] * count
+        replies = await self._run_many([call for _, call in batches])
+        for (part, _), reply in zip(batches, replies, strict=True):
+            for i, code in zip(part, self._protocol.decode_codes(reply), strict=True):
+                codes[i] = code
+        return codes
+
+    async def _run_many(self, calls: list[Call]) -> list[Any]:
+        """Send several calls in one pipeline (not a transaction: each script is atomic)."""
+        if len(calls) == 1:
+            return [await self._run(calls[0])]
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    pipe.execute_command(
+                        "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+                    )
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise translate(exc, self.server, calls[0].script.name) from exc
+        for i, (call, reply) in enumerate(zip(calls, replies, strict=True)):
+            if isinstance(reply, NoScriptError):
+                replies[i] = await self._run(call)
+            elif isinstance(reply, RedisError):
+                raise translate(reply, self.server, call.script.name) from reply
+        return replies
 
     async def close(self) -> None:
         """Stop the background tasks and close the client if this instance created it."""
@@ -548,7 +612,9 @@ class _Refresher:
             alive = await self._owner._renew(leases, None)
         except HiLokError as exc:
             log.warning("could not refresh %d lease(s): %s", len(leases), exc)
-            return
+            # A lease not renewed for its whole ttl has run out (see the sync twin).
+            now = time.monotonic()
+            alive = [now - lease.renewed_at < lease.ttl for lease in leases]
         for lease, ok in zip(leases, alive, strict=True):
             # A lease released while this tick was in flight is not lost.
             if not ok and self._leases.get(id(lease)) is lease:

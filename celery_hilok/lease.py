@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ class Lease:
         "lost",
         "refresh_interval",
         "released",
+        "renewed_at",
         "token",
         "ttl",
     )
@@ -56,6 +58,9 @@ class Lease:
         self.released = False
         self.lost = False
         self.refresh_interval: float | None = None
+        # When the lease was last known to run for ``ttl`` more seconds (local monotonic
+        # clock, measured before the call that granted or renewed it, so never late).
+        self.renewed_at = time.monotonic()
         self._on_lost: list[Callable[[Lease], Any]] = []
 
     @property

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster as _RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from ._core import (
@@ -19,6 +20,8 @@ from ._core import (
     Mode,
     Protocol,
     Request,
+    by_tree,
+    check_timeout,
     check_ttl,
     normalise_requests,
     related,
@@ -61,6 +64,7 @@ class HiLok:
         self._owns_client = isinstance(redis, str)
         self.redis: SyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
+        self._cluster = isinstance(self.redis, _RedisCluster)
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
 
@@ -104,11 +108,38 @@ class HiLok:
         """
         requests = normalise_requests(locks, self.separator)
         lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
+        limit = check_timeout(timeout)
+        if not self._cluster or len({r.path.tree for r in requests}) == 1:
+            return self._acquire_group(requests, handle, lease_ttl, block, limit)
+        # A cluster runs one script per slot: take the trees one by one, in sorted order,
+        # and give back what was taken if a later tree cannot be had.
+        start = time.monotonic()
+        leases: list[Lease] = []
+        try:
+            for group in by_tree(requests):
+                left = None if limit is None else max(0.0, limit - (time.monotonic() - start))
+                leases += self._acquire_group(group, handle, lease_ttl, block, left)
+                handle = leases[0].handle
+        except BaseException:
+            self._release_quietly(leases)
+            raise
+        order = {req: i for i, req in enumerate(requests)}
+        return sorted(leases, key=lambda lease: order[lease.request])
+
+    def _acquire_group(
+        self,
+        requests: list[Request],
+        handle: str | None,
+        ttl: float,
+        block: bool,
+        timeout: float | None,
+    ) -> list[Lease]:
+        """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
         attempt = Acquisition(
             self._protocol,
             requests,
             handle=handle,
-            ttl=lease_ttl,
+            ttl=ttl,
             block=block,
             timeout=timeout,
             now=time.monotonic(),
@@ -118,12 +149,16 @@ class HiLok:
             while True:
                 if waiter is not None:
                     waiter.event.clear()
+                sent = time.monotonic()
                 step = attempt.step(self._run(attempt.call), time.monotonic())
                 if isinstance(step, list):
-                    return [
-                        Lease(r, attempt.handle, token, lease_ttl, self)
+                    leases = [
+                        Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
                     ]
+                    for lease in leases:
+                        lease.renewed_at = sent
+                    return leases
                 if waiter is None:
                     waiter = self._waker.register(requests)
                 else:
@@ -223,10 +258,12 @@ class HiLok:
             return []
         new_ttl = None if ttl is None else check_ttl(ttl)
         items = [(lease.handle, lease.request, new_ttl or lease.ttl) for lease in leases]
-        codes = self._protocol.decode_codes(self._run(self._protocol.refresh(items)))
-        if new_ttl is not None:
-            for lease, code in zip(leases, codes, strict=True):
-                if code:
+        sent = time.monotonic()
+        codes = self._run_batches(self._protocol.refresh_batches(items, self._cluster), len(items))
+        for lease, code in zip(leases, codes, strict=True):
+            if code:
+                lease.renewed_at = sent
+                if new_ttl is not None:
                     lease.ttl = new_ttl
         return [bool(c) for c in codes]
 
@@ -263,16 +300,15 @@ class HiLok:
             self._refresher.discard(lease)
         if not todo:
             return
+        items = [(lease.handle, lease.request) for lease in todo]
+        batches = self._protocol.release_batches(items, self._cluster)
+        codes = self._run_batches(batches, len(todo))
         lost: list[Lease] = []
-        for handle, group in _by_handle(todo):
-            requests = [lease.request for lease in group]
-            call = self._protocol.release(handle, requests, withdraw_only=False)
-            codes = self._protocol.decode_codes(self._run(call))
-            for lease, code in zip(group, codes, strict=True):
-                lease.released = True
-                if code != 1:
-                    lease.lost = True
-                    lost.append(lease)
+        for lease, code in zip(todo, codes, strict=True):
+            lease.released = True
+            if code != 1:
+                lease.lost = True
+                lost.append(lease)
         if lost:
             raise LockLost(
                 "released a lease that was no longer held (it ran out or was released "
@@ -317,6 +353,35 @@ class HiLok:
         except RedisError as exc:
             raise translate(exc, self.server, call.script.name) from exc
 
+    def _run_batches(self, batches: list[tuple[list[int], Call]], count: int) -> list[int]:
+        """Send the batches in one round trip; the per-item reply codes, in item order."""
+        codes = [0] * count
+        replies = self._run_many([call for _, call in batches])
+        for (part, _), reply in zip(batches, replies, strict=True):
+            for i, code in zip(part, self._protocol.decode_codes(reply), strict=True):
+                codes[i] = code
+        return codes
+
+    def _run_many(self, calls: list[Call]) -> list[Any]:
+        """Send several calls in one pipeline (not a transaction: each script is atomic)."""
+        if len(calls) == 1:
+            return [self._run(calls[0])]
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    pipe.execute_command(
+                        "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+                    )
+                replies: list[Any] = pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise translate(exc, self.server, calls[0].script.name) from exc
+        for i, (call, reply) in enumerate(zip(calls, replies, strict=True)):
+            if isinstance(reply, NoScriptError):
+                replies[i] = self._run(call)
+            elif isinstance(reply, RedisError):
+                raise translate(reply, self.server, call.script.name) from reply
+        return replies
+
     def close(self) -> None:
         """Stop the background threads and close the client if this instance created it."""
         self._refresher.stop()
@@ -345,13 +410,6 @@ def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> Sy
     raise InvalidArgument(
         f"expected a Redis URL or a redis.Redis / redis.RedisCluster client, got {target!r}"
     )
-
-
-def _by_handle(leases: Sequence[Lease]) -> Iterator[tuple[str, list[Lease]]]:
-    groups: dict[str, list[Lease]] = {}
-    for lease in leases:
-        groups.setdefault(lease.handle, []).append(lease)
-    yield from groups.items()
 
 
 # -- wake-ups -------------------------------------------------------------------------------
@@ -573,7 +631,10 @@ class _Refresher:
                 alive = self._owner._renew(leases, None)
         except HiLokError as exc:
             log.warning("could not refresh %d lease(s): %s", len(leases), exc)
-            return
+            # Whatever Redis says when it is back, a lease not renewed for its whole ttl
+            # has run out: say so now rather than let its holder go on unprotected.
+            now = time.monotonic()
+            alive = [now - lease.renewed_at < lease.ttl for lease in leases]
         for lease, ok in zip(leases, alive, strict=True):
             if not ok:
                 with self._cond:
