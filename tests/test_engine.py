@@ -815,6 +815,26 @@ def test_server_killed_mid_wait(
             hl.release(holder)
 
 
+def test_server_that_stops_answering(
+    redis_server_factory: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = redis_server_factory()
+    admin = server.client()
+    options = {"socket_timeout": 0.2}
+    with HiLok(f"{server.url}/0", namespace=namespace, ttl=1.0, redis_options=options) as hl:
+        hl.release(hl.acquire("e/a", "write"))  # connected, scripts loaded
+        admin.client_pause(1000, all=True)
+        with pytest.raises(HiLokConnectionError) as info:
+            hl.acquire("e/a", "write")
+        assert not isinstance(info.value, LockNotAcquired)
+        assert "Timeout" in str(info.value)
+        assert f"127.0.0.1:{server.port}" in str(info.value)
+        # Once the server answers again, whatever the lost call did is undone or runs out.
+        with HiLok(f"{server.url}/0", namespace=namespace) as other:
+            other.release(other.acquire("e", "write", timeout=20))
+    admin.close()
+
+
 def test_restart_loses_locks_but_scripts_come_back(
     redis_server_factory: Callable[..., RedisServer], namespace: str
 ) -> None:
