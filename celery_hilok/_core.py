@@ -61,7 +61,7 @@ def check_handle(handle: object) -> str:
 
 def check_mode(mode: object) -> Mode:
     if mode not in MODE_CODES:
-        raise InvalidArgument(f"mode must be 'read' or 'write', got {mode!r}")
+        raise InvalidArgument(f"mode must be 'read', 'write' or 'read-node', got {mode!r}")
     return mode  # type: ignore[return-value]
 
 

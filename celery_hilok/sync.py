@@ -508,7 +508,7 @@ class _Waker:
             try:
                 message = pubsub.get_message(timeout=1.0)
                 backoff = 0.05
-            except (RedisError, OSError, ValueError, AttributeError) as exc:
+            except Exception as exc:  # any failure of the connection, or close() racing us
                 if self._stopping.is_set():
                     return
                 log.debug("waker connection failed: %s", exc)
@@ -544,13 +544,14 @@ class _Waker:
     def stop(self) -> None:
         self._stopping.set()
         thread, pubsub = self._thread, self._pubsub
-        if thread is not None and self._pid == os.getpid():
-            thread.join(timeout=2.0)
         if pubsub is not None:
+            # Closing the connection ends the thread's pending read at once.
             try:
                 pubsub.close()
-            except RedisError:
+            except (RedisError, OSError):
                 pass
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout=2.0)
         self._thread = None
 
 
