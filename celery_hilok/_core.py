@@ -37,6 +37,9 @@ MODE_CODES: Final[dict[str, str]] = {"read": "S", "write": "X", "read-node": "N"
 """Public mode name -> the one-letter code used in Redis (see ``_scripts/common.lua``)."""
 _MODE_NAMES: Final = {v: k for k, v in MODE_CODES.items()}
 
+WITHDRAW_ONLY: Final = "-"
+"""Release scope that leaves every grant alone and only withdraws queue entries."""
+
 QUEUE_TTL_MS: Final = 6000
 """Life of a wait-queue entry; a live waiter renews it at least every :data:`KEEPALIVE`."""
 KEEPALIVE: Final = 2.0
@@ -251,7 +254,10 @@ class Protocol:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def acquire(self, handle: str, requests: Sequence[Request], ttl: float, register: bool) -> Call:
+    def acquire(
+        self, handle: str, requests: Sequence[Request], ttl: float, register: bool, nonce: str
+    ) -> Call:
+        """Acquire ``requests`` for ``handle``; ``nonce`` names this call (see :meth:`undo`)."""
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _N_Q_QX, True)
         args: list[str | int] = [
             handle,
@@ -260,14 +266,20 @@ class Protocol:
             QUEUE_TTL_MS,
             ntrees,
             len(placed),
+            nonce,
         ]
         for req, tree in placed:
             args += (req.code, req.path.depth, tree, req.path.canonical)
         return Call(ACQUIRE, keys, args)
 
-    def release(self, handle: str, requests: Sequence[Request], withdraw_only: bool) -> Call:
+    def release(self, handle: str, requests: Sequence[Request], scope: str = "") -> Call:
+        """Release ``handle``'s grants of ``requests`` and withdraw its queue entries for them.
+
+        ``scope`` limits what is released: ``""`` everything, :data:`WITHDRAW_ONLY` no grant
+        (only queue entries), an acquire call's nonce only the grants that call made.
+        """
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _Q_QX_C, False)
-        args: list[str | int] = [handle, 1 if withdraw_only else 0, ntrees, len(placed)]
+        args: list[str | int] = [handle, scope, ntrees, len(placed)]
         for req, tree in placed:
             args += (req.code, req.path.depth, tree, req.path.canonical)
         return Call(RELEASE, keys, args)
@@ -304,7 +316,7 @@ class Protocol:
         out = []
         for part in _batches(items, key):
             handle = items[part[0]][0]
-            call = self.release(handle, [items[i][1] for i in part], withdraw_only=False)
+            call = self.release(handle, [items[i][1] for i in part])
             out.append((part, call))
         return out
 
@@ -441,6 +453,7 @@ class Acquisition:
         "deadline",
         "fresh",
         "handle",
+        "nonce",
         "protocol",
         "requests",
         "subscribed",
@@ -469,7 +482,8 @@ class Acquisition:
         self.can_wait = self.block and self.timeout != 0
         self.deadline = None if self.timeout is None else now + self.timeout
         self.subscribed = False
-        self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait)
+        self.nonce = secrets.token_hex(6)
+        self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait, self.nonce)
 
     def step(self, reply: list[object], now: float) -> list[int] | Sleep:
         outcome = self.protocol.decode_acquire(reply)
@@ -486,16 +500,17 @@ class Acquisition:
         """The call that undoes whatever a failed acquire may have left.
 
         A refused request left at most a queue entry. Any other failure (a lost reply, a
-        cancellation) may have left a grant: a fresh holder's requests are released; an
-        existing holder's grants may predate this call, so only its queue entries go.
+        cancellation) may also have left grants: exactly those made by this call's scripts
+        (found by its nonce) are released; grants the holder had before, even if this call
+        renewed them, stay.
         """
         from .errors import LockNotAcquired
 
         if isinstance(error, LockNotAcquired):
             if not self.can_wait:
                 return None
-            return self.protocol.release(self.handle, self.requests, withdraw_only=True)
-        return self.protocol.release(self.handle, self.requests, withdraw_only=not self.fresh)
+            return self.protocol.release(self.handle, self.requests, WITHDRAW_ONLY)
+        return self.protocol.release(self.handle, self.requests, self.nonce)
 
     def _not_acquired(self, blocked: Blocked) -> Exception:
         from .errors import LockNotAcquired

@@ -312,6 +312,35 @@ async def test_cancelled_acquire_leaves_nothing(ahl: AsyncHiLok, contended: bool
     await _still_works(ahl)
 
 
+async def test_cancelled_acquire_with_a_handle_undoes_only_its_own_grants(
+    ahl: AsyncHiLok,
+) -> None:
+    """An existing holder's cancelled acquire releases what that call granted, nothing else:
+    the holder's older grant, and a grant the call merely renewed, stay."""
+    rng = random.Random(99)
+    older = await ahl.acquire("y/base", "write")
+    renewed = await ahl.acquire("y/renewed", "read", handle=older.handle)
+    cancelled = 0
+    for i in range(ROUNDS):
+        path = f"y/new{i}"
+        task = asyncio.create_task(
+            ahl.acquire_many([(path, "write"), ("y/renewed", "read")], handle=older.handle)
+        )
+        await asyncio.sleep(rng.choice([0, 0, 0.0002, 0.0005, 0.001, 0.002]))
+        task.cancel()
+        try:
+            leases = await task
+        except asyncio.CancelledError:
+            cancelled += 1
+            assert not (await ahl.status(path)).held, "a cancelled acquire left its grant"
+        else:
+            await ahl.release(leases[0])  # won the race: give the new one back
+        held = {(h.path, h.mode) for h in (await ahl.status("y")).holders}
+        assert held == {("y/base", "write"), ("y/renewed", "read")}
+    assert cancelled > 0
+    await ahl.release(older, renewed)
+
+
 @pytest.mark.parametrize("contended", [True, False], ids=["waiting", "uncontended"])
 async def test_wait_for_cut_acquire_leaves_nothing(ahl: AsyncHiLok, contended: bool) -> None:
     rng = random.Random(99 + contended)

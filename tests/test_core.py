@@ -17,6 +17,7 @@ from celery_hilok._core import (
     RELEASE,
     STATUS,
     SUBSCRIBE,
+    WITHDRAW_ONLY,
     Acquisition,
     Blocked,
     Granted,
@@ -86,7 +87,7 @@ def test_scripts_are_prelude_plus_body_addressed_by_sha1() -> None:
 
 def test_acquire_layout_one_tree() -> None:
     proto = Protocol("ns", "/")
-    call = proto.acquire(HANDLE, [req("a/b", "write")], ttl=2.5, register=True)
+    call = proto.acquire(HANDLE, [req("a/b", "write")], ttl=2.5, register=True, nonce="n1")
     assert call.script is ACQUIRE
     assert call.keys == [
         *tree("ns", "a", "n", "q", "qx"),
@@ -94,13 +95,13 @@ def test_acquire_layout_one_tree() -> None:
         *node("ns", "a", "a", *IX_BLOCK),
         *node("ns", "a", "a/b", *X_BLOCK),
     ]
-    assert call.args == [HANDLE, 2500, 1, QUEUE_TTL_MS, 1, 1, "X", 2, 1, "a/b"]
+    assert call.args == [HANDLE, 2500, 1, QUEUE_TTL_MS, 1, 1, "n1", "X", 2, 1, "a/b"]
 
 
 def test_acquire_layout_several_trees_and_grants() -> None:
     proto = Protocol("ns", ".")
     requests = [req("a.b", "read", "."), req("c", "read-node", "."), req("a.x", "write", ".")]
-    call = proto.acquire(HANDLE, requests, ttl=1.0, register=False)
+    call = proto.acquire(HANDLE, requests, ttl=1.0, register=False, nonce="n2")
     assert call.keys == [
         *tree("ns", "a", "n", "q", "qx"),
         *tree("ns", "c", "n", "q", "qx"),
@@ -114,7 +115,7 @@ def test_acquire_layout_several_trees_and_grants() -> None:
         *node("ns", "a", "a/x", *X_BLOCK),
     ]
     assert call.args == [
-        HANDLE, 1000, 0, QUEUE_TTL_MS, 2, 3,
+        HANDLE, 1000, 0, QUEUE_TTL_MS, 2, 3, "n2",
         "S", 2, 1, "a/b",
         "N", 1, 2, "c",
         "X", 2, 1, "a/x",
@@ -132,7 +133,7 @@ def test_mode_codes() -> None:
 def test_release_layout() -> None:
     proto = Protocol("ns", "/")
     requests = [req("a/b/c", "read"), req("z", "write")]
-    call = proto.release(HANDLE, requests, withdraw_only=False)
+    call = proto.release(HANDLE, requests)
     assert call.script is RELEASE
     # Release touches only the grant's own mark on each node.
     assert call.keys == [
@@ -145,9 +146,9 @@ def test_release_layout() -> None:
         f"ns:{{z}}::h:{HANDLE}",
         *node("ns", "z", "z", "x"),
     ]
-    assert call.args == [HANDLE, 0, 2, 2, "S", 3, 1, "a/b/c", "X", 1, 2, "z"]
-    withdraw = proto.release(HANDLE, requests, withdraw_only=True)
-    assert withdraw.args[1] == 1
+    assert call.args == [HANDLE, "", 2, 2, "S", 3, 1, "a/b/c", "X", 1, 2, "z"]
+    withdraw = proto.release(HANDLE, requests, WITHDRAW_ONLY)
+    assert withdraw.args[1] == "-"
     assert withdraw.keys == call.keys
 
 
@@ -185,7 +186,7 @@ def test_status_layout() -> None:
 
 def test_encoded_segments_in_layout() -> None:
     proto = Protocol("ns", "/")
-    call = proto.acquire(HANDLE, [req("{x}/a b", "read")], ttl=1.0, register=False)
+    call = proto.acquire(HANDLE, [req("{x}/a b", "read")], ttl=1.0, register=False, nonce="n")
     assert call.keys[0] == "ns:{%7Bx%7D}::n"
     assert call.args[-1] == "%7Bx%7D/a%20b"
 
@@ -384,17 +385,17 @@ def test_cleanup_choices() -> None:
     assert _acquisition(block=False).cleanup(refused) is None
     # A waiter that gives up withdraws its queue entry, and nothing else.
     call = _acquisition(timeout=1.0).cleanup(refused)
-    assert call is not None and call.script is RELEASE and call.args[1] == 1
-    # Anything else may have left a grant: a fresh holder releases it...
-    fresh = _acquisition()
-    call = fresh.cleanup(other)
-    assert call is not None and call.script is RELEASE and call.args[1] == 0
-    assert call.args[0] == fresh.handle
-    # ...an existing holder only withdraws: its grants may predate this call.
-    call = _acquisition(handle=HANDLE).cleanup(other)
-    assert call is not None and call.args[:2] == [HANDLE, 1]
+    assert call is not None and call.script is RELEASE and call.args[1] == WITHDRAW_ONLY
+    # Anything else may have left grants: exactly those made by this call (its nonce) go,
+    # for a fresh holder and an existing one alike (whose older grants stay).
+    for attempt in (_acquisition(), _acquisition(handle=HANDLE)):
+        call = attempt.cleanup(other)
+        assert call is not None and call.script is RELEASE
+        assert call.args[:2] == [attempt.handle, attempt.nonce]
+        assert attempt.call.args[6] == attempt.nonce
+    assert _acquisition().nonce != _acquisition().nonce
     call = _acquisition(handle=HANDLE).cleanup(refused)
-    assert call is not None and call.args[:2] == [HANDLE, 1]
+    assert call is not None and call.args[:2] == [HANDLE, WITHDRAW_ONLY]
 
 
 def test_existing_handle_is_used() -> None:

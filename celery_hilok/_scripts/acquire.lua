@@ -2,7 +2,8 @@
 --
 -- KEYS: per tree {n, q, qx}; then per grant {holder hash, a full block per chain node}.
 -- ARGV: handle, ttl ms, register (1: join the wait queue when refused), queue entry ttl ms,
---       tree count, grant count, then per grant: mode, depth, tree index, canonical path.
+--       tree count, grant count, nonce of this call, then per grant: mode, depth, tree
+--       index, canonical path.
 -- Reply: {1, {token per grant}} when granted;
 --        {0, blocker member, blocker remaining ms, 'held' | 'queued'} when refused.
 --
@@ -15,7 +16,8 @@
 local handle, ttl = ARGV[1], tonumber(ARGV[2])
 local register, qttl = ARGV[3] == '1', tonumber(ARGV[4])
 local ntrees, ngrants = tonumber(ARGV[5]), tonumber(ARGV[6])
-local grants = read_grants(ngrants, 7, 3 * ntrees + 1, false, true)
+local nonce = ARGV[7]
+local grants = read_grants(ngrants, 8, 3 * ntrees + 1, false, true)
 local prefix = handle .. '|'
 local plen = #prefix
 
@@ -120,13 +122,16 @@ local fresh = {}
 local tokens = {}
 for i, g in ipairs(grants) do
   local field = g.mode .. '|' .. g.path
-  local token = nil
-  -- a renewal (the grant is live) keeps its token; every grant has a holder entry
+  local token, made_by = nil, nonce
+  -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
   local entry = redis.call('HGET', g.hkey, field)
   if entry then
     local leaf = KEYS[block_of(g, g.depth)]
     local score = tonumber(redis.call('ZSCORE', leaf, g.member))
-    if score and score > NOW then token = entry_token(entry) end
+    if score and score > NOW then
+      local old_token, _, old_nonce = split_entry(entry)
+      token, made_by = old_token, old_nonce
+    end
   end
   if not token then
     token = fresh[g.tree]
@@ -142,7 +147,7 @@ for i, g in ipairs(grants) do
     redis.call('ZADD', key, exp, g.member)
     bump(key, ttl)
   end
-  redis.call('HSET', g.hkey, field, holder_entry(token, exp))
+  redis.call('HSET', g.hkey, field, holder_entry(token, exp, made_by))
   bump(g.hkey, ttl)
   if queued[g.tree] > 0 and redis.call('ZREM', tree_key(g.tree, 2), g.member) == 1 then
     redis.call('ZREM', tree_key(g.tree, 3), g.member)

@@ -43,13 +43,18 @@ local function parse_member(m)
   return string.sub(m, 1, a - 1), string.sub(m, a + 1, a + 1), string.sub(m, a + 3)
 end
 
--- the holder hash keeps, per grant ("<mode>|<path>"), "<token>|<expiry ms>"
-local function holder_entry(token, exp)
-  return token .. '|' .. string.format('%d', exp)
+-- the holder hash keeps, per grant ("<mode>|<path>"), "<token>|<expiry ms>|<nonce>": the
+-- grant's fencing token, lease expiry, and the nonce of the acquire call that made it (so
+-- that call, if its reply is lost, can undo exactly what it granted)
+local function holder_entry(token, exp, nonce)
+  return token .. '|' .. string.format('%d', exp) .. '|' .. nonce
 end
 
-local function entry_token(entry)
-  return string.sub(entry, 1, string.find(entry, '|', 1, true) - 1)
+local function split_entry(entry)
+  local a = string.find(entry, '|', 1, true)
+  local b = string.find(entry, '|', a + 1, true)
+  return string.sub(entry, 1, a - 1), tonumber(string.sub(entry, a + 1, b - 1)),
+         string.sub(entry, b + 1)
 end
 
 -- does the holder hash `hkey` hold a live grant? (expired entries are dropped on the way)
@@ -57,8 +62,7 @@ local function holds_live(hkey)
   local flat = redis.call('HGETALL', hkey)
   local live = false
   for i = 1, #flat, 2 do
-    local entry = flat[i + 1]
-    local exp = tonumber(string.sub(entry, string.find(entry, '|', 1, true) + 1))
+    local _, exp = split_entry(flat[i + 1])
     if exp > NOW then live = true else redis.call('HDEL', hkey, flat[i]) end
   end
   return live

@@ -23,7 +23,10 @@ for i, g in ipairs(grants) do
     end
     local field = g.mode .. '|' .. g.path
     local entry = redis.call('HGET', g.hkey, field)
-    if entry then redis.call('HSET', g.hkey, field, holder_entry(entry_token(entry), exp)) end
+    if entry then
+      local token, _, nonce = split_entry(entry)
+      redis.call('HSET', g.hkey, field, holder_entry(token, exp, nonce))
+    end
     bump(g.hkey, g.ttl)
     result[i] = 1
   else

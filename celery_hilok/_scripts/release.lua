@@ -1,8 +1,10 @@
 -- release: drop grants of one holder and withdraw its queued requests for them.
 --
 -- KEYS: per tree {q, qx, c}; then per grant {holder hash, its mark's key on each chain node}.
--- ARGV: handle, withdraw only (1: leave grants alone, only leave the wait queue), tree
---       count, grant count, then per grant: mode, depth, tree index, path.
+-- ARGV: handle, scope, tree count, grant count, then per grant: mode, depth, tree index,
+--       path. Scope "" releases the grants; "-" leaves them alone (only the wait queue is
+--       left); any other value is the nonce of an acquire call whose reply was lost, and
+--       releases only grants made by that call (not renewed by it).
 -- Reply: per grant 1 (a live grant was released), 2 (its lease had already run out),
 --        0 (not held: never granted, or already released).
 --
@@ -10,7 +12,7 @@
 -- holder's lock. Releasing twice is harmless. When anyone waits in the tree, the released
 -- path is published on the tree's channel so that waiters retry at once.
 
-local handle, withdraw_only = ARGV[1], ARGV[2] == '1'
+local handle, scope = ARGV[1], ARGV[2]
 local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
 local grants = read_grants(ngrants, 5, 3 * ntrees + 1, false, false)
 local result = {}
@@ -20,7 +22,12 @@ for i, g in ipairs(grants) do
   local leaf = KEYS[block_of(g, g.depth)]
   local score = tonumber(redis.call('ZSCORE', leaf, member))
   if score == nil then result[i] = 0 elseif score > NOW then result[i] = 1 else result[i] = 2 end
-  if withdraw_only then
+  local keep = scope == '-'
+  if not keep and scope ~= '' then
+    local entry = redis.call('HGET', g.hkey, g.mode .. '|' .. g.path)
+    keep = not entry or select(3, split_entry(entry)) ~= scope
+  end
+  if keep then
     result[i] = 0
   else
     for level = 1, g.depth do redis.call('ZREM', KEYS[block_of(g, level)], member) end
