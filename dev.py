@@ -10,7 +10,11 @@ Commands:
   lint             setup, then `ruff check .`, `ruff format --check .` and `mypy`
   demo             setup, then run `python -m examples.demo`
   bench [ARGS...]  setup, then run `python -m benchmarks.run ARGS`
-  ci               lint, then test; exits non-zero if anything failed
+  docs             setup, then build the documentation site strictly into site/
+                   (`mkdocs build --strict`)
+  package          setup, then build the sdist and wheel into dist/ (`python -m build`)
+                   and check them with `twine check`
+  ci               lint, docs, package, then test; exits non-zero if anything failed
 
 Environment:
   HILOK_REDIS_URL     use this existing Redis server (redis://host:port) in tests
@@ -200,6 +204,29 @@ def run_lint() -> int:
     return 0
 
 
+def run_docs() -> int:
+    step("building the docs (mkdocs build --strict -d site)")
+    cmd: list[str | os.PathLike[str]] = [venv_python(), "-m", "mkdocs", "build", "--strict"]
+    rc = run([*cmd, "--site-dir", ROOT / "site"], env=venv_env())
+    if rc != 0:
+        fail("docs build failed")
+    return rc
+
+
+def run_package() -> int:
+    dist = ROOT / "dist"
+    step("building the sdist and wheel into dist/ (python -m build)")
+    shutil.rmtree(dist, ignore_errors=True)
+    rc = run([venv_python(), "-m", "build", "--outdir", dist], env=venv_env())
+    if rc == 0:
+        built = sorted(dist.glob("*.tar.gz")) + sorted(dist.glob("*.whl"))
+        step("checking " + ", ".join(p.name for p in built) + " (twine check --strict)")
+        rc = run([venv_python(), "-m", "twine", "check", "--strict", *built], env=venv_env())
+    if rc != 0:
+        fail("package build or check failed")
+    return rc
+
+
 def cmd_test(args: Sequence[str]) -> int:
     setup()
     return run_tests(args)
@@ -225,14 +252,35 @@ def cmd_bench(args: Sequence[str]) -> int:
     return run([venv_python(), "-m", "benchmarks.run", *args], env=venv_env())
 
 
+def cmd_docs(args: Sequence[str]) -> int:
+    if args:
+        fail("docs takes no arguments")
+        return 2
+    setup()
+    return run_docs()
+
+
+def cmd_package(args: Sequence[str]) -> int:
+    if args:
+        fail("package takes no arguments")
+        return 2
+    setup()
+    return run_package()
+
+
 def cmd_ci(args: Sequence[str]) -> int:
     setup()
     lint_rc = run_lint()
-    # Run the tests even when lint failed, so one CI run reports everything.
+    # Run every step even when one failed, so one CI run reports everything.
+    docs_rc = run_docs()
+    package_rc = run_package()
     test_rc = run_tests(args)
-    if lint_rc or test_rc:
-        fail(f"ci failed (lint exit {lint_rc}, tests exit {test_rc})")
-        return lint_rc or test_rc
+    if lint_rc or docs_rc or package_rc or test_rc:
+        fail(
+            f"ci failed (lint exit {lint_rc}, docs exit {docs_rc}, "
+            f"package exit {package_rc}, tests exit {test_rc})"
+        )
+        return lint_rc or docs_rc or package_rc or test_rc
     step("ci passed")
     return 0
 
@@ -243,6 +291,8 @@ COMMANDS = {
     "lint": cmd_lint,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "docs": cmd_docs,
+    "package": cmd_package,
     "ci": cmd_ci,
 }
 
