@@ -207,7 +207,8 @@ def run_lint() -> int:
 def run_docs() -> int:
     step("building the docs (mkdocs build --strict -d site)")
     cmd: list[str | os.PathLike[str]] = [venv_python(), "-m", "mkdocs", "build", "--strict"]
-    rc = run([*cmd, "--site-dir", ROOT / "site"], env=venv_env())
+    env = {**venv_env(), "NO_MKDOCS_2_WARNING": "1"}  # material's end-of-life banner
+    rc = run([*cmd, "--site-dir", ROOT / "site"], env=env)
     if rc != 0:
         fail("docs build failed")
     return rc
