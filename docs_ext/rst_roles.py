@@ -13,6 +13,9 @@ from typing import Any
 
 import griffe
 
+# A reST literal block marker: a line that is only "::" goes, "text::" keeps one colon (the
+# indented block after it is a Markdown code block already).
+LITERAL = re.compile(r"^([ \t]*)::[ \t]*\n|(?<=\S)::$", re.M)
 ROLE = re.compile(r":(?:py:)?(?:meth|class|func|attr|data|exc|mod|obj|const):`(~?)([^`]+)`")
 
 
@@ -21,9 +24,14 @@ def _code(match: re.Match[str]) -> str:
     return f"`{target.rsplit('.', 1)[-1] if short else target}`"
 
 
+def _literal(match: re.Match[str]) -> str:
+    return "" if match.group(1) is not None else ":"
+
+
 class RstRoles(griffe.Extension):
-    """Rewrite ``:role:`target``` to ```target``` in every docstring."""
+    """Rewrite ``:role:`target``` to ```target``` and drop ``::`` markers in docstrings."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = ROLE.sub(_code, obj.docstring.value)
+            text = ROLE.sub(_code, obj.docstring.value)
+            obj.docstring.value = LITERAL.sub(_literal, text)
