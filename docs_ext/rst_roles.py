@@ -24,14 +24,27 @@ def _code(match: re.Match[str]) -> str:
     return f"`{target.rsplit('.', 1)[-1] if short else target}`"
 
 
+def _lists(text: str) -> str:
+    """A blank line before a list that follows a paragraph line (Markdown needs one)."""
+    lines = text.split("\n")
+    out: list[str] = []
+    for line in lines:
+        prev = out[-1] if out else ""
+        is_item = line.startswith(("- ", "* "))
+        if is_item and prev.strip() and not prev.startswith(("- ", "* ", " ", "\t")):
+            out.append("")
+        out.append(line)
+    return "\n".join(out)
+
+
 def _literal(match: re.Match[str]) -> str:
     return "" if match.group(1) is not None else ":"
 
 
 class RstRoles(griffe.Extension):
-    """Rewrite ``:role:`target``` to ```target``` and drop ``::`` markers in docstrings."""
+    """Roles to code spans, no ``::`` markers, a blank line before each list."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
             text = ROLE.sub(_code, obj.docstring.value)
-            obj.docstring.value = LITERAL.sub(_literal, text)
+            obj.docstring.value = _lists(LITERAL.sub(_literal, text))
