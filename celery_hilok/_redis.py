@@ -20,9 +20,11 @@ DEFAULT_CLIENT_OPTIONS: Mapping[str, Any] = {
 
 _SCHEMES = ("redis://", "rediss://", "unix://")
 
-MAX_CONNECTIONS = 256
-"""Connections in the pool of a client celery_hilok builds from a URL. The pool blocks (up
-to ``socket_timeout``) rather than failing when all are in use."""
+MAX_CONNECTIONS = 1024
+"""Most connections in the pool of a client celery_hilok builds from a URL (redis-py's own
+default, 100, fails a 101st concurrent call). A plain pool, not a blocking one: with 32
+concurrent asyncio callers redis-py's BlockingConnectionPool costs about a third of the
+rate of script calls."""
 
 
 def fast_packing(connection_class: type[Any]) -> type[Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import redis.asyncio as aredis
@@ -186,8 +186,7 @@ class AsyncHiLok:
         except HiLokError as exc:
             log.warning("could not %s (%s); anything left expires within its ttl", what, exc)
 
-    @asynccontextmanager
-    async def read(
+    def read(
         self,
         path: str,
         *,
@@ -195,13 +194,11 @@ class AsyncHiLok:
         timeout: float | None = None,
         ttl: float | None = None,
         handle: str | None = None,
-    ) -> AsyncIterator[Lease]:
+    ) -> AbstractAsyncContextManager[Lease]:
         """Hold a read lock for the ``async with`` block; see :meth:`HiLok.read`."""
-        async with self._hold(path, "read", block, timeout, ttl, handle) as lease:
-            yield lease
+        return _Hold(self, path, "read", block, timeout, ttl, handle)
 
-    @asynccontextmanager
-    async def write(
+    def write(
         self,
         path: str,
         *,
@@ -209,33 +206,9 @@ class AsyncHiLok:
         timeout: float | None = None,
         ttl: float | None = None,
         handle: str | None = None,
-    ) -> AsyncIterator[Lease]:
+    ) -> AbstractAsyncContextManager[Lease]:
         """Hold a write lock for the ``async with`` block; see :meth:`HiLok.write`."""
-        async with self._hold(path, "write", block, timeout, ttl, handle) as lease:
-            yield lease
-
-    @asynccontextmanager
-    async def _hold(
-        self,
-        path: str,
-        mode: Mode,
-        block: bool,
-        timeout: float | None,
-        ttl: float | None,
-        handle: str | None,
-    ) -> AsyncIterator[Lease]:
-        lease = await self.acquire(path, mode, block=block, timeout=timeout, ttl=ttl, handle=handle)
-        self.keep_alive(lease)
-        try:
-            yield lease
-        except BaseException:
-            await _shielded(self._release_quietly([lease]))
-            raise
-        try:
-            await self.release(lease)
-        except asyncio.CancelledError:
-            await _shielded(self._release_quietly([lease]))  # idempotent: finishes the job
-            raise
+        return _Hold(self, path, "write", block, timeout, ttl, handle)
 
     # -- holding ----------------------------------------------------------------------------
 
@@ -399,8 +372,7 @@ class AsyncHiLok:
 def _make_client(target: str | AsyncClient, options: dict[str, Any] | None) -> AsyncClient:
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        kwargs.setdefault("timeout", kwargs["socket_timeout"])  # waiting for a free connection
-        pool = aredis.BlockingConnectionPool.from_url(check_url(target), **kwargs)
+        pool = aredis.ConnectionPool.from_url(check_url(target), **kwargs)
         if pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
             pool.connection_class = fast_packing(pool.connection_class)
         return aredis.Redis.from_pool(pool)
@@ -428,6 +400,47 @@ async def _shielded(coro: Any) -> None:
     except asyncio.CancelledError:
         await task
         raise
+
+
+class _Hold(AbstractAsyncContextManager[Lease]):
+    """The ``async with`` block of :meth:`AsyncHiLok.read` and :meth:`AsyncHiLok.write`."""
+
+    __slots__ = ("_hl", "_lease", "_request")
+
+    def __init__(
+        self,
+        hl: AsyncHiLok,
+        path: str,
+        mode: Mode,
+        block: bool,
+        timeout: float | None,
+        ttl: float | None,
+        handle: str | None,
+    ) -> None:
+        self._hl = hl
+        self._request = (path, mode, block, timeout, ttl, handle)
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        path, mode, block, timeout, ttl, handle = self._request
+        hl = self._hl
+        lease = await hl.acquire(path, mode, block=block, timeout=timeout, ttl=ttl, handle=handle)
+        hl.keep_alive(lease)
+        self._lease = lease
+        return lease
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        lease = self._lease
+        assert lease is not None
+        hl = self._hl
+        if exc_type is not None:
+            await _shielded(hl._release_quietly([lease]))  # the block's error is what matters
+            return
+        try:
+            await hl.release(lease)
+        except asyncio.CancelledError:
+            await _shielded(hl._release_quietly([lease]))  # idempotent: finishes the job
+            raise
 
 
 # -- wake-ups -------------------------------------------------------------------------------

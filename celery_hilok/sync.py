@@ -6,8 +6,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import redis
@@ -178,7 +178,6 @@ class HiLok:
         except HiLokError as exc:
             log.warning("could not %s (%s); anything left expires within its ttl", what, exc)
 
-    @contextmanager
     def read(
         self,
         path: str,
@@ -187,16 +186,14 @@ class HiLok:
         timeout: float | None = None,
         ttl: float | None = None,
         handle: str | None = None,
-    ) -> Iterator[Lease]:
+    ) -> AbstractContextManager[Lease]:
         """Hold a read lock on ``path`` (and its subtree) for the ``with`` block.
 
         The lease is refreshed in the background while the block runs and released when it
         ends; leaving the block raises :class:`LockLost` if the lease was lost meanwhile.
         """
-        with self._hold(path, "read", block, timeout, ttl, handle) as lease:
-            yield lease
+        return _Hold(self, path, "read", block, timeout, ttl, handle)
 
-    @contextmanager
     def write(
         self,
         path: str,
@@ -205,32 +202,12 @@ class HiLok:
         timeout: float | None = None,
         ttl: float | None = None,
         handle: str | None = None,
-    ) -> Iterator[Lease]:
+    ) -> AbstractContextManager[Lease]:
         """Hold a write lock on ``path`` (and its subtree) for the ``with`` block.
 
         Same as :meth:`read`, but exclusive.
         """
-        with self._hold(path, "write", block, timeout, ttl, handle) as lease:
-            yield lease
-
-    @contextmanager
-    def _hold(
-        self,
-        path: str,
-        mode: Mode,
-        block: bool,
-        timeout: float | None,
-        ttl: float | None,
-        handle: str | None,
-    ) -> Iterator[Lease]:
-        lease = self.acquire(path, mode, block=block, timeout=timeout, ttl=ttl, handle=handle)
-        self.keep_alive(lease)
-        try:
-            yield lease
-        except BaseException:
-            self._release_quietly([lease])
-            raise
-        self.release(lease)
+        return _Hold(self, path, "write", block, timeout, ttl, handle)
 
     # -- holding ----------------------------------------------------------------------------
 
@@ -402,14 +379,48 @@ class HiLok:
 def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> SyncClient:
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        kwargs.setdefault("timeout", kwargs["socket_timeout"])  # waiting for a free connection
-        pool = redis.BlockingConnectionPool.from_url(check_url(target), **kwargs)
+        pool = redis.ConnectionPool.from_url(check_url(target), **kwargs)
         return redis.Redis.from_pool(pool)
     if isinstance(target, (redis.Redis, redis.RedisCluster)):
         return target
     raise InvalidArgument(
         f"expected a Redis URL or a redis.Redis / redis.RedisCluster client, got {target!r}"
     )
+
+
+class _Hold(AbstractContextManager[Lease]):
+    """The ``with`` block of :meth:`HiLok.read` and :meth:`HiLok.write`."""
+
+    __slots__ = ("_hl", "_lease", "_request")
+
+    def __init__(
+        self,
+        hl: HiLok,
+        path: str,
+        mode: Mode,
+        block: bool,
+        timeout: float | None,
+        ttl: float | None,
+        handle: str | None,
+    ) -> None:
+        self._hl = hl
+        self._request = (path, mode, block, timeout, ttl, handle)
+        self._lease: Lease | None = None
+
+    def __enter__(self) -> Lease:
+        path, mode, block, timeout, ttl, handle = self._request
+        lease = self._hl.acquire(path, mode, block=block, timeout=timeout, ttl=ttl, handle=handle)
+        self._hl.keep_alive(lease)
+        self._lease = lease
+        return lease
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        lease = self._lease
+        assert lease is not None
+        if exc_type is not None:
+            self._hl._release_quietly([lease])  # the block's own error is what matters
+        else:
+            self._hl.release(lease)
 
 
 # -- wake-ups -------------------------------------------------------------------------------
