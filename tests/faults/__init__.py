@@ -1,0 +1,1 @@
+"""Fault-injection safety harness (issue 6): Jepsen-style lock-set runs under faults."""
