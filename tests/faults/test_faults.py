@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from celery_hilok import HiLok, HiLokConnectionError, HiLokError, LockNotAcquired
+from celery_hilok._core import QUEUE_TTL_MS
 from examples.fenced_store import FencedStore
 from tests._redis import RedisServer
 from tests.faults.harness import (
@@ -193,7 +194,8 @@ def test_redis_restart(
         store_url=url,
         namespace=namespace,
         logdir=str(tmp_path / "logs"),
-        duration=scenario_seconds(5.0),
+        # with AOF the first seconds after the restart can be a backlog (see below)
+        duration=scenario_seconds(10.0 if persistence == "aof" else 5.0),
         ttl=2.0,
     )
     probe = HiLok(
@@ -207,10 +209,10 @@ def test_redis_restart(
     recovered_after: list[float] = []
     try:
         with workload(cfg, WORKERS):
-            restarts = max(1, int(cfg.duration // 5))
-            for n in range(restarts):
+            restarts = max(1, int(cfg.duration // 10))
+            for _ in range(restarts):
                 # let the workload run for a while between faults (a schedule, not a sync)
-                time.sleep(cfg.duration / (restarts + 1) * (1 if n else 0.8))
+                time.sleep(cfg.duration / (restarts + 2) if LONG else 1.5)
                 downs.append(time.monotonic())
                 server.kill()
                 began = time.monotonic()
@@ -251,7 +253,10 @@ def test_redis_restart(
     assert_sound(verdict, 50)
     assert len(after) > 10, "workers did not recover after the restart"
     assert max(error_after) <= 1.0 + 2 * SLACK
-    assert max(recovered_after) <= cfg.ttl + 1.0 + SLACK
+    # With AOF the wait-queue entries of acquires cut off by the crash survive the restart
+    # and, first come first served, hold conflicting newcomers back until they lapse.
+    backlog = QUEUE_TTL_MS / 1000 if persistence == "aof" else 0.0
+    assert max(recovered_after) <= cfg.ttl + backlog + 1.0 + SLACK
 
 
 # -- 4. latency, paused and cut connections through a proxy ------------------------------------
