@@ -319,9 +319,10 @@ def test_proxy_latency_pause_and_cut(config: Config, server: RedisServer, hl: Hi
     history = read_history(cfg.logdir)
     verdict = check(history.grants)
     held_at_end = [h for root in ("a", "f", "z") for h in hl.status(root).holders]
-    # leases whose release failed on a cut connection run out within their ttl
+    # leases whose release failed on a cut connection run out within their ttl, and queue
+    # entries of waiters whose withdrawal was cut off within QUEUE_TTL_MS
     for root in ("a", "f"):
-        hl.release(hl.acquire(root, "write", timeout=cfg.ttl + SLACK))
+        hl.release(hl.acquire(root, "write", timeout=cfg.ttl + QUEUE_TTL_MS / 1000 + SLACK))
     leaked = [h for root in ("a", "f", "z") for h in hl.status(root).holders]
     report(
         "proxy",
