@@ -56,7 +56,7 @@ def fast_packing(connection_class: type[Any]) -> type[Any]:
 def check_url(url: str) -> str:
     if not url.startswith(_SCHEMES):
         raise InvalidArgument(
-            f"Redis URL must start with redis://, rediss:// or unix://, got {url!r}"
+            f"Redis URL must start with redis://, rediss://, unix:// or sentinel://, got {url!r}"
         )
     return url
 
@@ -66,6 +66,11 @@ def describe_server(client: Any) -> str:
     try:
         kwargs = client.connection_pool.connection_kwargs
     except AttributeError:
+        kwargs = {}
+    service = getattr(getattr(client, "connection_pool", None), "service_name", None)
+    if service:
+        return f"sentinel master {service}"
+    if not kwargs:
         nodes = getattr(client, "startup_nodes", None)
         if nodes:
             return "cluster " + ",".join(f"{n.host}:{n.port}" for n in nodes[:3])
@@ -82,3 +87,65 @@ def translate(error: RedisError, server: str, operation: str) -> HiLokError:
             f"Redis at {server} failed during {operation}: {type(error).__name__}: {error}"
         )
     return HiLokError(f"Redis at {server} refused {operation}: {type(error).__name__}: {error}")
+
+
+SENTINEL_SCHEME = "sentinel://"
+
+
+def parse_sentinel_url(url: str, options: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``(sentinels, master_name, sentinel_kwargs, connection_kwargs)`` of a kombu-style
+    ``sentinel://[[user]:password@]host:port[;sentinel://host2:port2...][/db][?master_name=x]``
+    URL; ``master_name`` and ``sentinel_kwargs`` may also come from ``options``."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    hosts: list[tuple[str, int]] = []
+    conn: dict[str, Any] = {}
+    master = options.get("master_name")
+    for part in url.split(";"):
+        part = part.strip()
+        if not part.startswith(SENTINEL_SCHEME):
+            raise InvalidArgument(f"every URL of a sentinel list must be sentinel://, got {part!r}")
+        try:
+            parts = urlsplit(part)
+            host, port = parts.hostname, parts.port or 26379
+        except ValueError as exc:
+            raise InvalidArgument(f"bad sentinel URL {part!r}: {exc}") from None
+        if not host:
+            raise InvalidArgument(f"sentinel URL without a host: {part!r}")
+        hosts.append((host, port))
+        if parts.password is not None:
+            conn["password"] = unquote(parts.password)
+        if parts.username:
+            conn["username"] = unquote(parts.username)
+        db = parts.path.strip("/")
+        if db:
+            if not db.isdigit():
+                raise InvalidArgument(f"sentinel URL database must be a number, got {db!r}")
+            conn["db"] = int(db)
+        for name, values in parse_qs(parts.query).items():
+            if name == "master_name":
+                master = values[-1]
+            elif name in ("db", "virtual_host") and values[-1].isdigit():
+                conn["db"] = int(values[-1])
+            else:
+                raise InvalidArgument(f"unknown sentinel URL parameter {name!r} in {part!r}")
+    if not master:
+        raise InvalidArgument(
+            "a sentinel:// URL needs the master's name: add ?master_name=NAME to the URL "
+            "or pass redis_options={'master_name': NAME}"
+        )
+    extra = {k: v for k, v in options.items() if k not in ("master_name", "sentinel_kwargs")}
+    return hosts, master, dict(options.get("sentinel_kwargs") or {}), {**conn, **extra}
+
+
+def sentinel_client(url: str, options: Mapping[str, Any], sentinel_class: type[Any]) -> Any:
+    """A client on the current master of a Sentinel-monitored group (``sentinel_class`` is
+    ``redis.sentinel.Sentinel`` or its asyncio twin). It finds the master again when a
+    connection breaks or the old master turns replica after a failover."""
+    hosts, master, sentinel_kwargs, conn = parse_sentinel_url(url, options)
+    kwargs = {**DEFAULT_CLIENT_OPTIONS, "max_connections": MAX_CONNECTIONS, **conn}
+    kwargs.pop("timeout", None)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        sentinel_kwargs.setdefault(name, kwargs[name])
+    sentinel = sentinel_class(hosts, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(master, **kwargs)

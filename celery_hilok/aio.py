@@ -27,9 +27,11 @@ from ._core import (
 from ._redis import (
     DEFAULT_CLIENT_OPTIONS,
     MAX_CONNECTIONS,
+    SENTINEL_SCHEME,
     check_url,
     describe_server,
     fast_packing,
+    sentinel_client,
     translate,
 )
 from .errors import HiLokError, InvalidArgument, LockLost
@@ -370,6 +372,9 @@ class AsyncHiLok:
 
 
 def _make_client(target: str | AsyncClient, options: dict[str, Any] | None) -> AsyncClient:
+    if isinstance(target, str) and target.startswith(SENTINEL_SCHEME):
+        client: Any = sentinel_client(target, options or {}, aredis.sentinel.Sentinel)
+        return client  # type: ignore[no-any-return]
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
         pool = aredis.ConnectionPool.from_url(check_url(target), **kwargs)

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import redis
+import redis.sentinel
 from redis.cluster import RedisCluster as _RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
@@ -26,7 +27,15 @@ from ._core import (
     normalise_requests,
     related,
 )
-from ._redis import DEFAULT_CLIENT_OPTIONS, MAX_CONNECTIONS, check_url, describe_server, translate
+from ._redis import (
+    DEFAULT_CLIENT_OPTIONS,
+    MAX_CONNECTIONS,
+    SENTINEL_SCHEME,
+    check_url,
+    describe_server,
+    sentinel_client,
+    translate,
+)
 from .errors import HiLokError, InvalidArgument, LockLost
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
@@ -377,6 +386,9 @@ class HiLok:
 
 
 def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> SyncClient:
+    if isinstance(target, str) and target.startswith(SENTINEL_SCHEME):
+        client: Any = sentinel_client(target, options or {}, redis.sentinel.Sentinel)
+        return client  # type: ignore[no-any-return]
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
         pool = redis.ConnectionPool.from_url(check_url(target), **kwargs)
