@@ -50,7 +50,7 @@ APP_SETTINGS: Final[Mapping[str, Any]] = {
 
 DEFAULTS: Final[Mapping[str, Any]] = {**APP_SETTINGS, **TASK_OPTIONS}
 
-_REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "sentinel://")
 _SOCKET_SCHEMES: Final = ("redis+socket://", "socket://")
 
 
@@ -71,12 +71,19 @@ def redis_url(conf: Any) -> str:
     if explicit:
         if not isinstance(explicit, str) or not explicit.startswith(_REDIS_SCHEMES):
             raise InvalidArgument(
-                f"hilok_redis_url must be a redis://, rediss:// or unix:// URL, got {explicit!r}"
+                f"hilok_redis_url must be a redis://, rediss://, unix:// or sentinel:// URL, "
+                f"got {explicit!r}"
             )
         return explicit
     broker = conf.get("broker_url")
     if isinstance(broker, (list, tuple)):
         broker = broker[0] if broker else None
+    if isinstance(broker, str) and broker.strip().startswith("sentinel://"):
+        master = (conf.get("broker_transport_options") or {}).get("master_name")
+        url = broker.strip()
+        if master and "master_name=" not in url:
+            url += ("&" if "?" in url.rsplit(";", 1)[-1] else "?") + f"master_name={master}"
+        return url
     if isinstance(broker, str):
         first = broker.split(";")[0].strip()
         if first.startswith(_REDIS_SCHEMES):
