@@ -13,12 +13,18 @@ from .errors import HiLokConnectionError, HiLokError, InvalidArgument
 
 #: Options for clients that celery_hilok builds from a URL: never hang on a dead server.
 DEFAULT_CLIENT_OPTIONS: Mapping[str, Any] = {
-    "socket_timeout": 10.0,
+    "socket_timeout": 5.0,
     "socket_connect_timeout": 5.0,
     "health_check_interval": 30,
 }
 
 _SCHEMES = ("redis://", "rediss://", "unix://")
+
+RETRIES = 1
+"""Retries of a call that failed on a connection error or a timeout, for clients built from a
+URL (redis-py 8's own default, 10 with backoff, lets a server that stopped answering hold a
+caller for a minute or more: with this one, a call gives up after about two socket
+timeouts)."""
 
 MAX_CONNECTIONS = 1024
 """Most connections in the pool of a client celery_hilok builds from a URL (redis-py's own

@@ -10,6 +10,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from ._core import (
@@ -27,6 +29,7 @@ from ._core import (
 from ._redis import (
     DEFAULT_CLIENT_OPTIONS,
     MAX_CONNECTIONS,
+    RETRIES,
     SENTINEL_SCHEME,
     check_url,
     describe_server,
@@ -380,7 +383,11 @@ def _make_client(target: str | AsyncClient, options: dict[str, Any] | None) -> A
         pool = aredis.ConnectionPool.from_url(check_url(target), **kwargs)
         if pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
             pool.connection_class = fast_packing(pool.connection_class)
-        return aredis.Redis.from_pool(pool)
+        built = aredis.Redis(
+            connection_pool=pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
+        )
+        built.auto_close_connection_pool = True  # as redis.asyncio.Redis.from_pool does
+        return built
     if isinstance(target, (aredis.Redis, aredis.RedisCluster)):
         return target
     raise InvalidArgument(

@@ -12,8 +12,10 @@ from typing import Any
 
 import redis
 import redis.sentinel
+from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster as _RedisCluster
 from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
 
 from ._core import (
     Acquisition,
@@ -30,6 +32,7 @@ from ._core import (
 from ._redis import (
     DEFAULT_CLIENT_OPTIONS,
     MAX_CONNECTIONS,
+    RETRIES,
     SENTINEL_SCHEME,
     check_url,
     describe_server,
@@ -392,7 +395,11 @@ def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> Sy
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
         pool = redis.ConnectionPool.from_url(check_url(target), **kwargs)
-        return redis.Redis.from_pool(pool)
+        built = redis.Redis(
+            connection_pool=pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
+        )
+        built.auto_close_connection_pool = True  # as redis.Redis.from_pool does
+        return built
     if isinstance(target, (redis.Redis, redis.RedisCluster)):
         return target
     raise InvalidArgument(
