@@ -155,3 +155,15 @@ def sentinel_client(url: str, options: Mapping[str, Any], sentinel_class: type[A
         sentinel_kwargs.setdefault(name, kwargs[name])
     sentinel = sentinel_class(hosts, sentinel_kwargs=sentinel_kwargs)
     return sentinel.master_for(master, **kwargs)
+
+
+def eviction_warning(policy: object, server: str) -> str | None:
+    """The warning to log for a ``maxmemory-policy`` that can evict lock keys, if any."""
+    text = policy.decode() if isinstance(policy, bytes) else str(policy)
+    if text == "noeviction":
+        return None
+    return (
+        f"Redis at {server} has maxmemory-policy {text!r}: under memory pressure it may "
+        "evict lock keys, and a lock held by one client could then be granted to another. "
+        "Use maxmemory-policy noeviction for the database that holds the locks."
+    )

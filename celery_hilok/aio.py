@@ -33,6 +33,7 @@ from ._redis import (
     SENTINEL_SCHEME,
     check_url,
     describe_server,
+    eviction_warning,
     fast_packing,
     sentinel_client,
     translate,
@@ -75,6 +76,7 @@ class AsyncHiLok:
         self.redis: AsyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
         self._cluster = isinstance(self.redis, aredis.RedisCluster)
+        self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
 
@@ -138,6 +140,8 @@ class AsyncHiLok:
         timeout: float | None,
     ) -> list[Lease]:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
+        if not self._eviction_checked:
+            await self._check_eviction()
         attempt = Acquisition(
             self._protocol,
             requests,
@@ -184,6 +188,18 @@ class AsyncHiLok:
         finally:
             if waiter is not None:
                 self._waker.unregister(waiter)
+
+    async def _check_eviction(self) -> None:
+        """Warn once if Redis may evict lock keys; see :meth:`HiLok._check_eviction`."""
+        self._eviction_checked = True
+        try:
+            config = await self.redis.config_get("maxmemory-policy")
+        except RedisError:
+            return
+        if isinstance(config, dict) and config:
+            warning = eviction_warning(next(iter(config.values())), self.server)
+            if warning:
+                log.warning("%s", warning)
 
     async def _run_quietly(self, call: Call, what: str) -> None:
         try:

@@ -36,6 +36,7 @@ from ._redis import (
     SENTINEL_SCHEME,
     check_url,
     describe_server,
+    eviction_warning,
     sentinel_client,
     translate,
 )
@@ -77,6 +78,7 @@ class HiLok:
         self.redis: SyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
         self._cluster = isinstance(self.redis, _RedisCluster)
+        self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
 
@@ -147,6 +149,8 @@ class HiLok:
         timeout: float | None,
     ) -> list[Lease]:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
+        if not self._eviction_checked:
+            self._check_eviction()
         attempt = Acquisition(
             self._protocol,
             requests,
@@ -183,6 +187,18 @@ class HiLok:
         finally:
             if waiter is not None:
                 self._waker.unregister(waiter)
+
+    def _check_eviction(self) -> None:
+        """Warn once if Redis may evict lock keys (skipped where CONFIG GET is refused)."""
+        self._eviction_checked = True
+        try:
+            config = self.redis.config_get("maxmemory-policy")
+        except RedisError:  # an ACL without CONFIG, a managed Redis, a cluster: skip it
+            return
+        if isinstance(config, dict) and config:
+            warning = eviction_warning(next(iter(config.values())), self.server)
+            if warning:
+                log.warning("%s", warning)
 
     def _run_quietly(self, call: Call, what: str) -> None:
         try:
