@@ -128,11 +128,13 @@ def throwaway_redis() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def bank_worker(url: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``celery -A examples.bank worker -P prefork -c 4``, ready to take tasks."""
-    env = {**os.environ, "HILOK_DEMO_REDIS": url, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "celery", "-A", "examples.bank", "worker", "-P", "prefork"]
-    args += ["-c", str(CONCURRENCY), "-l", "INFO", "-n", "bank@%h"]
+def celery_worker(
+    app: str, name: str, env: dict[str, str], ready_key: str, url: str, log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A <app> worker -P prefork -c 4``, returned once the app has set
+    ``ready_key`` in Redis db 2 (from its worker_ready handler); stopped on the way out."""
+    args = [sys.executable, "-m", "celery", "-A", app, "worker"]
+    args += ["-P", "prefork", "-c", str(CONCURRENCY), "-l", "INFO", "-n", f"{name}@%h"]
     args += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     data = redis.Redis.from_url(f"{url}/2")
     proc: subprocess.Popen[bytes] | None = None
@@ -141,16 +143,24 @@ def bank_worker(url: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc = subprocess.Popen(
                 args,
                 cwd=ROOT,
-                env=env,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_until("the Celery worker", lambda: data.exists("bank:worker-ready"), 60.0, proc)
+        wait_until("the Celery worker", lambda: data.exists(ready_key), 60.0, proc)
         yield proc
     finally:
         stop(proc, 20.0)
         data.close()
+
+
+def bank_worker(
+    url: str, log_path: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """``celery -A examples.bank worker -P prefork -c 4``, ready to take tasks."""
+    env = {"HILOK_DEMO_REDIS": url}
+    return celery_worker("examples.bank", "bank", env, "bank:worker-ready", url, log_path)
 
 
 # -- the workload ---------------------------------------------------------------------------

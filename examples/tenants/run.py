@@ -30,13 +30,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from examples.demo import ROOT, Run, _interrupt, executions, stop, throwaway_redis, wait_until
+from examples.demo import (
+    Run,
+    _interrupt,
+    celery_worker,
+    executions,
+    throwaway_redis,
+)
 
 CONCURRENCY = 4
 RUN_TIMEOUT = 60.0
@@ -57,30 +62,12 @@ TRANSFERS = [  # both directions between the same accounts: deadlock bait withou
 ] * 3
 
 
-@contextlib.contextmanager
-def worker(url: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker(url: str, log_path: Path) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """``celery -A examples.tenants.app worker -P prefork -c 4``, ready to take tasks."""
-    env = {**os.environ, "HILOK_TENANTS_REDIS": url, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "celery", "-A", "examples.tenants.app", "worker"]
-    args += ["-P", "prefork", "-c", str(CONCURRENCY), "-l", "INFO", "-n", "tenants@%h"]
-    args += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    data = redis.Redis.from_url(f"{url}/2")
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                args,
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_until("the Celery worker", lambda: data.exists("tenants:worker-ready"), 60.0, proc)
-        yield proc
-    finally:
-        stop(proc, 20.0)
-        data.close()
+    env = {"HILOK_TENANTS_REDIS": url}
+    return celery_worker(
+        "examples.tenants.app", "tenants", env, "tenants:worker-ready", url, log_path
+    )
 
 
 def workload(url: str) -> tuple[Run, dict[str, Any]]:
