@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import HiLokConnectionError, HiLokError, InvalidArgument
@@ -60,11 +68,32 @@ def fast_packing(connection_class: type[Any]) -> type[Any]:
 
 
 def check_url(url: str) -> str:
+    """``url`` if redis-py can build a client from it; raises :class:`InvalidArgument` (a
+    message without the URL's password) for another scheme, a bad port, database or option."""
     if not url.startswith(_SCHEMES):
         raise InvalidArgument(
-            f"Redis URL must start with redis://, rediss://, unix:// or sentinel://, got {url!r}"
+            "Redis URL must start with redis://, rediss://, unix:// or sentinel://, "
+            f"got {redact_url(url)!r}"
+        )
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+        db = urlsplit(url).path.strip("/") if not url.startswith("unix://") else ""
+    except ValueError as exc:
+        raise InvalidArgument(f"bad Redis URL {redact_url(url)!r}: {exc}") from None
+    if db and not db.isdigit():
+        raise InvalidArgument(
+            f"bad Redis URL {redact_url(url)!r}: the database must be a number, got {db!r}"
         )
     return url
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and logs."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def describe_server(client: Any) -> str:
@@ -87,12 +116,45 @@ def describe_server(client: Any) -> str:
 
 
 def translate(error: RedisError, server: str, operation: str) -> HiLokError:
-    """The celery_hilok error for a redis-py error raised during ``operation``."""
-    if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
+    """The celery_hilok error for a redis-py error raised during ``operation``.
+
+    Connection failures and timeouts become :class:`HiLokConnectionError`; a refusal says
+    why in the user's terms (credentials, ACL, a read-only replica, memory, a foreign key of
+    the wrong type in the namespace) before Redis's own words.
+    """
+    detail = f"{type(error).__name__}: {error}"
+    if isinstance(error, AuthenticationError):
         return HiLokConnectionError(
-            f"Redis at {server} failed during {operation}: {type(error).__name__}: {error}"
+            f"Redis at {server} rejected the credentials during {operation} (wrong or "
+            f"missing username/password in the URL or options): {detail}"
         )
-    return HiLokError(f"Redis at {server} refused {operation}: {type(error).__name__}: {error}")
+    if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
+        return HiLokConnectionError(f"Redis at {server} failed during {operation}: {detail}")
+    text = str(error)
+    why = ""
+    if isinstance(error, NoPermissionError) or "can't run this command" in text:
+        why = (
+            " because its ACL does not allow a command celery_hilok needs (see 'Minimal "
+            "Redis ACL' in docs/operations.md)"
+        )
+    elif isinstance(error, ReadOnlyError):
+        why = " because it is a read-only replica: point celery_hilok at the master"
+    elif isinstance(error, OutOfMemoryError):
+        why = " because it is out of memory (maxmemory): nothing was granted or extended"
+    elif text.startswith("WRONGTYPE"):
+        why = (
+            " because a key under the lock namespace holds a value of another type (was it "
+            "written by something else?)"
+        )
+    return HiLokError(f"Redis at {server} refused {operation}{why}: {detail}")
+
+
+def waker_log_level(error: BaseException) -> int:
+    """How loudly to log a failure of the wake-up (pub/sub) connection: an ACL refusing
+    SUBSCRIBE is a warning (blocked acquires then poll, up to 2 s late); a drop is routine."""
+    if isinstance(error, NoPermissionError) or "no permissions" in str(error):
+        return logging.WARNING
+    return logging.DEBUG
 
 
 SENTINEL_SCHEME = "sentinel://"

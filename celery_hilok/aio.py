@@ -37,6 +37,7 @@ from ._redis import (
     fast_packing,
     sentinel_client,
     translate,
+    waker_log_level,
 )
 from .errors import HiLokError, InvalidArgument, LockLost
 from .lease import Lease, LockStatus
@@ -516,7 +517,11 @@ class _Waker:
                         event.set()
                 if not isinstance(exc, RedisError):
                     raise
-                log.debug("subscribe failed (%s); waiting falls back to lease caps", exc)
+                log.log(
+                    waker_log_level(exc),
+                    "subscribe failed (%s); waiting falls back to lease caps",
+                    exc,
+                )
                 return wait
         for event in events:
             try:
@@ -553,7 +558,7 @@ class _Waker:
                 message = await pubsub.get_message(timeout=1.0)
                 backoff = 0.05
             except (RedisError, OSError) as exc:
-                log.debug("waker connection failed: %s", exc)
+                log.log(waker_log_level(exc), "waker connection failed: %s", exc)
                 self._wake_all()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)

@@ -39,6 +39,7 @@ from ._redis import (
     eviction_warning,
     sentinel_client,
     translate,
+    waker_log_level,
 )
 from .errors import HiLokError, InvalidArgument, LockLost
 from .lease import Lease, LockStatus
@@ -511,7 +512,11 @@ class _Waker:
                 with self._subscribing:
                     self._pubsub.subscribe(*to_subscribe)
             except RedisError as exc:
-                log.debug("subscribe failed (%s); waiting falls back to lease caps", exc)
+                log.log(
+                    waker_log_level(exc),
+                    "subscribe failed (%s); waiting falls back to lease caps",
+                    exc,
+                )
                 self._forget(to_subscribe)
                 return wait
         for event in events:
@@ -557,7 +562,7 @@ class _Waker:
             except Exception as exc:  # any failure of the connection, or close() racing us
                 if self._stopping.is_set():
                     return
-                log.debug("waker connection failed: %s", exc)
+                log.log(waker_log_level(exc), "waker connection failed: %s", exc)
                 self._wake_all()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)

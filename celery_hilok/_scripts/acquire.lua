@@ -116,7 +116,13 @@ for _, g in ipairs(grants) do
   end
 end
 
--- 3. grant
+-- 3. grant. A key of another type at one of the names written below (put there by someone
+-- else) must fail the call before anything is written, not leave half a grant behind: read
+-- each such key first (a read raises WRONGTYPE too). Conflicting marks were read above.
+for _, g in ipairs(grants) do
+  redis.call('HGET', g.hkey, '')
+  for level = 1, g.depth do redis.call('ZCARD', KEYS[block_of(g, level)]) end
+end
 local exp = NOW + ttl
 local fresh = {}
 local tokens = {}
