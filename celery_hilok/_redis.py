@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from redis.connection import Connection, ConnectionPool
 from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
@@ -80,7 +81,7 @@ def check_url(url: str) -> str:
     from redis.connection import parse_url
 
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
+        options = parse_url(url)  # type: ignore[no-untyped-call]
         db = urlsplit(url).path.strip("/") if not url.startswith("unix://") else ""
     except ValueError as exc:
         raise InvalidArgument(f"bad Redis URL {redact_url(url)!r}: {exc}") from None
@@ -88,7 +89,26 @@ def check_url(url: str) -> str:
         raise InvalidArgument(
             f"bad Redis URL {redact_url(url)!r}: the database must be a number, got {db!r}"
         )
+    # redis-py passes unknown query parameters on to the connection, which fails later
+    # with a TypeError at the first command: refuse them here instead.
+    unknown = sorted(set(options) - _url_options(options.get("connection_class", Connection)))
+    if unknown:
+        raise InvalidArgument(
+            f"bad Redis URL {redact_url(url)!r}: unknown parameter(s) {', '.join(unknown)}"
+        )
     return url
+
+
+def _url_options(connection_class: type[Any]) -> set[str]:
+    """Names a URL's query may set: the keyword arguments of the pool and connection."""
+    import inspect
+
+    names = {"connection_class"}
+    for klass in (ConnectionPool, *connection_class.__mro__):
+        init = vars(klass).get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return names
 
 
 def redact_url(url: str) -> str:
@@ -132,10 +152,10 @@ def translate(error: RedisError, server: str, operation: str) -> HiLokError:
         return HiLokConnectionError(f"Redis at {server} failed during {operation}: {detail}")
     text = str(error)
     why = ""
-    if isinstance(error, NoPermissionError) or "can't run this command" in text:
+    if isinstance(error, NoPermissionError) or "user executing the script can't" in text:
         why = (
-            " because its ACL does not allow a command celery_hilok needs (see 'Minimal "
-            "Redis ACL' in docs/operations.md)"
+            " because its ACL does not allow a command, key or channel celery_hilok needs "
+            "(see 'Minimal Redis ACL' in docs/operations.md)"
         )
     elif isinstance(error, ReadOnlyError):
         why = " because it is a read-only replica: point celery_hilok at the master"
