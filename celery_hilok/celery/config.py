@@ -72,7 +72,7 @@ def redis_url(conf: Any) -> str:
         if not isinstance(explicit, str) or not explicit.startswith(_REDIS_SCHEMES):
             raise InvalidArgument(
                 f"hilok_redis_url must be a redis://, rediss://, unix:// or sentinel:// URL, "
-                f"got {explicit!r}"
+                f"got {_redact(explicit)}"
             )
         return explicit
     broker = conf.get("broker_url")
