@@ -588,3 +588,28 @@ def test_celery_bad_template_fails_at_task_definition() -> None:
 
         @app.task(shared=False, base=HiLokTask, hilok_write="accounts/{account_id")  # type: ignore[untyped-decorator]
         def credit(account_id: int) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "phrase"),
+    [
+        ("redis://127.0.0.1:notaport/3", InvalidArgument, "Port could not be cast"),
+        (f"redis://u:{SECRET}@127.0.0.1:{free_port()}/3", HiLokConnectionError, "Connect"),
+    ],
+)
+def test_celery_task_with_a_bad_or_unreachable_redis_url(
+    url: str, error: type[Exception], phrase: str
+) -> None:
+    app = Celery("bad-url-eager", broker="memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True, hilok_redis_url=url)
+    ran: list[int] = []
+
+    @app.task(shared=False, base=HiLokTask, hilok_write="a/{n}", hilok_on_contention="fail")  # type: ignore[untyped-decorator]
+    def locked(n: int) -> None:
+        ran.append(n)
+
+    with pytest.raises(error, match=phrase) as info:
+        bounded(lambda: locked.delay(1))
+    assert type(info.value) is error
+    assert SECRET not in str(info.value)
+    assert ran == []  # the body never ran without its lock
