@@ -243,3 +243,31 @@ def test_without_channel_permission_a_release_that_would_wake_a_waiter_fails_cle
     url = make_user(admin, namespace, ENGINE_COMMANDS, channels=False)
     with pytest.raises(HiLokError, match="ACL does not allow"):
         exercise_sync(url, namespace, admin)
+
+
+def test_a_database_other_than_0_needs_select(admin: redis.Redis, namespace: str) -> None:
+    url = make_user(admin, namespace, ENGINE_COMMANDS).replace("/0", "/3")
+    with HiLok(url, namespace=namespace) as engine:
+        with pytest.raises(HiLokError, match="no permissions to run the 'select' command"):
+            engine.acquire("t/a", "write")
+    url = make_user(admin, namespace, (*ENGINE_COMMANDS, "select")).replace("/0", "/3")
+    with HiLok(url, namespace=namespace) as engine:
+        engine.release(engine.acquire("t/a", "write"))
+
+
+def test_config_get_is_optional_and_turns_on_the_eviction_warning(
+    admin: redis.Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        for extra, warned in (((), False), (("config|get",), True)):
+            url = make_user(admin, namespace, (*ENGINE_COMMANDS, *extra))
+            caplog.clear()
+            with (
+                caplog.at_level(logging.WARNING, logger="celery_hilok"),
+                HiLok(url, namespace=namespace) as engine,
+            ):
+                engine.release(engine.acquire("t/a", "write"))
+            assert any("allkeys-lru" in r.getMessage() for r in caplog.records) is warned
+    finally:
+        admin.config_set("maxmemory-policy", "noeviction")
