@@ -36,6 +36,7 @@ from ._redis import (
     eviction_warning,
     fast_packing,
     sentinel_client,
+    split_cluster_url,
     translate,
 )
 from .errors import HiLokError, InvalidArgument, LockLost
@@ -396,7 +397,12 @@ def _make_client(target: str | AsyncClient, options: dict[str, Any] | None) -> A
         return client  # type: ignore[no-any-return]
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        pool = aredis.ConnectionPool.from_url(check_url(target), **kwargs)
+        url, cluster = split_cluster_url(check_url(target))
+        if cluster:
+            return aredis.RedisCluster.from_url(
+                url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES), **kwargs
+            )
+        pool = aredis.ConnectionPool.from_url(url, **kwargs)
         if pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
             pool.connection_class = fast_packing(pool.connection_class)
         built = aredis.Redis(

@@ -38,6 +38,7 @@ from ._redis import (
     describe_server,
     eviction_warning,
     sentinel_client,
+    split_cluster_url,
     translate,
 )
 from .errors import HiLokError, InvalidArgument, LockLost
@@ -410,7 +411,12 @@ def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> Sy
         return client  # type: ignore[no-any-return]
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        pool = redis.ConnectionPool.from_url(check_url(target), **kwargs)
+        url, cluster = split_cluster_url(check_url(target))
+        if cluster:
+            return redis.RedisCluster.from_url(
+                url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES), **kwargs
+            )
+        pool = redis.ConnectionPool.from_url(url, **kwargs)
         built = redis.Redis(
             connection_pool=pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
         )
