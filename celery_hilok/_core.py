@@ -518,10 +518,14 @@ class Acquisition:
         what = ", ".join(r.describe() for r in self.requests)
         when = "at once (block=False)" if not self.block else f"within {self.timeout}s"
         reason = blocked.describe(self.protocol.separator)
-        first = self.requests[0]
+        # Name the request that was in the blocker's way (on one line with it, preferring
+        # one where either side writes), not just the first one asked for.
+        on_line = [r for r in self.requests if related(r.path.canonical, blocked.path)]
+        writes = [r for r in on_line if "write" in (r.mode, blocked.mode)]
+        stuck = (writes or on_line or self.requests)[0]
         return LockNotAcquired(
             f"could not acquire {what} {when}: {reason}",
-            path=first.path.text,
-            mode=first.mode,
+            path=stuck.path.text,
+            mode=stuck.mode,
             blocker=reason,
         )

@@ -760,10 +760,12 @@ def test_acquire_many_is_all_or_nothing(hl: HiLok) -> None:
             [("a/1", "write"), ("a/2", "read"), ("b", "read"), ("c", "write")], block=False
         )
     assert "b/x" in str(info.value)
+    assert (info.value.path, info.value.mode) == ("b", "read")  # the request in the way
     for path in ("a", "a/1", "a/2", "b", "c"):
         assert handles(hl, path) <= {blocker.handle}, path
-    with pytest.raises(LockNotAcquired):
+    with pytest.raises(LockNotAcquired) as info:
         hl.acquire_many([("a/1", "write"), ("b/x/y", "read")], timeout=0.2)
+    assert (info.value.path, info.value.mode) == ("b/x/y", "read")
     assert not hl.status("a").held
     assert hl.status("b").waiters == [] and hl.status("a").waiters == []
     hl.release(blocker)
