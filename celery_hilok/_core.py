@@ -29,6 +29,7 @@ __all__ = [
     "Script",
     "new_handle",
     "next_wait",
+    "wakes",
 ]
 
 Mode = Literal["read", "write", "read-node"]
@@ -150,6 +151,7 @@ class Blocked:
     path: str  # canonical
     remaining: float  # seconds the blocker's lease or queue entry has left
     queued: bool
+    holding: bool = False  # the refused holder already holds a live grant in a tree asked
 
     def describe(self, separator: str = "/") -> str:
         from .paths import decode_canonical
@@ -343,6 +345,7 @@ class Protocol:
             path,
             max(0.0, int(remaining) / 1000),  # type: ignore[call-overload]
             _text(kind) == "queued",
+            len(reply) > 4 and int(reply[4]) == 1,  # type: ignore[call-overload]
         )
 
     @staticmethod
@@ -402,6 +405,21 @@ def related(a: str, b: str) -> bool:
     return a == b or (b.startswith(a) and b[len(a)] == "/")
 
 
+def wakes(message: str, attempt: Acquisition) -> bool:
+    """Should a release published as ``message`` on a tree's channel wake ``attempt``?
+
+    The message is the released path, then (after a newline) the handles at the front of
+    the tree's wait queue: the waiters no earlier conflicting waiter stands in front of. A
+    waiter behind another would only be refused again, so it sleeps on, unless it already
+    holds something in the tree (it skips the queue then). A message with the path alone
+    (a long queue) wakes every waiter on the path's line.
+    """
+    released, newline, front = message.partition("\n")
+    if not any(related(r.path.canonical, released) for r in attempt.requests):
+        return False
+    return not newline or attempt.holding or attempt.handle in front.split(" ")
+
+
 def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:
     """Seconds to sleep before retrying a refused acquire, unless a wake-up comes first.
 
@@ -453,6 +471,7 @@ class Acquisition:
         "deadline",
         "fresh",
         "handle",
+        "holding",
         "nonce",
         "protocol",
         "requests",
@@ -482,6 +501,7 @@ class Acquisition:
         self.can_wait = self.block and self.timeout != 0
         self.deadline = None if self.timeout is None else now + self.timeout
         self.subscribed = False
+        self.holding = False  # as of the last refusal: see :func:`wakes`
         self.nonce = secrets.token_hex(6)
         self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait, self.nonce)
 
@@ -489,6 +509,7 @@ class Acquisition:
         outcome = self.protocol.decode_acquire(reply)
         if isinstance(outcome, Granted):
             return outcome.tokens
+        self.holding = outcome.holding
         if not self.can_wait or (self.deadline is not None and now >= self.deadline):
             raise self._not_acquired(outcome)
         if not self.subscribed:

@@ -24,7 +24,7 @@ from ._core import (
     check_timeout,
     check_ttl,
     normalise_requests,
-    related,
+    wakes,
 )
 from ._redis import (
     DEFAULT_CLIENT_OPTIONS,
@@ -175,7 +175,7 @@ class AsyncHiLok:
                         lease.renewed_at = sent
                     return leases
                 if waiter is None:
-                    waiter = await self._waker.register(requests)
+                    waiter = await self._waker.register(attempt)
                 else:
                     try:
                         await asyncio.wait_for(waiter.event.wait(), step.seconds)
@@ -481,11 +481,11 @@ class _Hold(AbstractAsyncContextManager[Lease]):
 
 
 class _Wait:
-    __slots__ = ("channels", "event", "paths")
+    __slots__ = ("attempt", "channels", "event")
 
-    def __init__(self, channels: set[str], paths: list[str]) -> None:
+    def __init__(self, channels: set[str], attempt: Acquisition) -> None:
         self.channels = channels
-        self.paths = paths
+        self.attempt = attempt
         self.event = asyncio.Event()
 
 
@@ -499,10 +499,10 @@ class _Waker:
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
 
-    async def register(self, requests: Sequence[Request]) -> _Wait:
+    async def register(self, attempt: Acquisition) -> _Wait:
         keys = self._owner._protocol.keys
-        channels = {keys.channel(r.path.tree) for r in requests}
-        wait = _Wait(channels, [r.path.canonical for r in requests])
+        channels = {keys.channel(r.path.tree) for r in attempt.requests}
+        wait = _Wait(channels, attempt)
         self._ensure_task()
         to_subscribe = []
         for channel in channels:
@@ -573,9 +573,9 @@ class _Waker:
                 if event is not None:
                     event.set()
             elif kind == "message":
-                released = _text(message["data"])
+                data = _text(message["data"])
                 for wait in list(self._waits.get(channel, ())):
-                    if any(related(p, released) for p in wait.paths):
+                    if wakes(data, wait.attempt):
                         wait.event.set()
 
     def _wake_all(self) -> None:

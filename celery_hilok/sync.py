@@ -27,7 +27,7 @@ from ._core import (
     check_timeout,
     check_ttl,
     normalise_requests,
-    related,
+    wakes,
 )
 from ._redis import (
     DEFAULT_CLIENT_OPTIONS,
@@ -177,7 +177,7 @@ class HiLok:
                         lease.renewed_at = sent
                     return leases
                 if waiter is None:
-                    waiter = self._waker.register(requests)
+                    waiter = self._waker.register(attempt)
                 else:
                     waiter.event.wait(step.seconds)
         except BaseException as exc:
@@ -470,11 +470,11 @@ class _Hold(AbstractContextManager[Lease]):
 class _Wait:
     """One blocked acquire waiting for a release on its trees."""
 
-    __slots__ = ("channels", "event", "paths")
+    __slots__ = ("attempt", "channels", "event")
 
-    def __init__(self, channels: set[str], paths: list[str]) -> None:
+    def __init__(self, channels: set[str], attempt: Acquisition) -> None:
         self.channels = channels
-        self.paths = paths
+        self.attempt = attempt
         self.event = threading.Event()
 
 
@@ -496,10 +496,10 @@ class _Waker:
         self._pid = 0
         self._stopping = threading.Event()
 
-    def register(self, requests: Sequence[Request]) -> _Wait:
+    def register(self, attempt: Acquisition) -> _Wait:
         keys = self._owner._protocol.keys
-        channels = {keys.channel(r.path.tree) for r in requests}
-        wait = _Wait(channels, [r.path.canonical for r in requests])
+        channels = {keys.channel(r.path.tree) for r in attempt.requests}
+        wait = _Wait(channels, attempt)
         to_subscribe: list[str] = []
         with self._lock:
             self._ensure_thread()
@@ -578,11 +578,11 @@ class _Waker:
                 if event is not None:
                     event.set()
             elif kind == "message":
-                released = _text(message["data"])
+                data = _text(message["data"])
                 with self._lock:
                     waits = list(self._waits.get(channel, ()))
                 for wait in waits:
-                    if any(related(p, released) for p in wait.paths):
+                    if wakes(data, wait.attempt):
                         wait.event.set()
 
     def _wake_all(self) -> None:
