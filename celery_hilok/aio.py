@@ -14,6 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from . import metrics as _metrics
 from ._core import (
     Acquisition,
     Call,
@@ -38,7 +39,7 @@ from ._redis import (
     sentinel_client,
     translate,
 )
-from .errors import HiLokError, InvalidArgument, LockLost
+from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
 
@@ -142,6 +143,7 @@ class AsyncHiLok:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
         if not self._eviction_checked:
             await self._check_eviction()
+        started = time.monotonic()
         attempt = Acquisition(
             self._protocol,
             requests,
@@ -149,7 +151,7 @@ class AsyncHiLok:
             ttl=ttl,
             block=block,
             timeout=timeout,
-            now=time.monotonic(),
+            now=started,
         )
         cancel_count = _cancel_counter()
         cancelling = cancel_count()
@@ -170,8 +172,13 @@ class AsyncHiLok:
                         Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
                     ]
+                    granted = time.monotonic()
                     for lease in leases:
                         lease.renewed_at = sent
+                        lease.granted_at, lease.waited = granted, granted - started
+                        lease.contended = waiter is not None
+                    if _metrics._observers:
+                        _metrics.acquired(leases)
                     return leases
                 if waiter is None:
                     waiter = await self._waker.register(requests)
@@ -181,6 +188,8 @@ class AsyncHiLok:
                     except asyncio.TimeoutError:
                         pass
         except BaseException as exc:
+            if _metrics._observers and isinstance(exc, LockNotAcquired):
+                _metrics.refused(requests, started, attempt.block, exc)
             cleanup = attempt.cleanup(exc)
             if cleanup is not None:
                 await _shielded(self._run_quietly(cleanup, "clean up after a failed acquire"))
@@ -247,7 +256,7 @@ class AsyncHiLok:
         alive = await self._renew(leases, ttl)
         for lease, ok in zip(leases, alive, strict=True):
             if not ok:
-                lease.lost = True
+                lease._found_lost("refresh")
         return alive
 
     async def _renew(self, leases: Sequence[Lease], ttl: float | None) -> list[bool]:
@@ -288,8 +297,10 @@ class AsyncHiLok:
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
             if code != 1:
-                lease.lost = True
+                lease._found_lost("release")
                 lost.append(lease)
+        if _metrics._observers:
+            _metrics.released(todo, codes)
         if lost:
             raise LockLost(
                 "released a lease that was no longer held (it ran out or was released "
