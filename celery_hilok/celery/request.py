@@ -19,6 +19,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
 from .._core import new_handle
+from ._events import EVENTS_FLAG
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
 
 __all__ = ["HiLokRequest", "release_in_main_process"]
@@ -38,6 +39,16 @@ class HiLokRequest(Request):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # Always a new one: a retried or redelivered message may carry an old one along.
         self._request_dict[EXEC_HEADER] = new_handle()
+        # Tell the process that runs the task whether to send task-hilok events.
+        self._request_dict[EVENTS_FLAG] = self._sends_task_events()
+
+    def _sends_task_events(self) -> bool:
+        """Does the worker send task events now (``-E``, or enabled by a control command)?"""
+        eventer = self._eventer
+        if not (eventer and eventer.enabled and self.task.send_events):
+            return False
+        groups = getattr(eventer, "groups", None)
+        return not groups or "task" in groups
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         try:
