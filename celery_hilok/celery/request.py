@@ -19,7 +19,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
 from .._core import new_handle
-from ._events import EVENTS_FLAG
+from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
 
 __all__ = ["HiLokRequest", "release_in_main_process"]
@@ -74,7 +74,14 @@ class HiLokRequest(Request):  # type: ignore[misc]
         # Billiard reports a hard time limit twice (as a failure and as a timeout).
         if not self._request_dict.get(RELEASED):
             self._request_dict[RELEASED] = True
-            release_in_main_process(self.task, self, why)
+            released = release_in_main_process(self.task, self, why)
+            if released is not None:
+                handle, locks = released
+                held = [
+                    {"path": path, "mode": mode, "token": None, "handle": handle[:HANDLE_PREFIX]}
+                    for path, mode in locks
+                ]
+                self.send_event(EVENT_TYPE, hilok="released", hilok_locks=held, hilok_why=why)
 
     def _completed_before_loss(self) -> bool:
         """Did the task succeed (and so release or hand over its locks) before dying?"""
@@ -87,12 +94,15 @@ class HiLokRequest(Request):  # type: ignore[misc]
             return False
 
 
-def release_in_main_process(task: Any, request: Any, why: str) -> None:
+def release_in_main_process(
+    task: Any, request: Any, why: str
+) -> tuple[str, list[tuple[str, str]]] | None:
     """Release what one execution of ``task`` may hold; quietly.
 
     ``request`` is the worker's :class:`Request` or its ``Context`` (as ``task_revoked``
     gives it). Released are the task's lock spec and the locks handed to it, held by its
     handle: the handed-over one, else the fresh one its :class:`HiLokRequest` made.
+    Returns that handle and the (path, mode) pairs released, if any.
     """
     from .task import HiLokTask
 
@@ -108,7 +118,7 @@ def release_in_main_process(task: Any, request: Any, why: str) -> None:
         rt = runtime(task.app)
     except Exception as exc:
         log.warning("%s[%s]: cannot release its locks: %s", task.name, value("id"), exc)
-        return
+        return None
     own: list[tuple[str, str]] = []
     if isinstance(task, HiLokTask):
         try:
@@ -126,7 +136,10 @@ def release_in_main_process(task: Any, request: Any, why: str) -> None:
             locks = own + handed
         else:
             handle, locks, chain_over = handover.handle, handed + own, handover.claim
+    released = None
     if isinstance(handle, str) and locks:
         rt.release_named(handle, locks, f"{task.name}[{value('id')}]: {why}")
+        released = (handle, locks)
     if chain_over and handover is not None:
         rt.forget(handover.handle)
+    return released

@@ -8,6 +8,8 @@ are caught in this process, where the in-process worker runs its tasks.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.exceptions import WorkerLostError
 
 from celery_hilok import HiLok, HiLokTask, LockNotAcquired, metrics
 from celery_hilok.celery import hilok_lock_acquired, hilok_lock_refused, hilok_lock_released
@@ -217,6 +220,24 @@ def test_event_of_a_lost_lease(
     )
 
 
+@pytest.mark.celery_worker
+def test_event_of_a_release_by_the_main_process(
+    run: str, lab: redis.Redis, hl: HiLok, capture: EventCapture, events_worker: WorkerProcess
+) -> None:
+    result = tasks.exit.apply_async((run, "t1", "a1", "block"), queue=events_worker.queue)
+    entry = wait_for(lambda: started_entry(lab, run), what="the task to start")
+    os.kill(entry["pid"], signal.SIGKILL)
+    with pytest.raises(WorkerLostError):
+        result.get(timeout=RESULT_TIMEOUT)
+    [released] = hilok_events(capture, result.id, "released")
+    assert released["hilok_why"].startswith("worker process lost")
+    assert released["hilok_locks"] == [
+        {"path": account(run), "mode": "write", "token": None, "handle": entry["handle"][:6]}
+    ]
+    assert entry["handle"] not in json.dumps(released)
+    wait_for(lambda: not hl.status(account(run)).held, what="the lock to be free")
+
+
 @pytest.mark.usefixtures("inproc_worker")
 @pytest.mark.celery_worker
 def test_no_lock_events_from_a_worker_without_task_events(
@@ -260,13 +281,13 @@ def signals() -> Iterator[Signals]:
         (hilok_lock_refused, seen.receiver("refused")),
         (hilok_lock_released, seen.receiver("released")),
     ]
-    for signal, receiver in pairs:
-        signal.connect(receiver, weak=False)
+    for sig, receiver in pairs:
+        sig.connect(receiver, weak=False)
     try:
         yield seen
     finally:
-        for signal, receiver in pairs:
-            signal.disconnect(receiver)
+        for sig, receiver in pairs:
+            sig.disconnect(receiver)
 
 
 @pytest.mark.usefixtures("inproc_worker")
