@@ -116,7 +116,8 @@ class Released:
 
 @dataclass(frozen=True, slots=True)
 class Lost:
-    """A lease was found gone (at most one event per :class:`~celery_hilok.Lease` object).
+    """A lease was found gone: one event per :class:`~celery_hilok.Lease` object, the first
+    time the library finds it gone.
 
     ``found_by`` says who noticed: the background ``"refresher"`` (``keep_alive``, the
     context managers, the Celery worker), an explicit ``"refresh"``, or a ``"release"``.

@@ -131,7 +131,11 @@ def started_entry(lab: redis.Redis, run: str) -> dict[str, Any] | None:
 
 @pytest.mark.celery_worker
 def test_events_of_a_task_that_acquires_and_releases(
-    run: str, lab: redis.Redis, capture: EventCapture, events_worker: WorkerProcess
+    run: str,
+    lab: redis.Redis,
+    app: Celery,
+    capture: EventCapture,
+    events_worker: WorkerProcess,
 ) -> None:
     result = tasks.write_retry.apply_async((run, "t1", "a1"), queue=events_worker.queue)
     assert result.get(timeout=RESULT_TIMEOUT) == "write a1"
@@ -153,6 +157,16 @@ def test_events_of_a_task_that_acquires_and_releases(
     assert 0.0 <= released["hilok_hold"] < RESULT_TIMEOUT
     for event in (acquired, released):
         assert handle not in json.dumps(event)  # handles are secrets: a prefix only
+
+    # What a monitor makes of them: Celery's event state (Flower's base) merges the lock
+    # fields into the task's record.
+    wait_for(lambda: capture.matching(type="task-succeeded", uuid=result.id), what="success")
+    state = app.events.State()
+    for event in capture.matching(uuid=result.id):
+        state.event(event)
+    task = state.tasks[result.id]
+    assert task.state == "SUCCESS"
+    assert task.hilok_locks == acquired["hilok_locks"] and task.hilok_why == "SUCCESS"
 
 
 @pytest.mark.celery_worker
