@@ -14,6 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from . import metrics as _metrics
 from ._core import (
     Acquisition,
     Call,
@@ -39,7 +40,7 @@ from ._redis import (
     split_cluster_url,
     translate,
 )
-from .errors import HiLokError, InvalidArgument, LockLost
+from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
 
@@ -143,6 +144,7 @@ class AsyncHiLok:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
         if not self._eviction_checked:
             await self._check_eviction()
+        started = time.monotonic()
         attempt = Acquisition(
             self._protocol,
             requests,
@@ -150,7 +152,7 @@ class AsyncHiLok:
             ttl=ttl,
             block=block,
             timeout=timeout,
-            now=time.monotonic(),
+            now=started,
         )
         cancel_count = _cancel_counter()
         cancelling = cancel_count()
@@ -171,8 +173,13 @@ class AsyncHiLok:
                         Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
                     ]
+                    granted = time.monotonic()
                     for lease in leases:
                         lease.renewed_at = sent
+                        lease.granted_at, lease.waited = granted, granted - started
+                        lease.contended = waiter is not None
+                    if _metrics._observers:
+                        _metrics.acquired(leases)
                     return leases
                 if waiter is None:
                     waiter = await self._waker.register(attempt)
@@ -182,6 +189,8 @@ class AsyncHiLok:
                     except asyncio.TimeoutError:
                         pass
         except BaseException as exc:
+            if _metrics._observers and isinstance(exc, LockNotAcquired):
+                _metrics.refused(requests, started, attempt.block, exc)
             cleanup = attempt.cleanup(exc)
             if cleanup is not None:
                 await _shielded(self._run_quietly(cleanup, "clean up after a failed acquire"))
@@ -248,7 +257,7 @@ class AsyncHiLok:
         alive = await self._renew(leases, ttl)
         for lease, ok in zip(leases, alive, strict=True):
             if not ok:
-                lease.lost = True
+                lease._found_lost("refresh")
         return alive
 
     async def _renew(self, leases: Sequence[Lease], ttl: float | None) -> list[bool]:
@@ -289,8 +298,10 @@ class AsyncHiLok:
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
             if code != 1:
-                lease.lost = True
+                lease._found_lost("release")
                 lost.append(lease)
+        if _metrics._observers:
+            _metrics.released(todo, codes)
         if lost:
             raise LockLost(
                 "released a lease that was no longer held (it ran out or was released "

@@ -17,6 +17,7 @@ from redis.cluster import RedisCluster as _RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
+from . import metrics as _metrics
 from ._core import (
     Acquisition,
     Call,
@@ -41,7 +42,7 @@ from ._redis import (
     split_cluster_url,
     translate,
 )
-from .errors import HiLokError, InvalidArgument, LockLost
+from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
 
@@ -152,6 +153,7 @@ class HiLok:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
         if not self._eviction_checked:
             self._check_eviction()
+        started = time.monotonic()
         attempt = Acquisition(
             self._protocol,
             requests,
@@ -159,7 +161,7 @@ class HiLok:
             ttl=ttl,
             block=block,
             timeout=timeout,
-            now=time.monotonic(),
+            now=started,
         )
         waiter: _Wait | None = None
         try:
@@ -173,14 +175,21 @@ class HiLok:
                         Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
                     ]
+                    granted = time.monotonic()
                     for lease in leases:
                         lease.renewed_at = sent
+                        lease.granted_at, lease.waited = granted, granted - started
+                        lease.contended = waiter is not None
+                    if _metrics._observers:
+                        _metrics.acquired(leases)
                     return leases
                 if waiter is None:
                     waiter = self._waker.register(attempt)
                 else:
                     waiter.event.wait(step.seconds)
         except BaseException as exc:
+            if _metrics._observers and isinstance(exc, LockNotAcquired):
+                _metrics.refused(requests, started, attempt.block, exc)
             cleanup = attempt.cleanup(exc)
             if cleanup is not None:
                 self._run_quietly(cleanup, "clean up after a failed acquire")
@@ -255,7 +264,7 @@ class HiLok:
         alive = self._renew(leases, ttl)
         for lease, ok in zip(leases, alive, strict=True):
             if not ok:
-                lease.lost = True
+                lease._found_lost("refresh")
         return alive
 
     def _renew(self, leases: Sequence[Lease], ttl: float | None) -> list[bool]:
@@ -313,8 +322,10 @@ class HiLok:
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
             if code != 1:
-                lease.lost = True
+                lease._found_lost("release")
                 lost.append(lease)
+        if _metrics._observers:
+            _metrics.released(todo, codes)
         if lost:
             raise LockLost(
                 "released a lease that was no longer held (it ran out or was released "

@@ -19,6 +19,7 @@ from .._core import Request
 from ..errors import HiLokError, LockLost
 from ..lease import Lease
 from ..sync import HiLok
+from ._events import install_metrics
 from .config import redis_url, setting
 
 __all__ = ["HEADER", "Handover", "Runtime", "runtime"]
@@ -63,6 +64,7 @@ class Runtime:
             redis_options=dict(conf.get("hilok_redis_options") or {}),
         )
         self._take = self.hilok.redis.register_script(_TAKE_CLAIM)
+        install_metrics(conf)  # hilok_metrics: once per process, before any lock is taken
 
     # -- hand-over claims ------------------------------------------------------------
     #

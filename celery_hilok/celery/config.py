@@ -45,6 +45,8 @@ APP_SETTINGS: Final[Mapping[str, Any]] = {
     "hilok_redis_options": None,  # extra keyword arguments of redis.Redis.from_url
     "hilok_namespace": "hilok",
     "hilok_separator": "/",
+    "hilok_metrics": False,  # True/"prometheus", "opentelemetry" or both: observers per worker
+    "hilok_metrics_prefix_depth": 1,  # path segments in the metrics' "prefix" label
 }
 """Settings that only the app sets: one lock client per worker process serves all tasks."""
 
