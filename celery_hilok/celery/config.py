@@ -45,6 +45,8 @@ APP_SETTINGS: Final[Mapping[str, Any]] = {
     "hilok_redis_options": None,  # extra keyword arguments of redis.Redis.from_url
     "hilok_namespace": "hilok",
     "hilok_separator": "/",
+    "hilok_wait_replicas": 0,  # replicas that must acknowledge each grant (Redis WAIT)
+    "hilok_wait_timeout": 1.0,  # seconds an acquire waits for those acknowledgements
 }
 """Settings that only the app sets: one lock client per worker process serves all tasks."""
 
