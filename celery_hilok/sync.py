@@ -113,8 +113,10 @@ class HiLok:
         both raise :class:`LockNotAcquired`. ``ttl`` overrides the default lease. ``handle``
         acquires for an existing holder (re-entrant; renews a grant it already has). The lease
         is not refreshed automatically: use :meth:`refresh`, :meth:`keep_alive` or the
-        context managers. Raises :class:`InvalidArgument` for bad arguments and
-        :class:`HiLokConnectionError` when Redis fails.
+        context managers. Raises :class:`InvalidArgument` for bad arguments,
+        :class:`HiLokConnectionError` when Redis fails, and with ``wait_replicas``
+        :class:`LockNotReplicated` (a :class:`LockNotAcquired`) when too few replicas
+        acknowledged the grant.
         """
         return self.acquire_many(
             [(path, mode)], block=block, timeout=timeout, ttl=ttl, handle=handle

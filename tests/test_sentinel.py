@@ -185,6 +185,12 @@ def _fail_over(
             # Right after the switch: a client may still be connected to the old master.
             window_plain = _try(lambda: hl.acquire("window/plain", "write", ttl=60.0))
             window_durable = _try(lambda: durable.acquire("window/kept", "write", ttl=60.0))
+            # Straight on the old master, if it still runs: it is no master for the
+            # sentinels any more, but until they demote it, it grants what it is asked for.
+            on_old = group.server_on(old_port).running
+            if on_old:
+                stale_plain = _grant_on(old_port, namespace, "stale/plain", 0)
+                stale_durable = _grant_on(old_port, namespace, "stale/kept", 1)
             settling = time.monotonic()
             settle(old_port)
             report["settle_s"] = round(time.monotonic() - settling, 2)
@@ -227,6 +233,17 @@ def _fail_over(
         # be lost; with WAIT it was refused unless a replica of its master acknowledged it.
         report["window_plain"] = _outcome(hl, window_plain)
         report["window_durable"] = _outcome(durable, window_durable)
+        if on_old:
+            # A lease granted by the demoted master is gone: the failover lost it. With
+            # WAIT it was never handed out (the old master has no replica left).
+            report["stale_plain"] = _outcome(hl, stale_plain)
+            report["stale_durable"] = _outcome(durable, stale_durable)
+            assert report["stale_plain"] in ("lost", "HiLokError", "HiLokConnectionError")
+            assert report["stale_durable"] in (
+                "LockNotReplicated",
+                "HiLokError",
+                "HiLokConnectionError",
+            ), report
         assert report["window_durable"] in (
             "LockNotReplicated",
             "HiLokConnectionError",
@@ -237,6 +254,12 @@ def _fail_over(
     report["new"] = new_port
     print(f"[sentinel] {label}: {report}")
     return report
+
+
+def _grant_on(port: int, namespace: str, path: str, wait: int) -> Lease | HiLokError:
+    """A write lease on ``path`` from the server on ``port`` itself (not via the sentinels)."""
+    with HiLok(f"redis://127.0.0.1:{port}/0", namespace=namespace, wait_replicas=wait) as hl:
+        return _try(lambda: hl.acquire(path, "write", ttl=60.0, block=False))
 
 
 def _try(call: Callable[[], Lease]) -> Lease | HiLokError:
