@@ -87,6 +87,26 @@ def check_timeout(timeout: object) -> float | None:
     return float(timeout)
 
 
+def check_wait_replicas(replicas: object, timeout: object) -> tuple[int, float]:
+    """Validate the ``wait_replicas`` / ``wait_timeout`` pair of a lock client."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise InvalidArgument(f"wait_replicas must be an int >= 0, got {replicas!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0.001 <= timeout <= 10**6
+    ):
+        raise InvalidArgument(f"wait_timeout must be seconds in [0.001, 1e6], got {timeout!r}")
+    return replicas, float(timeout)
+
+
+CLUSTER_WAIT: Final = (
+    "wait_replicas is not supported on Redis Cluster: WAIT counts the replicas of the node "
+    "the connection talks to, and a cluster client sends it to an arbitrary node, not to the "
+    "one that ran the acquire"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One lock of a (possibly multi-lock) acquire: a normalised path and a mode."""
@@ -521,17 +541,33 @@ class Acquisition:
         """The call that undoes whatever a failed acquire may have left.
 
         A refused request left at most a queue entry. Any other failure (a lost reply, a
-        cancellation) may also have left grants: exactly those made by this call's scripts
-        (found by its nonce) are released; grants the holder had before, even if this call
-        renewed them, stay.
+        cancellation, a grant too few replicas acknowledged) may also have left grants:
+        exactly those made by this call's scripts (found by its nonce) are released; grants
+        the holder had before, even if this call renewed them, stay.
         """
-        from .errors import LockNotAcquired
+        from .errors import LockNotAcquired, LockNotReplicated
 
-        if isinstance(error, LockNotAcquired):
+        if isinstance(error, LockNotAcquired) and not isinstance(error, LockNotReplicated):
             if not self.can_wait:
                 return None
             return self.protocol.release(self.handle, self.requests, WITHDRAW_ONLY)
         return self.protocol.release(self.handle, self.requests, self.nonce)
+
+    def not_replicated(self, acknowledged: int, replicas: int, timeout: float) -> Exception:
+        """The error for a grant that too few replicas acknowledged; raising it makes
+        :meth:`cleanup` release exactly the grants of this call."""
+        from .errors import LockNotReplicated
+
+        what = ", ".join(r.describe() for r in self.requests)
+        first = self.requests[0]
+        return LockNotReplicated(
+            f"{what} was granted, but only {acknowledged} of {replicas} replica(s) "
+            f"acknowledged it within {timeout}s (WAIT), so it was released again",
+            path=first.path.text,
+            mode=first.mode,
+            replicas=replicas,
+            acknowledged=acknowledged,
+        )
 
     def _not_acquired(self, blocked: Blocked) -> Exception:
         from .errors import LockNotAcquired

@@ -16,6 +16,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import metrics as _metrics
 from ._core import (
+    CLUSTER_WAIT,
     Acquisition,
     Call,
     Mode,
@@ -24,6 +25,7 @@ from ._core import (
     by_tree,
     check_timeout,
     check_ttl,
+    check_wait_replicas,
     normalise_requests,
     wakes,
 )
@@ -56,7 +58,8 @@ class AsyncHiLok:
 
     ``redis`` is a URL or a ``redis.asyncio.Redis`` / ``RedisCluster`` client. One instance
     serves the tasks of one event loop; its background tasks (wake-ups, refresh) live on the
-    loop that first needs them.
+    loop that first needs them. ``wait_replicas`` and ``wait_timeout``: see
+    :class:`~celery_hilok.HiLok`.
     """
 
     def __init__(
@@ -67,17 +70,22 @@ class AsyncHiLok:
         separator: str = "/",
         ttl: float = 30.0,
         redis_options: dict[str, Any] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         if not isinstance(separator, str) or not separator:
             raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
         self.separator = separator
         self.ttl = check_ttl(ttl)
+        self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
         self._protocol = Protocol(namespace, separator)
         self._owns_client = isinstance(redis, str)
         self.redis: AsyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
         self._cluster = isinstance(self.redis, aredis.RedisCluster)
+        if self._cluster and self.wait_replicas:
+            raise InvalidArgument(CLUSTER_WAIT)
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
@@ -162,13 +170,15 @@ class AsyncHiLok:
                 if waiter is not None:
                     waiter.event.clear()
                 sent = time.monotonic()
-                reply = await self._run(attempt.call)
+                reply, acks = await self._run_acquire(attempt.call)
                 # Some redis-py versions swallow a cancellation that lands mid-call; the
                 # task still counts it, so honour it here rather than hand out a lease.
                 if cancel_count() > cancelling:
                     raise asyncio.CancelledError
                 step = attempt.step(reply, time.monotonic())
                 if isinstance(step, list):
+                    if acks < self.wait_replicas:
+                        raise attempt.not_replicated(acks, self.wait_replicas, self.wait_timeout)
                     leases = [
                         Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
@@ -355,6 +365,29 @@ class AsyncHiLok:
         if cancel_count() > cancelling:
             raise asyncio.CancelledError
         return reply
+
+    async def _run_acquire(self, call: Call) -> tuple[Any, int]:
+        """Run an acquire call, followed by ``WAIT`` with ``wait_replicas``; see
+        :meth:`HiLok._run_acquire`."""
+        if not self.wait_replicas:
+            return await self._run(call), 0
+        wait_ms = max(1, round(self.wait_timeout * 1000))
+        command, script = "EVALSHA", call.script.sha
+        while True:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(command, script, len(call.keys), *call.keys, *call.args)
+                    pipe.execute_command("WAIT", self.wait_replicas, wait_ms)
+                    reply, acks = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                raise translate(exc, self.server, call.script.name) from exc
+            if isinstance(reply, NoScriptError) and command == "EVALSHA":
+                command, script = "EVAL", call.script.source
+                continue
+            for result in (reply, acks):
+                if isinstance(result, RedisError):
+                    raise translate(result, self.server, call.script.name) from result
+            return reply, int(acks)
 
     async def _run_batches(self, batches: list[tuple[list[int], Call]], count: int) -> list[int]:
         """Send the batches in one round trip; the per-item reply codes, in item order."""

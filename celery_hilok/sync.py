@@ -19,6 +19,7 @@ from redis.retry import Retry
 
 from . import metrics as _metrics
 from ._core import (
+    CLUSTER_WAIT,
     Acquisition,
     Call,
     Mode,
@@ -27,6 +28,7 @@ from ._core import (
     by_tree,
     check_timeout,
     check_ttl,
+    check_wait_replicas,
     normalise_requests,
     wakes,
 )
@@ -59,6 +61,12 @@ class HiLok:
     ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``) or an existing
     ``redis.Redis`` / ``redis.RedisCluster`` client (which is not closed by :meth:`close`).
     ``ttl`` is the default lease in seconds. One instance is safe to share between threads.
+
+    ``wait_replicas=n`` (opt-in, not on Redis Cluster) makes every acquire wait, in the same
+    round trip, until ``n`` replicas have acknowledged the grant (Redis ``WAIT``, at most
+    ``wait_timeout`` seconds); a grant acknowledged by fewer is released again and the
+    acquire raises :class:`LockNotReplicated`. Refreshes and releases are not waited for.
+    This narrows, but does not close, the window in which a failover loses a lease.
     """
 
     def __init__(
@@ -69,17 +77,22 @@ class HiLok:
         separator: str = "/",
         ttl: float = 30.0,
         redis_options: dict[str, Any] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         if not isinstance(separator, str) or not separator:
             raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
         self.separator = separator
         self.ttl = check_ttl(ttl)
+        self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
         self._protocol = Protocol(namespace, separator)
         self._owns_client = isinstance(redis, str)
         self.redis: SyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
         self._cluster = isinstance(self.redis, _RedisCluster)
+        if self._cluster and self.wait_replicas:
+            raise InvalidArgument(CLUSTER_WAIT)
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
@@ -102,8 +115,10 @@ class HiLok:
         both raise :class:`LockNotAcquired`. ``ttl`` overrides the default lease. ``handle``
         acquires for an existing holder (re-entrant; renews a grant it already has). The lease
         is not refreshed automatically: use :meth:`refresh`, :meth:`keep_alive` or the
-        context managers. Raises :class:`InvalidArgument` for bad arguments and
-        :class:`HiLokConnectionError` when Redis fails.
+        context managers. Raises :class:`InvalidArgument` for bad arguments,
+        :class:`HiLokConnectionError` when Redis fails, and with ``wait_replicas``
+        :class:`LockNotReplicated` (a :class:`LockNotAcquired`) when too few replicas
+        acknowledged the grant.
         """
         return self.acquire_many(
             [(path, mode)], block=block, timeout=timeout, ttl=ttl, handle=handle
@@ -169,8 +184,11 @@ class HiLok:
                 if waiter is not None:
                     waiter.event.clear()
                 sent = time.monotonic()
-                step = attempt.step(self._run(attempt.call), time.monotonic())
+                reply, acks = self._run_acquire(attempt.call)
+                step = attempt.step(reply, time.monotonic())
                 if isinstance(step, list):
+                    if acks < self.wait_replicas:
+                        raise attempt.not_replicated(acks, self.wait_replicas, self.wait_timeout)
                     leases = [
                         Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
@@ -369,6 +387,31 @@ class HiLok:
                 return client.eval(call.script.source, len(call.keys), *call.keys, *call.args)
         except RedisError as exc:
             raise translate(exc, self.server, call.script.name) from exc
+
+    def _run_acquire(self, call: Call) -> tuple[Any, int]:
+        """Run an acquire call; with ``wait_replicas``, follow it with ``WAIT`` in one
+        pipeline, so that both share a connection (WAIT counts that connection's writes;
+        it cannot run inside the script). Returns the reply and the replicas that
+        acknowledged (0 without ``wait_replicas``)."""
+        if not self.wait_replicas:
+            return self._run(call), 0
+        wait_ms = max(1, round(self.wait_timeout * 1000))
+        command, script = "EVALSHA", call.script.sha
+        while True:
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(command, script, len(call.keys), *call.keys, *call.args)
+                    pipe.execute_command("WAIT", self.wait_replicas, wait_ms)
+                    reply, acks = pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                raise translate(exc, self.server, call.script.name) from exc
+            if isinstance(reply, NoScriptError) and command == "EVALSHA":
+                command, script = "EVAL", call.script.source
+                continue
+            for result in (reply, acks):
+                if isinstance(result, RedisError):
+                    raise translate(result, self.server, call.script.name) from result
+            return reply, int(acks)
 
     def _run_batches(self, batches: list[tuple[list[int], Call]], count: int) -> list[int]:
         """Send the batches in one round trip; the per-item reply codes, in item order."""
