@@ -5,7 +5,14 @@ from __future__ import annotations
 from .aio import AsyncHiLok
 from .celery import HiLokTask, TaskLocks, hilok_lease_lost
 from .compat import RedisHiLok, RedisHiLokError, RedisHiLokStatus
-from .errors import HiLokConnectionError, HiLokError, InvalidArgument, LockLost, LockNotAcquired
+from .errors import (
+    HiLokConnectionError,
+    HiLokError,
+    InvalidArgument,
+    LockLost,
+    LockNotAcquired,
+    LockNotReplicated,
+)
 from .lease import Holder, Lease, LockStatus, QueuedRequest
 from .sync import HiLok
 
@@ -22,6 +29,7 @@ __all__ = [
     "Lease",
     "LockLost",
     "LockNotAcquired",
+    "LockNotReplicated",
     "LockStatus",
     "QueuedRequest",
     "RedisHiLok",

@@ -29,6 +29,7 @@ __all__ = [
     "Script",
     "new_handle",
     "next_wait",
+    "wakes",
 ]
 
 Mode = Literal["read", "write", "read-node"]
@@ -84,6 +85,26 @@ def check_timeout(timeout: object) -> float | None:
     if timeout < 0:
         raise InvalidArgument(f"timeout must not be negative, got {timeout!r}")
     return float(timeout)
+
+
+def check_wait_replicas(replicas: object, timeout: object) -> tuple[int, float]:
+    """Validate the ``wait_replicas`` / ``wait_timeout`` pair of a lock client."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise InvalidArgument(f"wait_replicas must be an int >= 0, got {replicas!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0.001 <= timeout <= 10**6
+    ):
+        raise InvalidArgument(f"wait_timeout must be seconds in [0.001, 1e6], got {timeout!r}")
+    return replicas, float(timeout)
+
+
+CLUSTER_WAIT: Final = (
+    "wait_replicas is not supported on Redis Cluster: WAIT counts the replicas of the node "
+    "the connection talks to, and a cluster client sends it to an arbitrary node, not to the "
+    "one that ran the acquire"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +171,7 @@ class Blocked:
     path: str  # canonical
     remaining: float  # seconds the blocker's lease or queue entry has left
     queued: bool
+    holding: bool = False  # the refused holder already holds a live grant in a tree asked
 
     def describe(self, separator: str = "/") -> str:
         from .paths import decode_canonical
@@ -343,6 +365,7 @@ class Protocol:
             path,
             max(0.0, int(remaining) / 1000),  # type: ignore[call-overload]
             _text(kind) == "queued",
+            len(reply) > 4 and int(reply[4]) == 1,  # type: ignore[call-overload]
         )
 
     @staticmethod
@@ -402,6 +425,21 @@ def related(a: str, b: str) -> bool:
     return a == b or (b.startswith(a) and b[len(a)] == "/")
 
 
+def wakes(message: str, attempt: Acquisition) -> bool:
+    """Should a release published as ``message`` on a tree's channel wake ``attempt``?
+
+    The message is the released path, then (after a newline) the handles at the front of
+    the tree's wait queue: the waiters no earlier conflicting waiter stands in front of. A
+    waiter behind another would only be refused again, so it sleeps on, unless it already
+    holds something in the tree (it skips the queue then). A message with the path alone
+    (a long queue) wakes every waiter on the path's line.
+    """
+    released, newline, front = message.partition("\n")
+    if not any(related(r.path.canonical, released) for r in attempt.requests):
+        return False
+    return not newline or attempt.holding or attempt.handle in front.split(" ")
+
+
 def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:
     """Seconds to sleep before retrying a refused acquire, unless a wake-up comes first.
 
@@ -453,6 +491,7 @@ class Acquisition:
         "deadline",
         "fresh",
         "handle",
+        "holding",
         "nonce",
         "protocol",
         "requests",
@@ -482,6 +521,7 @@ class Acquisition:
         self.can_wait = self.block and self.timeout != 0
         self.deadline = None if self.timeout is None else now + self.timeout
         self.subscribed = False
+        self.holding = False  # as of the last refusal: see :func:`wakes`
         self.nonce = secrets.token_hex(6)
         self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait, self.nonce)
 
@@ -489,6 +529,7 @@ class Acquisition:
         outcome = self.protocol.decode_acquire(reply)
         if isinstance(outcome, Granted):
             return outcome.tokens
+        self.holding = outcome.holding
         if not self.can_wait or (self.deadline is not None and now >= self.deadline):
             raise self._not_acquired(outcome)
         if not self.subscribed:
@@ -500,17 +541,33 @@ class Acquisition:
         """The call that undoes whatever a failed acquire may have left.
 
         A refused request left at most a queue entry. Any other failure (a lost reply, a
-        cancellation) may also have left grants: exactly those made by this call's scripts
-        (found by its nonce) are released; grants the holder had before, even if this call
-        renewed them, stay.
+        cancellation, a grant too few replicas acknowledged) may also have left grants:
+        exactly those made by this call's scripts (found by its nonce) are released; grants
+        the holder had before, even if this call renewed them, stay.
         """
-        from .errors import LockNotAcquired
+        from .errors import LockNotAcquired, LockNotReplicated
 
-        if isinstance(error, LockNotAcquired):
+        if isinstance(error, LockNotAcquired) and not isinstance(error, LockNotReplicated):
             if not self.can_wait:
                 return None
             return self.protocol.release(self.handle, self.requests, WITHDRAW_ONLY)
         return self.protocol.release(self.handle, self.requests, self.nonce)
+
+    def not_replicated(self, acknowledged: int, replicas: int, timeout: float) -> Exception:
+        """The error for a grant that too few replicas acknowledged; raising it makes
+        :meth:`cleanup` release exactly the grants of this call."""
+        from .errors import LockNotReplicated
+
+        what = ", ".join(r.describe() for r in self.requests)
+        first = self.requests[0]
+        return LockNotReplicated(
+            f"{what} was granted, but only {acknowledged} of {replicas} replica(s) "
+            f"acknowledged it within {timeout}s (WAIT), so it was released again",
+            path=first.path.text,
+            mode=first.mode,
+            replicas=replicas,
+            acknowledged=acknowledged,
+        )
 
     def _not_acquired(self, blocked: Blocked) -> Exception:
         from .errors import LockNotAcquired
@@ -518,10 +575,14 @@ class Acquisition:
         what = ", ".join(r.describe() for r in self.requests)
         when = "at once (block=False)" if not self.block else f"within {self.timeout}s"
         reason = blocked.describe(self.protocol.separator)
-        first = self.requests[0]
+        # Name the request that was in the blocker's way (on one line with it, preferring
+        # one where either side writes), not just the first one asked for.
+        on_line = [r for r in self.requests if related(r.path.canonical, blocked.path)]
+        writes = [r for r in on_line if "write" in (r.mode, blocked.mode)]
+        stuck = (writes or on_line or self.requests)[0]
         return LockNotAcquired(
             f"could not acquire {what} {when}: {reason}",
-            path=first.path.text,
-            mode=first.mode,
+            path=stuck.path.text,
+            mode=stuck.mode,
             blocker=reason,
         )

@@ -116,6 +116,40 @@ def redact_url(url: str) -> str:
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def split_cluster_url(url: str) -> tuple[str, bool]:
+    """``(url, cluster)``: a ``redis://`` or ``rediss://`` URL with ``cluster=true`` in its
+    query names a Redis Cluster (any node; the client discovers the others). The parameter is
+    removed from the URL returned, which redis-py's ``RedisCluster.from_url`` then takes."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    flags = [value.lower() for name, value in query if name == "cluster"]
+    if not flags:
+        return url, False
+    if any(flag not in _TRUE + _FALSE for flag in flags):
+        raise InvalidArgument(
+            f"cluster= in a Redis URL must be true or false, got {redact_url(url)!r}"
+        )
+    cluster = flags[-1] in _TRUE
+    rest = [(name, value) for name, value in query if name != "cluster"]
+    stripped = urlunsplit(parts._replace(query=urlencode(rest)))
+    if cluster:
+        if parts.scheme not in ("redis", "rediss"):
+            raise InvalidArgument(
+                f"a Redis Cluster URL must be redis:// or rediss://host:port, "
+                f"got {redact_url(url)!r}"
+            )
+        db = parts.path.strip("/")
+        if db not in ("", "0") or any(name == "db" and v != "0" for name, v in rest):
+            raise InvalidArgument(f"Redis Cluster has only database 0, got {redact_url(url)!r}")
+    return stripped, cluster
+
+
 def describe_server(client: Any) -> str:
     """``host:port`` (or socket path) of a redis-py client, for error messages."""
     try:

@@ -14,7 +14,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from . import metrics as _metrics
 from ._core import (
+    CLUSTER_WAIT,
     Acquisition,
     Call,
     Mode,
@@ -23,8 +25,9 @@ from ._core import (
     by_tree,
     check_timeout,
     check_ttl,
+    check_wait_replicas,
     normalise_requests,
-    related,
+    wakes,
 )
 from ._redis import (
     DEFAULT_CLIENT_OPTIONS,
@@ -36,10 +39,11 @@ from ._redis import (
     eviction_warning,
     fast_packing,
     sentinel_client,
+    split_cluster_url,
     translate,
     waker_log_level,
 )
-from .errors import HiLokError, InvalidArgument, LockLost
+from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
 
@@ -55,7 +59,8 @@ class AsyncHiLok:
 
     ``redis`` is a URL or a ``redis.asyncio.Redis`` / ``RedisCluster`` client. One instance
     serves the tasks of one event loop; its background tasks (wake-ups, refresh) live on the
-    loop that first needs them.
+    loop that first needs them. ``wait_replicas`` and ``wait_timeout``: see
+    :class:`~celery_hilok.HiLok`.
     """
 
     def __init__(
@@ -66,17 +71,22 @@ class AsyncHiLok:
         separator: str = "/",
         ttl: float = 30.0,
         redis_options: dict[str, Any] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         if not isinstance(separator, str) or not separator:
             raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
         self.separator = separator
         self.ttl = check_ttl(ttl)
+        self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
         self._protocol = Protocol(namespace, separator)
         self._owns_client = isinstance(redis, str)
         self.redis: AsyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
         self._cluster = isinstance(self.redis, aredis.RedisCluster)
+        if self._cluster and self.wait_replicas:
+            raise InvalidArgument(CLUSTER_WAIT)
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
@@ -143,6 +153,7 @@ class AsyncHiLok:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
         if not self._eviction_checked:
             await self._check_eviction()
+        started = time.monotonic()
         attempt = Acquisition(
             self._protocol,
             requests,
@@ -150,7 +161,7 @@ class AsyncHiLok:
             ttl=ttl,
             block=block,
             timeout=timeout,
-            now=time.monotonic(),
+            now=started,
         )
         cancel_count = _cancel_counter()
         cancelling = cancel_count()
@@ -160,28 +171,37 @@ class AsyncHiLok:
                 if waiter is not None:
                     waiter.event.clear()
                 sent = time.monotonic()
-                reply = await self._run(attempt.call)
+                reply, acks = await self._run_acquire(attempt.call)
                 # Some redis-py versions swallow a cancellation that lands mid-call; the
                 # task still counts it, so honour it here rather than hand out a lease.
                 if cancel_count() > cancelling:
                     raise asyncio.CancelledError
                 step = attempt.step(reply, time.monotonic())
                 if isinstance(step, list):
+                    if acks < self.wait_replicas:
+                        raise attempt.not_replicated(acks, self.wait_replicas, self.wait_timeout)
                     leases = [
                         Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
                     ]
+                    granted = time.monotonic()
                     for lease in leases:
                         lease.renewed_at = sent
+                        lease.granted_at, lease.waited = granted, granted - started
+                        lease.contended = waiter is not None
+                    if _metrics._observers:
+                        _metrics.acquired(leases)
                     return leases
                 if waiter is None:
-                    waiter = await self._waker.register(requests)
+                    waiter = await self._waker.register(attempt)
                 else:
                     try:
                         await asyncio.wait_for(waiter.event.wait(), step.seconds)
                     except asyncio.TimeoutError:
                         pass
         except BaseException as exc:
+            if _metrics._observers and isinstance(exc, LockNotAcquired):
+                _metrics.refused(requests, started, attempt.block, exc)
             cleanup = attempt.cleanup(exc)
             if cleanup is not None:
                 await _shielded(self._run_quietly(cleanup, "clean up after a failed acquire"))
@@ -248,7 +268,7 @@ class AsyncHiLok:
         alive = await self._renew(leases, ttl)
         for lease, ok in zip(leases, alive, strict=True):
             if not ok:
-                lease.lost = True
+                lease._found_lost("refresh")
         return alive
 
     async def _renew(self, leases: Sequence[Lease], ttl: float | None) -> list[bool]:
@@ -289,8 +309,10 @@ class AsyncHiLok:
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
             if code != 1:
-                lease.lost = True
+                lease._found_lost("release")
                 lost.append(lease)
+        if _metrics._observers:
+            _metrics.released(todo, codes)
         if lost:
             raise LockLost(
                 "released a lease that was no longer held (it ran out or was released "
@@ -345,6 +367,29 @@ class AsyncHiLok:
             raise asyncio.CancelledError
         return reply
 
+    async def _run_acquire(self, call: Call) -> tuple[Any, int]:
+        """Run an acquire call, followed by ``WAIT`` with ``wait_replicas``; see
+        :meth:`HiLok._run_acquire`."""
+        if not self.wait_replicas:
+            return await self._run(call), 0
+        wait_ms = max(1, round(self.wait_timeout * 1000))
+        command, script = "EVALSHA", call.script.sha
+        while True:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(command, script, len(call.keys), *call.keys, *call.args)
+                    pipe.execute_command("WAIT", self.wait_replicas, wait_ms)
+                    reply, acks = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                raise translate(exc, self.server, call.script.name) from exc
+            if isinstance(reply, NoScriptError) and command == "EVALSHA":
+                command, script = "EVAL", call.script.source
+                continue
+            for result in (reply, acks):
+                if isinstance(result, RedisError):
+                    raise translate(result, self.server, call.script.name) from result
+            return reply, int(acks)
+
     async def _run_batches(self, batches: list[tuple[list[int], Call]], count: int) -> list[int]:
         """Send the batches in one round trip; the per-item reply codes, in item order."""
         codes = [0] * count
@@ -397,7 +442,13 @@ def _make_client(target: str | AsyncClient, options: dict[str, Any] | None) -> A
         return client  # type: ignore[no-any-return]
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        pool = aredis.ConnectionPool.from_url(check_url(target), **kwargs)
+        url, cluster = split_cluster_url(target)
+        check_url(url)
+        if cluster:
+            return aredis.RedisCluster.from_url(
+                url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES), **kwargs
+            )
+        pool = aredis.ConnectionPool.from_url(url, **kwargs)
         if pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
             pool.connection_class = fast_packing(pool.connection_class)
         built = aredis.Redis(
@@ -476,11 +527,11 @@ class _Hold(AbstractAsyncContextManager[Lease]):
 
 
 class _Wait:
-    __slots__ = ("channels", "event", "paths")
+    __slots__ = ("attempt", "channels", "event")
 
-    def __init__(self, channels: set[str], paths: list[str]) -> None:
+    def __init__(self, channels: set[str], attempt: Acquisition) -> None:
         self.channels = channels
-        self.paths = paths
+        self.attempt = attempt
         self.event = asyncio.Event()
 
 
@@ -494,10 +545,10 @@ class _Waker:
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
 
-    async def register(self, requests: Sequence[Request]) -> _Wait:
+    async def register(self, attempt: Acquisition) -> _Wait:
         keys = self._owner._protocol.keys
-        channels = {keys.channel(r.path.tree) for r in requests}
-        wait = _Wait(channels, [r.path.canonical for r in requests])
+        channels = {keys.channel(r.path.tree) for r in attempt.requests}
+        wait = _Wait(channels, attempt)
         self._ensure_task()
         to_subscribe = []
         for channel in channels:
@@ -572,9 +623,9 @@ class _Waker:
                 if event is not None:
                     event.set()
             elif kind == "message":
-                released = _text(message["data"])
+                data = _text(message["data"])
                 for wait in list(self._waits.get(channel, ())):
-                    if any(related(p, released) for p in wait.paths):
+                    if wakes(data, wait.attempt):
                         wait.event.set()
 
     def _wake_all(self) -> None:

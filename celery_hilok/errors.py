@@ -12,6 +12,7 @@ __all__ = [
     "InvalidArgument",
     "LockLost",
     "LockNotAcquired",
+    "LockNotReplicated",
 ]
 
 
@@ -33,6 +34,27 @@ class LockNotAcquired(HiLokError):
         self.path = path
         self.mode = mode
         self.blocker = blocker
+
+
+class LockNotReplicated(LockNotAcquired):
+    """A lock was granted, but fewer replicas than ``wait_replicas`` acknowledged the grant
+    within ``wait_timeout`` (Redis ``WAIT``), so it was released again.
+
+    ``replicas`` is how many were asked for, ``acknowledged`` how many answered in time.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        mode: str = "",
+        replicas: int = 0,
+        acknowledged: int = 0,
+    ) -> None:
+        super().__init__(message, path=path, mode=mode)
+        self.replicas = replicas
+        self.acknowledged = acknowledged
 
 
 class LockLost(HiLokError):

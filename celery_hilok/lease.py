@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import metrics
 from ._core import Mode, NodeMarks, Request, Waiter
 from .paths import LockPath, decode_canonical, parse_path
 
@@ -25,6 +26,11 @@ class Lease:
     is safe even when a paused holder outlives its lease. ``lost`` becomes true when a
     background refresh finds the lease gone.
 
+    ``granted_at`` is when this process saw the grant (``time.monotonic()``), ``waited`` the
+    seconds its acquire took from start to grant and ``contended`` whether that acquire met
+    a conflict; all three are None for a lease rebuilt by name (unpickled, or from a Celery
+    message), whose grant happened elsewhere.
+
     A lease can be pickled and sent to another process, where ``HiLok.refresh`` and
     ``HiLok.release`` accept it (the handle is the holder's only credential: keep it secret).
     """
@@ -33,6 +39,8 @@ class Lease:
         "_on_lost",
         "_owner",
         "_request",
+        "contended",
+        "granted_at",
         "handle",
         "lost",
         "refresh_interval",
@@ -40,6 +48,7 @@ class Lease:
         "renewed_at",
         "token",
         "ttl",
+        "waited",
     )
 
     def __init__(
@@ -62,6 +71,10 @@ class Lease:
         # clock, measured before the call that granted or renewed it, so never late).
         self.renewed_at = time.monotonic()
         self._on_lost: list[Callable[[Lease], Any]] = []
+        # Set by the driver that made the grant (see the class docstring).
+        self.granted_at: float | None = None
+        self.waited: float | None = None
+        self.contended: bool | None = None
 
     @property
     def path(self) -> str:
@@ -105,9 +118,15 @@ class Lease:
         self._on_lost.append(callback)
 
     def _mark_lost(self) -> None:
-        self.lost = True
+        self._found_lost("refresher")
         for callback in self._on_lost:
             callback(self)
+
+    def _found_lost(self, found_by: metrics.FoundBy) -> None:
+        """Mark the lease lost; the first time, tell the metrics observers (if any)."""
+        if not self.lost and metrics._observers:
+            metrics.lost(self, found_by)
+        self.lost = True
 
     def __reduce__(self) -> tuple[Any, ...]:
         p = self._request.path

@@ -17,7 +17,9 @@ from redis.cluster import RedisCluster as _RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
+from . import metrics as _metrics
 from ._core import (
+    CLUSTER_WAIT,
     Acquisition,
     Call,
     Mode,
@@ -26,8 +28,9 @@ from ._core import (
     by_tree,
     check_timeout,
     check_ttl,
+    check_wait_replicas,
     normalise_requests,
-    related,
+    wakes,
 )
 from ._redis import (
     DEFAULT_CLIENT_OPTIONS,
@@ -38,10 +41,11 @@ from ._redis import (
     describe_server,
     eviction_warning,
     sentinel_client,
+    split_cluster_url,
     translate,
     waker_log_level,
 )
-from .errors import HiLokError, InvalidArgument, LockLost
+from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
 
@@ -58,6 +62,12 @@ class HiLok:
     ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``) or an existing
     ``redis.Redis`` / ``redis.RedisCluster`` client (which is not closed by :meth:`close`).
     ``ttl`` is the default lease in seconds. One instance is safe to share between threads.
+
+    ``wait_replicas=n`` (opt-in, not on Redis Cluster) makes every acquire wait, in the same
+    round trip, until ``n`` replicas have acknowledged the grant (Redis ``WAIT``, at most
+    ``wait_timeout`` seconds); a grant acknowledged by fewer is released again and the
+    acquire raises :class:`LockNotReplicated`. Refreshes and releases are not waited for.
+    This narrows, but does not close, the window in which a failover loses a lease.
     """
 
     def __init__(
@@ -68,17 +78,22 @@ class HiLok:
         separator: str = "/",
         ttl: float = 30.0,
         redis_options: dict[str, Any] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.namespace = validate_namespace(namespace)
         if not isinstance(separator, str) or not separator:
             raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
         self.separator = separator
         self.ttl = check_ttl(ttl)
+        self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
         self._protocol = Protocol(namespace, separator)
         self._owns_client = isinstance(redis, str)
         self.redis: SyncClient = _make_client(redis, redis_options)
         self.server = describe_server(self.redis)
         self._cluster = isinstance(self.redis, _RedisCluster)
+        if self._cluster and self.wait_replicas:
+            raise InvalidArgument(CLUSTER_WAIT)
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         self._waker = _Waker(self)
         self._refresher = _Refresher(self)
@@ -101,8 +116,10 @@ class HiLok:
         both raise :class:`LockNotAcquired`. ``ttl`` overrides the default lease. ``handle``
         acquires for an existing holder (re-entrant; renews a grant it already has). The lease
         is not refreshed automatically: use :meth:`refresh`, :meth:`keep_alive` or the
-        context managers. Raises :class:`InvalidArgument` for bad arguments and
-        :class:`HiLokConnectionError` when Redis fails.
+        context managers. Raises :class:`InvalidArgument` for bad arguments,
+        :class:`HiLokConnectionError` when Redis fails, and with ``wait_replicas``
+        :class:`LockNotReplicated` (a :class:`LockNotAcquired`) when too few replicas
+        acknowledged the grant.
         """
         return self.acquire_many(
             [(path, mode)], block=block, timeout=timeout, ttl=ttl, handle=handle
@@ -152,6 +169,7 @@ class HiLok:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
         if not self._eviction_checked:
             self._check_eviction()
+        started = time.monotonic()
         attempt = Acquisition(
             self._protocol,
             requests,
@@ -159,7 +177,7 @@ class HiLok:
             ttl=ttl,
             block=block,
             timeout=timeout,
-            now=time.monotonic(),
+            now=started,
         )
         waiter: _Wait | None = None
         try:
@@ -167,20 +185,30 @@ class HiLok:
                 if waiter is not None:
                     waiter.event.clear()
                 sent = time.monotonic()
-                step = attempt.step(self._run(attempt.call), time.monotonic())
+                reply, acks = self._run_acquire(attempt.call)
+                step = attempt.step(reply, time.monotonic())
                 if isinstance(step, list):
+                    if acks < self.wait_replicas:
+                        raise attempt.not_replicated(acks, self.wait_replicas, self.wait_timeout)
                     leases = [
                         Lease(r, attempt.handle, token, ttl, self)
                         for r, token in zip(requests, step, strict=True)
                     ]
+                    granted = time.monotonic()
                     for lease in leases:
                         lease.renewed_at = sent
+                        lease.granted_at, lease.waited = granted, granted - started
+                        lease.contended = waiter is not None
+                    if _metrics._observers:
+                        _metrics.acquired(leases)
                     return leases
                 if waiter is None:
-                    waiter = self._waker.register(requests)
+                    waiter = self._waker.register(attempt)
                 else:
                     waiter.event.wait(step.seconds)
         except BaseException as exc:
+            if _metrics._observers and isinstance(exc, LockNotAcquired):
+                _metrics.refused(requests, started, attempt.block, exc)
             cleanup = attempt.cleanup(exc)
             if cleanup is not None:
                 self._run_quietly(cleanup, "clean up after a failed acquire")
@@ -255,7 +283,7 @@ class HiLok:
         alive = self._renew(leases, ttl)
         for lease, ok in zip(leases, alive, strict=True):
             if not ok:
-                lease.lost = True
+                lease._found_lost("refresh")
         return alive
 
     def _renew(self, leases: Sequence[Lease], ttl: float | None) -> list[bool]:
@@ -313,8 +341,10 @@ class HiLok:
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
             if code != 1:
-                lease.lost = True
+                lease._found_lost("release")
                 lost.append(lease)
+        if _metrics._observers:
+            _metrics.released(todo, codes)
         if lost:
             raise LockLost(
                 "released a lease that was no longer held (it ran out or was released "
@@ -358,6 +388,31 @@ class HiLok:
                 return client.eval(call.script.source, len(call.keys), *call.keys, *call.args)
         except RedisError as exc:
             raise translate(exc, self.server, call.script.name) from exc
+
+    def _run_acquire(self, call: Call) -> tuple[Any, int]:
+        """Run an acquire call; with ``wait_replicas``, follow it with ``WAIT`` in one
+        pipeline, so that both share a connection (WAIT counts that connection's writes;
+        it cannot run inside the script). Returns the reply and the replicas that
+        acknowledged (0 without ``wait_replicas``)."""
+        if not self.wait_replicas:
+            return self._run(call), 0
+        wait_ms = max(1, round(self.wait_timeout * 1000))
+        command, script = "EVALSHA", call.script.sha
+        while True:
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(command, script, len(call.keys), *call.keys, *call.args)
+                    pipe.execute_command("WAIT", self.wait_replicas, wait_ms)
+                    reply, acks = pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                raise translate(exc, self.server, call.script.name) from exc
+            if isinstance(reply, NoScriptError) and command == "EVALSHA":
+                command, script = "EVAL", call.script.source
+                continue
+            for result in (reply, acks):
+                if isinstance(result, RedisError):
+                    raise translate(result, self.server, call.script.name) from result
+            return reply, int(acks)
 
     def _run_batches(self, batches: list[tuple[list[int], Call]], count: int) -> list[int]:
         """Send the batches in one round trip; the per-item reply codes, in item order."""
@@ -411,7 +466,13 @@ def _make_client(target: str | SyncClient, options: dict[str, Any] | None) -> Sy
         return client  # type: ignore[no-any-return]
     if isinstance(target, str):
         kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
-        pool = redis.ConnectionPool.from_url(check_url(target), **kwargs)
+        url, cluster = split_cluster_url(target)
+        check_url(url)
+        if cluster:
+            return redis.RedisCluster.from_url(
+                url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES), **kwargs
+            )
+        pool = redis.ConnectionPool.from_url(url, **kwargs)
         built = redis.Redis(
             connection_pool=pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
         )
@@ -465,11 +526,11 @@ class _Hold(AbstractContextManager[Lease]):
 class _Wait:
     """One blocked acquire waiting for a release on its trees."""
 
-    __slots__ = ("channels", "event", "paths")
+    __slots__ = ("attempt", "channels", "event")
 
-    def __init__(self, channels: set[str], paths: list[str]) -> None:
+    def __init__(self, channels: set[str], attempt: Acquisition) -> None:
         self.channels = channels
-        self.paths = paths
+        self.attempt = attempt
         self.event = threading.Event()
 
 
@@ -491,10 +552,10 @@ class _Waker:
         self._pid = 0
         self._stopping = threading.Event()
 
-    def register(self, requests: Sequence[Request]) -> _Wait:
+    def register(self, attempt: Acquisition) -> _Wait:
         keys = self._owner._protocol.keys
-        channels = {keys.channel(r.path.tree) for r in requests}
-        wait = _Wait(channels, [r.path.canonical for r in requests])
+        channels = {keys.channel(r.path.tree) for r in attempt.requests}
+        wait = _Wait(channels, attempt)
         to_subscribe: list[str] = []
         with self._lock:
             self._ensure_thread()
@@ -577,11 +638,11 @@ class _Waker:
                 if event is not None:
                     event.set()
             elif kind == "message":
-                released = _text(message["data"])
+                data = _text(message["data"])
                 with self._lock:
                     waits = list(self._waits.get(channel, ()))
                 for wait in waits:
-                    if any(related(p, released) for p in wait.paths):
+                    if wakes(data, wait.attempt):
                         wait.event.set()
 
     def _wake_all(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from celery_hilok import AsyncHiLok, HiLok, LockNotAcquired
+from celery_hilok import AsyncHiLok, HiLok, InvalidArgument, LockNotAcquired
 from tests._cluster import RedisClusterServers
 
 
@@ -108,3 +108,43 @@ def test_async_engine_on_a_cluster(cluster: RedisClusterServers, namespace: str)
     started = time.monotonic()
     asyncio.run(main())
     assert time.monotonic() - started >= 0  # ran to the end without raising
+
+
+def test_a_cluster_url_builds_cluster_clients(cluster: RedisClusterServers, namespace: str) -> None:
+    url = f"{cluster.url}?cluster=true"
+    with HiLok(url, namespace=namespace) as hl:
+        assert isinstance(hl.redis, redis.RedisCluster)
+        leases = hl.acquire_many([(f"u{i}/a", "write") for i in range(6)])
+        with pytest.raises(LockNotAcquired):
+            hl.acquire("u3", "read", block=False)
+        hl.release(*leases)
+
+    async def main() -> None:
+        async with AsyncHiLok(url, namespace=namespace) as ah:
+            assert isinstance(ah.redis, aredis.RedisCluster)
+            async with ah.write("u1/a/b"):
+                with pytest.raises(LockNotAcquired):
+                    await ah.acquire("u1", "read", block=False)
+            await ah.acquire("u1", "read", block=False)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:7000?cluster=maybe", "must be true or false"),
+        ("redis://127.0.0.1:7000/2?cluster=true", "only database 0"),
+        ("redis://127.0.0.1:7000?cluster=true&db=1", "only database 0"),
+        ("unix:///tmp/redis.sock?cluster=true", "redis:// or rediss://"),
+    ],
+)
+def test_bad_cluster_urls_are_refused(url: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        HiLok(url)
+
+
+def test_cluster_false_is_a_plain_client(redis_url: str) -> None:
+    with HiLok(f"{redis_url}?cluster=false") as hl:
+        assert isinstance(hl.redis, redis.Redis)
+        hl.acquire("a", "write", block=False).release()

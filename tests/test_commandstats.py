@@ -8,7 +8,11 @@ the script calls themselves (``evalsha`` and its ``eval`` fallback) are counted.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -108,6 +112,79 @@ def test_refused_acquire_costs_one_call(hl: HiLok, stats: redis.Redis) -> None:
         hl.acquire("l1", "read", block=False)
     assert script_calls(stats) == 1
     hl.release(holder)
+
+
+@pytest.mark.parametrize("engine", ["sync", "async"])
+def test_a_hand_off_between_queued_writers_wakes_only_the_next(
+    server: RedisServer, stats: redis.Redis, namespace: str, engine: str
+) -> None:
+    # Eight writers queue on one hot lock, in order; then the holder lets go and each, once
+    # granted, lets go at once. Every release wakes only the writer at the queue's front, so
+    # the hand-offs cost one acquire and one release each. (Waking every waiter would cost
+    # 8 + 7 + ... + 1 = 36 acquires. A waiter's own timer, at most every KEEPALIVE seconds,
+    # may add one more try each, hence the slack.)
+    n = 8
+    granted: list[int] = []
+
+    def run_sync() -> None:
+        with HiLok(f"{server.url}/0", namespace=namespace, ttl=30.0) as locks:
+            holder = locks.acquire("hot", "write")
+            with ThreadPoolExecutor(n) as pool:
+
+                def writer(i: int) -> None:
+                    lease = locks.acquire("hot", "write", timeout=30)
+                    granted.append(i)
+                    locks.release(lease)
+
+                futures = []
+                for i in range(n):
+                    futures.append(pool.submit(writer, i))
+                    queued(functools.partial(waiting, locks, i + 1))
+                reset(stats)
+                locks.release(holder)
+                for future in futures:
+                    future.result(timeout=30)
+
+    async def run_async() -> None:
+        async with AsyncHiLok(f"{server.url}/0", namespace=namespace, ttl=30.0) as locks:
+            holder = await locks.acquire("hot", "write")
+
+            async def writer(i: int) -> None:
+                lease = await locks.acquire("hot", "write", timeout=30)
+                granted.append(i)
+                await locks.release(lease)
+
+            tasks = []
+            for i in range(n):
+                tasks.append(asyncio.create_task(writer(i)))
+                for _ in range(2000):  # poll the queue until the writer is in (10 s at most)
+                    if len((await locks.status("hot")).waiters) == i + 1:
+                        break
+                    await asyncio.sleep(0.005)
+                else:
+                    raise AssertionError("the writer did not queue")
+            reset(stats)
+            await locks.release(holder)
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    if engine == "sync":
+        run_sync()
+    else:
+        asyncio.run(run_async())
+    assert granted == list(range(n))  # first come, first served
+    calls = script_calls(stats)
+    assert 2 * n + 1 <= calls <= 2 * n + 1 + n, calls
+
+
+def waiting(locks: HiLok, count: int) -> bool:
+    return len(locks.status("hot").waiters) == count
+
+
+def queued(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, "the writer did not queue"
+        time.sleep(0.005)
 
 
 async def test_async_acquire_and_release_at_depth_8(

@@ -33,6 +33,7 @@ from celery_hilok._core import (
     normalise_requests,
     parse_member,
     related,
+    wakes,
 )
 from celery_hilok.lease import LockStatus
 from celery_hilok.paths import parse_path
@@ -492,3 +493,44 @@ def test_related() -> None:
     assert not related("a/b", "a/c")
     assert not related("a/b", "a/bc")
     assert not related("ab", "a")
+
+
+# -- wake-ups --------------------------------------------------------------------------------
+
+
+def waiting(*locks: tuple[str, str], handle: str = "waiter-0001") -> Acquisition:
+    requests = [req(path, mode) for path, mode in locks]
+    return Acquisition(
+        Protocol("ns", "/"), requests, handle=handle, ttl=1.0, block=True, timeout=None, now=0.0
+    )
+
+
+def test_a_release_wakes_the_queue_front_on_its_line_only() -> None:
+    front = waiting(("a/b", "write"), handle="front-0001")
+    behind = waiting(("a/b", "write"), handle="behind-001")
+    elsewhere = waiting(("c", "write"), handle="elsewhere1")
+    message = "a\nfront-0001 someone-else"
+    assert wakes(message, front)
+    assert not wakes(message, behind)  # it would only be refused again
+    assert not wakes("c\nfront-0001", front)  # not on its line
+    assert not wakes(message, elsewhere)
+
+
+def test_a_release_wakes_everyone_on_its_line_without_a_front() -> None:
+    # A queue too long to scan: the path alone, as every waiter on its line retries.
+    assert wakes("a/b/c", waiting(("a", "read"), handle="anyone-001"))
+    assert not wakes("a/c", waiting(("a/b", "read"), handle="anyone-001"))
+    # An empty front (every entry expired): only holders, who skip the queue, retry.
+    assert not wakes("a\n", waiting(("a", "write")))
+
+
+def test_a_waiter_that_holds_in_the_tree_wakes_wherever_it_queues() -> None:
+    plain, holder = waiting(("a/b", "write"), ("x", "read")), waiting(("a/b", "write"))
+    assert plain.step(blocked_reply(), 0.0) is SUBSCRIBE
+    assert not plain.holding and not wakes("a\nfront-0001", plain)
+    # The script's fifth reply item: the holder already holds a grant in the tree.
+    assert holder.step([*blocked_reply(), 1], 0.0) is SUBSCRIBE
+    assert holder.holding and wakes("a\nfront-0001", holder)
+    assert wakes("a/b/c\n", holder) and not wakes("x\n", holder)
+    assert plain.step([*blocked_reply(), 1], 0.0) is not SUBSCRIBE
+    assert wakes("x\n", plain) and not wakes("y\n", plain)

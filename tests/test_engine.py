@@ -24,7 +24,7 @@ from celery_hilok import (
     LockNotAcquired,
     QueuedRequest,
 )
-from celery_hilok._core import ACQUIRE, Mode, new_handle
+from celery_hilok._core import ACQUIRE, SUBSCRIBE, Acquisition, Mode, Request, new_handle
 from tests._redis import RedisServer, free_port
 
 # -- helpers --------------------------------------------------------------------------------
@@ -394,6 +394,70 @@ def test_earlier_conflicting_waiter_goes_first(hl: HiLok, pool: ThreadPoolExecut
     hl.release(hl.acquire("f/b", "read", block=False))
 
 
+def test_a_release_names_the_queue_front_and_only_it_is_woken(
+    hl: HiLok, redis_client: redis.Redis, namespace: str, pool: ThreadPoolExecutor
+) -> None:
+    held_x, held_y = hl.acquire("f/x", "write"), hl.acquire("f/y", "write")
+    # Queue, in this order: A write f/x, B read f/y (no conflict with A: also at the front),
+    # C write f/x (behind A).
+    first = pool.submit(hl.acquire, "f/x", "write", timeout=30)
+    a = wait_for_waiter(hl, "f/x", "write").handle
+    second = pool.submit(hl.acquire, "f/y", "read", timeout=30)
+    b = wait_for_waiter(hl, "f/y", "read").handle
+    third = pool.submit(hl.acquire, "f/x", "write", timeout=30)
+    wait_until(lambda: len(hl.status("f").waiters) == 3, "three queued requests")
+    c = ({w.handle for w in hl.status("f").waiters} - {a, b}).pop()
+    with redis_client.pubsub() as pubsub:  # type: ignore[no-untyped-call]
+        pubsub.subscribe(f"{namespace}:{{f}}::c")
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        hl.release(held_x)
+        message = pubsub.get_message(timeout=5)
+    assert message is not None
+    path, _, front = message["data"].decode().partition("\n")
+    assert path == "f/x" and front.split(" ") == [a, b]
+    lease_a = first.result(timeout=10)
+    assert lease_a.handle == a
+    assert not second.done() and not third.done()
+    hl.release(lease_a)
+    assert third.result(timeout=10).handle == c
+    hl.release(held_y)
+    hl.release(second.result(timeout=10), hl.acquire("f/x", "read", handle=c))
+
+
+def test_a_holder_queued_behind_others_is_still_woken(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+    # R holds read g/a and wants write g/b, held by W; A (write g, blocked by R) queued first.
+    r = hl.acquire("g/a", "read")
+    w = hl.acquire("g/b", "write")
+    a = pool.submit(hl.acquire, "g", "write", timeout=30)
+    wait_for_waiter(hl, "g", "write")
+    more = pool.submit(hl.acquire, "g/b", "write", timeout=30, handle=r.handle)
+    wait_for_waiter(hl, "g/b", "write")
+    # W's release names A alone as the front; R, which skips the queue, is woken anyway
+    # (it was told, when refused, that it holds something in the tree).
+    hl.release(w)
+    assert more.result(timeout=10).handle == r.handle
+    assert not a.done()
+    hl.release(r, more.result())
+    hl.release(a.result(timeout=10))
+
+
+def test_a_refused_request_is_told_whether_its_holder_holds_in_the_tree(hl: HiLok) -> None:
+    r = hl.acquire("g/a", "read")
+    w = hl.acquire("g/b", "write")
+    for handle, holding in ((r.handle, True), (None, False)):
+        request = Request.parse("g/b", "write", "/")
+        attempt = Acquisition(
+            hl._protocol, [request], handle=handle, ttl=10.0, block=True, timeout=None, now=0.0
+        )
+        assert attempt.step(hl._run(attempt.call), 0.0) is SUBSCRIBE
+        assert attempt.holding is holding
+        withdraw = attempt.cleanup(LockNotAcquired("gave up"))
+        assert withdraw is not None
+        hl._run(withdraw)
+    assert hl.status("g").waiters == []
+    hl.release(r, w)
+
+
 # -- release --------------------------------------------------------------------------------
 
 
@@ -760,10 +824,12 @@ def test_acquire_many_is_all_or_nothing(hl: HiLok) -> None:
             [("a/1", "write"), ("a/2", "read"), ("b", "read"), ("c", "write")], block=False
         )
     assert "b/x" in str(info.value)
+    assert (info.value.path, info.value.mode) == ("b", "read")  # the request in the way
     for path in ("a", "a/1", "a/2", "b", "c"):
         assert handles(hl, path) <= {blocker.handle}, path
-    with pytest.raises(LockNotAcquired):
+    with pytest.raises(LockNotAcquired) as info:
         hl.acquire_many([("a/1", "write"), ("b/x/y", "read")], timeout=0.2)
+    assert (info.value.path, info.value.mode) == ("b/x/y", "read")
     assert not hl.status("a").held
     assert hl.status("b").waiters == [] and hl.status("a").waiters == []
     hl.release(blocker)

@@ -5,7 +5,9 @@
 --       tree count, grant count, nonce of this call, then per grant: mode, depth, tree
 --       index, canonical path.
 -- Reply: {1, {token per grant}} when granted;
---        {0, blocker member, blocker remaining ms, 'held' | 'queued'} when refused.
+--        {0, blocker member, blocker remaining ms, 'held' | 'queued', holding} when refused,
+--        holding 1 if the holder already holds a live grant in a tree of the request (it
+--        then skips the queue, so releases wake it wherever it stands in the queue).
 --
 -- Guarantees: a grant is made only if no live mark of another holder conflicts with it on
 -- its chain and, unless the holder already holds a live grant in that tree, no earlier queued
@@ -37,6 +39,7 @@ local function foreign(key)
   end
 end
 
+local holding = 0
 local function join_queue()
   if not register then return end
   local seqs = {}
@@ -44,6 +47,7 @@ local function join_queue()
     local q, qx = tree_key(g.tree, 2), tree_key(g.tree, 3)
     local seq = seqs[g.tree]
     if seq == nil then
+      if holds_live(g.hkey) then holding = 1 end
       seq = redis.call('ZSCORE', q, g.member)
       if not seq then
         local n = tree_key(g.tree, 1)
@@ -77,7 +81,7 @@ if redis.call('EXISTS', unpack(suspects)) > 0 then
     local m, exp = foreign(key)
     if m then
       join_queue()
-      return { 0, m, exp - NOW, 'held' }
+      return { 0, m, exp - NOW, 'held', holding }
     end
   end
 end
@@ -107,7 +111,7 @@ for _, g in ipairs(grants) do
             if h.tree == tree and conflict(wm, wp, h.mode, h.path) then
               join_queue()
               local wexp = tonumber(redis.call('ZSCORE', qx, w)) or NOW
-              return { 0, w, wexp - NOW, 'queued' }
+              return { 0, w, wexp - NOW, 'queued', holding }
             end
           end
         end

@@ -10,7 +10,11 @@
 --
 -- Only members carrying the caller's handle are touched, so nobody can release another
 -- holder's lock. Releasing twice is harmless. When anyone waits in the tree, the released
--- path is published on the tree's channel so that waiters retry at once.
+-- path is published on the tree's channel so that waiters retry at once: the message is
+-- "<path>\n<handle> <handle>...", the handles of the queue's front (the waiters that no
+-- earlier waiter stands in front of). Only those, and waiters that already hold something
+-- in the tree, retry; the rest would only be refused again. With more than FRONT_SCAN
+-- waiters in the queue the message is the path alone, and every waiter on its line retries.
 
 local handle, scope = ARGV[1], ARGV[2]
 local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -42,5 +46,36 @@ for i, g in ipairs(grants) do
     end
   end
 end
-for _, g in ipairs(notify) do redis.call('PUBLISH', tree_key(g.tree, 3), g.path) end
+local FRONT_SCAN = 64
+
+-- the handles at the front of tree's queue, space separated (nil: too many waiters to look)
+local function front(tree)
+  local q, qx = tree_key(tree, 1), tree_key(tree, 2)
+  local dead = redis.call('ZRANGEBYSCORE', qx, '-inf', NOW)
+  for _, m in ipairs(dead) do redis.call('ZREM', q, m) end
+  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', qx, '-inf', NOW) end
+  local entries = redis.call('ZRANGE', q, 0, FRONT_SCAN)
+  if #entries > FRONT_SCAN then return nil end
+  local earlier, behind, order = {}, {}, {}
+  for _, m in ipairs(entries) do  -- in ticket order: entries of one request are adjacent
+    local h, md, p = parse_member(m)
+    if behind[h] == nil then behind[h] = false; order[#order + 1] = h end
+    for _, e in ipairs(earlier) do
+      if e[1] ~= h and conflict(e[2], e[3], md, p) then behind[h] = true; break end
+    end
+    earlier[#earlier + 1] = { h, md, p }
+  end
+  local out = {}
+  for _, h in ipairs(order) do if not behind[h] then out[#out + 1] = h end end
+  return table.concat(out, ' ')
+end
+
+local fronts = {}
+for _, g in ipairs(notify) do
+  local f = fronts[g.tree]
+  if f == nil then f = front(g.tree) or false; fronts[g.tree] = f end
+  local message = g.path
+  if f then message = message .. '\n' .. f end
+  redis.call('PUBLISH', tree_key(g.tree, 3), message)
+end
 return result

@@ -10,9 +10,17 @@ from __future__ import annotations
 from . import _hooks
 from .locks import TaskLocks
 from .request import HiLokRequest
-from .signals import hilok_lease_lost
+from .signals import hilok_lease_lost, hilok_lock_acquired, hilok_lock_refused, hilok_lock_released
 from .task import HiLokTask
 
-__all__ = ["HiLokRequest", "HiLokTask", "TaskLocks", "hilok_lease_lost"]
+__all__ = [
+    "HiLokRequest",
+    "HiLokTask",
+    "TaskLocks",
+    "hilok_lease_lost",
+    "hilok_lock_acquired",
+    "hilok_lock_refused",
+    "hilok_lock_released",
+]
 
 _hooks.connect()

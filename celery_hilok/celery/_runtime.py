@@ -19,6 +19,7 @@ from .._core import Request
 from ..errors import HiLokError, LockLost
 from ..lease import Lease
 from ..sync import HiLok
+from ._events import install_metrics
 from .config import redis_url, setting
 
 __all__ = ["HEADER", "Handover", "Runtime", "runtime"]
@@ -61,8 +62,11 @@ class Runtime:
             separator=self.separator,
             ttl=float(setting(conf, "hilok_ttl")),
             redis_options=dict(conf.get("hilok_redis_options") or {}),
+            wait_replicas=setting(conf, "hilok_wait_replicas"),
+            wait_timeout=setting(conf, "hilok_wait_timeout"),
         )
         self._take = self.hilok.redis.register_script(_TAKE_CLAIM)
+        install_metrics(conf)  # hilok_metrics: once per process, before any lock is taken
 
     # -- hand-over claims ------------------------------------------------------------
     #

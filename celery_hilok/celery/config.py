@@ -45,6 +45,10 @@ APP_SETTINGS: Final[Mapping[str, Any]] = {
     "hilok_redis_options": None,  # extra keyword arguments of redis.Redis.from_url
     "hilok_namespace": "hilok",
     "hilok_separator": "/",
+    "hilok_metrics": False,  # True/"prometheus", "opentelemetry" or both: observers per worker
+    "hilok_metrics_prefix_depth": 1,  # path segments in the metrics' "prefix" label
+    "hilok_wait_replicas": 0,  # replicas that must acknowledge each grant (Redis WAIT)
+    "hilok_wait_timeout": 1.0,  # seconds an acquire waits for those acknowledgements
 }
 """Settings that only the app sets: one lock client per worker process serves all tasks."""
 

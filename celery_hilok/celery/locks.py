@@ -12,17 +12,24 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
 from .._core import check_handle, new_handle
-from ..errors import LockLost
+from ..errors import LockLost, LockNotAcquired
 from ..lease import Lease
+from ._events import EVENTS_FLAG, lock_fields, send_task_event
 from ._runtime import HEADER, Handover, Runtime, runtime
 from .config import setting
-from .signals import hilok_lease_lost
+from .signals import (
+    hilok_lease_lost,
+    hilok_lock_acquired,
+    hilok_lock_refused,
+    hilok_lock_released,
+)
 
 __all__ = ["TaskLocks", "locks_of"]
 
@@ -57,6 +64,7 @@ class TaskLocks:
 
     __slots__ = (
         "_claimed",
+        "_events_from",
         "_finished",
         "_handed_over",
         "_rt",
@@ -83,6 +91,8 @@ class TaskLocks:
         # A second delivery of a message whose hand-over an earlier delivery took: it runs
         # as a holder of its own and must acquire the handed locks like any other task.
         self.duplicate_of: Handover | None = None
+        # The worker's hostname when it sends task events (task-hilok), else None.
+        self._events_from: str | None = None
 
     @property
     def leases(self) -> list[Lease]:
@@ -127,6 +137,70 @@ class TaskLocks:
             lease.on_lost(self._on_lost)
             self.rt.hilok.keep_alive(lease, interval=interval)
 
+    # -- what the monitors see: signals and task-hilok events ---------------------------
+
+    def _event(self, state: str, **fields: Any) -> None:
+        if self._events_from is not None:
+            send_task_event(self._task.app, self.task_id, self._events_from, hilok=state, **fields)
+
+    def _acquired(self, leases: Sequence[Lease], wait: float, attempt: int) -> None:
+        contended = any(lease.contended for lease in leases)
+        hilok_lock_acquired.send(
+            sender=self._task,
+            task_id=self.task_id,
+            leases=list(leases),
+            wait=wait,
+            contended=contended,
+            locks=self,
+        )
+        self._event(
+            "acquired",
+            hilok_locks=lock_fields(leases),
+            hilok_wait=round(wait, 6),
+            hilok_contended=contended,
+            hilok_retries=attempt,
+        )
+
+    def _refused(
+        self, error: LockNotAcquired, action: str, attempt: int, countdown: float | None = None
+    ) -> None:
+        hilok_lock_refused.send(
+            sender=self._task,
+            task_id=self.task_id,
+            error=error,
+            action=action,
+            countdown=countdown,
+            locks=self,
+        )
+        self._event(
+            "contended",
+            hilok_action=action,
+            hilok_path=error.path,
+            hilok_mode=error.mode,
+            hilok_blocker=error.blocker,
+            hilok_countdown=countdown,
+            hilok_retries=attempt,
+        )
+
+    def _released(self, leases: Sequence[Lease], why: str) -> None:
+        now = time.monotonic()
+        known = [now - lease.granted_at for lease in leases if lease.granted_at is not None]
+        hold = max(known) if known else None
+        hilok_lock_released.send(
+            sender=self._task,
+            task_id=self.task_id,
+            leases=list(leases),
+            why=why,
+            hold=hold,
+            locks=self,
+        )
+        self._event(
+            "released",
+            hilok_locks=lock_fields(leases),
+            hilok_hold=None if hold is None else round(hold, 6),
+            hilok_why=why,
+        )
+
     def _on_lost(self, lease: Lease) -> None:
         task = self._task
         log.warning(
@@ -137,6 +211,7 @@ class TaskLocks:
             lease.path,
         )
         hilok_lease_lost.send(sender=task, task_id=self.task_id, lease=lease, locks=self)
+        self._event("lost", hilok_locks=lock_fields([lease]))
 
     def _adopt(self, handover: Handover, request: Any) -> None:
         """Run as ``handover.handle`` and take over the locks it lists, renewed at once.
@@ -217,6 +292,7 @@ class TaskLocks:
         headers[HEADER] = handover.encode()
         self._handed_over = True
         log.debug("%s[%s]: handed %s to the next step", self._task.name, self.task_id, kept)
+        self._event("handed_over", hilok_locks=lock_fields(kept))
 
     def hand_to_retry(self, headers: dict[str, Any] | None) -> None:
         """The task is being retried: release its own locks, keep the handed-over ones.
@@ -229,6 +305,7 @@ class TaskLocks:
         own, self.own = self.own, []
         if own:
             self.rt.release_quietly(own, "retry")
+            self._released(own, "retry")
         if self.source is None:
             if headers is not None:
                 headers.pop(HEADER, None)
@@ -259,6 +336,7 @@ class TaskLocks:
             leases = self.leases
             if leases:
                 self.rt.release_quietly(leases, f"task ended {state or 'abruptly'}")
+                self._released(leases, state or "abruptly")
             if self._claimed and self.handle is not None:
                 self.rt.forget(self.handle)  # the end of the chain
         finally:
@@ -278,6 +356,8 @@ def begin(task: Any, request: Any) -> TaskLocks:
         return state
     state = TaskLocks(task, getattr(request, "id", None))
     setattr(request, STATE_ATTR, state)
+    if getattr(request, EVENTS_FLAG, False):
+        state._events_from = getattr(request, "hostname", None) or ""
     handover = Handover.of_request(request)
     if handover is None and getattr(request, "is_eager", False):
         handover = _eager_take()

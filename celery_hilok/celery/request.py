@@ -19,6 +19,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
 from .._core import new_handle
+from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
 
 __all__ = ["HiLokRequest", "release_in_main_process"]
@@ -38,6 +39,16 @@ class HiLokRequest(Request):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # Always a new one: a retried or redelivered message may carry an old one along.
         self._request_dict[EXEC_HEADER] = new_handle()
+        # Tell the process that runs the task whether to send task-hilok events.
+        self._request_dict[EVENTS_FLAG] = self._sends_task_events()
+
+    def _sends_task_events(self) -> bool:
+        """Does the worker send task events now (``-E``, or enabled by a control command)?"""
+        eventer = self._eventer
+        if not (eventer and eventer.enabled and self.task.send_events):
+            return False
+        groups = getattr(eventer, "groups", None)
+        return not groups or "task" in groups
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         try:
@@ -63,7 +74,14 @@ class HiLokRequest(Request):  # type: ignore[misc]
         # Billiard reports a hard time limit twice (as a failure and as a timeout).
         if not self._request_dict.get(RELEASED):
             self._request_dict[RELEASED] = True
-            release_in_main_process(self.task, self, why)
+            released = release_in_main_process(self.task, self, why)
+            if released is not None:
+                handle, locks = released
+                held = [
+                    {"path": path, "mode": mode, "token": None, "handle": handle[:HANDLE_PREFIX]}
+                    for path, mode in locks
+                ]
+                self.send_event(EVENT_TYPE, hilok="released", hilok_locks=held, hilok_why=why)
 
     def _completed_before_loss(self) -> bool:
         """Did the task succeed (and so release or hand over its locks) before dying?"""
@@ -76,12 +94,15 @@ class HiLokRequest(Request):  # type: ignore[misc]
             return False
 
 
-def release_in_main_process(task: Any, request: Any, why: str) -> None:
+def release_in_main_process(
+    task: Any, request: Any, why: str
+) -> tuple[str, list[tuple[str, str]]] | None:
     """Release what one execution of ``task`` may hold; quietly.
 
     ``request`` is the worker's :class:`Request` or its ``Context`` (as ``task_revoked``
     gives it). Released are the task's lock spec and the locks handed to it, held by its
     handle: the handed-over one, else the fresh one its :class:`HiLokRequest` made.
+    Returns that handle and the (path, mode) pairs released, if any.
     """
     from .task import HiLokTask
 
@@ -97,7 +118,7 @@ def release_in_main_process(task: Any, request: Any, why: str) -> None:
         rt = runtime(task.app)
     except Exception as exc:
         log.warning("%s[%s]: cannot release its locks: %s", task.name, value("id"), exc)
-        return
+        return None
     own: list[tuple[str, str]] = []
     if isinstance(task, HiLokTask):
         try:
@@ -115,7 +136,10 @@ def release_in_main_process(task: Any, request: Any, why: str) -> None:
             locks = own + handed
         else:
             handle, locks, chain_over = handover.handle, handed + own, handover.claim
+    released = None
     if isinstance(handle, str) and locks:
         rt.release_named(handle, locks, f"{task.name}[{value('id')}]: {why}")
+        released = (handle, locks)
     if chain_over and handover is not None:
         rt.forget(handover.handle)
+    return released

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any, ClassVar
 
 from celery import Task
@@ -108,6 +109,8 @@ class HiLokTask(Task):  # type: ignore[misc]
         policy = option(self, "hilok_on_contention")
         ttl = float(option(self, "hilok_ttl"))
         hl = state.rt.hilok
+        attempt = _contention_retries(self.request)
+        started = time.monotonic()
         try:
             if policy == "wait":
                 timeout = option(self, "hilok_timeout")
@@ -118,13 +121,16 @@ class HiLokTask(Task):  # type: ignore[misc]
                 leases = hl.acquire_many(wanted, block=False, ttl=ttl, handle=handle)
         except LockNotAcquired as exc:
             if policy == "skip":
+                state._refused(exc, "skip", attempt)
                 log.info("%s[%s] skipped: %s", self.name, task_id, exc)
                 raise Ignore(str(exc)) from None
             if policy == "retry" and not self.request.is_eager:
-                self._retry_on_contention(exc)
+                self._retry_on_contention(exc, state)
+            state._refused(exc, "fail", attempt)
             raise
         state.own = leases
         state._hold(leases)
+        state._acquired(leases, time.monotonic() - started, attempt)
 
     def _acquire_in_place(
         self, hl: HiLok, wanted: list[tuple[str, Mode]], ttl: float, handle: str
@@ -147,15 +153,18 @@ class HiLokTask(Task):  # type: ignore[misc]
                 wait = self._backoff(attempt)
                 attempt += 1
 
-    def _retry_on_contention(self, exc: LockNotAcquired) -> None:
+    def _retry_on_contention(self, exc: LockNotAcquired, state: TaskLocks) -> None:
         """Republish this task for later, counting contention retries on their own."""
         request = self.request
         headers = dict(request.headers or {})
-        attempt = int(headers.get(ATTEMPT_HEADER) or getattr(request, ATTEMPT_HEADER, 0) or 0)
+        attempt = _contention_retries(request)
         max_retries = option(self, "hilok_max_retries")
         if max_retries is not None and attempt >= max_retries:
-            raise _gave_up(exc, attempt, max_retries) from exc
+            gave_up = _gave_up(exc, attempt, max_retries)
+            state._refused(gave_up, "fail", attempt)
+            raise gave_up from exc
         delay = self._backoff(attempt)
+        state._refused(exc, "retry", attempt, delay)
         headers[ATTEMPT_HEADER] = attempt + 1
         # The retry keeps the task's own retry count: contention does not use up max_retries.
         sig = self.signature_from_request(
@@ -186,6 +195,12 @@ class HiLokTask(Task):  # type: ignore[misc]
         """Celery's ``apply`` (eager run); also takes ``hilok_handle=h``."""
         explicit_handover(options)
         return super().apply(args, kwargs, *more, **options)
+
+
+def _contention_retries(request: Any) -> int:
+    """How many contention retries of this task came before this execution."""
+    headers = request.headers or {}
+    return int(headers.get(ATTEMPT_HEADER) or getattr(request, ATTEMPT_HEADER, 0) or 0)
 
 
 def _gave_up(exc: LockNotAcquired, attempts: int, max_retries: int) -> LockNotAcquired:

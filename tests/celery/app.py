@@ -39,8 +39,9 @@ _clients: dict[tuple[int, str], redis.Redis] = {}
 
 
 def lab(app: Celery) -> redis.Redis:
-    """A client on the hilok database of ``app`` (one per process)."""
-    url = app.conf.hilok_redis_url
+    """A client on the records' database (one per process): ``lab_redis_url``, by default
+    the hilok database of ``app``."""
+    url = app.conf.get("lab_redis_url") or app.conf.hilok_redis_url
     key = (os.getpid(), url)
     client = _clients.get(key)
     if client is None:

@@ -143,6 +143,33 @@ def test_sigkilled_pool_process_is_released_by_the_main_process(
     assert main_process_released(prefork_worker, result.id, "worker process lost")
 
 
+def test_a_pool_process_stopped_past_its_lease_learns_it_lost_the_lock(
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    # `lose` holds its lock with a 0.6 s lease, renewed by its process's refresher thread.
+    result = tasks.lose.apply_async((run, "t1", "a1"), queue=prefork_worker.queue)
+    entry = wait_for(start_of(lab, run, "lose"), what="the task to start")
+    stale = entry["tokens"][account(run)]
+    os.kill(entry["pid"], signal.SIGSTOP)  # a GC pause, a VM freeze, a laptop lid
+    try:
+        # The lease runs out while the process cannot renew it; someone else gets the lock.
+        other = hl.acquire(account(run), "write", timeout=RESULT_TIMEOUT)
+        assert other.token > stale
+        hl.release(other)
+    finally:
+        os.kill(entry["pid"], signal.SIGCONT)
+    wait_for(
+        lambda: f"{result.id}]: lost its write lock" in prefork_worker.log(),
+        what="the resumed process's refresher to find the lease lost",
+    )
+    open_gate(lab, run, "lost")
+    assert result.get(timeout=RESULT_TIMEOUT) == "lose"
+    after = [e for e in events(lab, run) if e["kind"] == "lost?"]
+    assert after[0]["lost"] is True
+    assert after[0]["check"].startswith("lock lost while the task ran")
+    assert not hl.status(account(run)).holders
+
+
 def test_hard_time_limit_is_released_by_the_main_process(
     prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
 ) -> None:

@@ -1,0 +1,126 @@
+"""The Celery integration with its locks on a real three-master Redis Cluster.
+
+``hilok_redis_url = "redis://host:port?cluster=true"`` names any node of the cluster; the
+broker and result backend stay on a plain Redis (Celery's Redis transport has no cluster
+support), and so do the tasks' records. A real worker subprocess (threads pool) runs the
+locked test tasks of ``tests/celery/app.py``; what each task did is checked afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import chain
+
+from celery_hilok import HiLok
+from celery_hilok.inspect import snapshot
+from tests._cluster import RedisClusterServers
+from tests.celery.app import events, tasks
+from tests.celery.conftest import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.celery_worker
+
+RESULT_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    with RedisClusterServers() as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def cluster_url(cluster: RedisClusterServers) -> str:
+    return f"{cluster.url}?cluster=true"
+
+
+@pytest.fixture(scope="module")
+def cluster_worker(hilok_config: dict[str, Any], cluster_url: str) -> Iterator[WorkerProcess]:
+    config = {
+        **hilok_config,
+        "hilok_redis_url": cluster_url,
+        "lab_redis_url": hilok_config["hilok_redis_url"],
+    }
+    lab = redis.Redis.from_url(hilok_config["hilok_redis_url"], decode_responses=True)
+    worker = WorkerProcess(config, 4, pool="threads")
+    try:
+        yield worker.start(lab)
+    finally:
+        worker.stop()
+        lab.close()
+
+
+@pytest.fixture
+def cluster_hl(cluster_url: str, hilok_config: dict[str, Any]) -> Iterator[HiLok]:
+    with HiLok(cluster_url, namespace=hilok_config["hilok_namespace"]) as hl:
+        yield hl
+
+
+def test_locked_tasks_on_a_cluster_never_overlap_and_leave_nothing(
+    cluster_worker: WorkerProcess,
+    cluster: RedisClusterServers,
+    cluster_hl: HiLok,
+    lab: redis.Redis,
+) -> None:
+    run = f"r{uuid.uuid4().hex[:8]}"
+    runs = [f"{run}-{i}" for i in range(6)]  # six lock trees (a tree per run), over 3 shards
+    client = cluster.client()
+    shards = {client.get_node_from_key(f"x:{{{r}}}").port for r in runs}  # type: ignore[no-untyped-call]
+    client.close()
+    assert len(shards) > 1
+    results = [
+        tasks.write_retry.apply_async(
+            (r, "t1", account), {"name": f"{account}#{k}", "work": 0.02}, queue=cluster_worker.queue
+        )
+        for r, account, k in itertools.product(runs, ("a1", "a2"), range(2))
+    ]
+    for result in results:
+        result.get(timeout=RESULT_TIMEOUT)
+    for r in runs:
+        spans: dict[str, list[float]] = {}
+        for entry in events(lab, r):
+            if entry["kind"] in ("start", "end"):
+                spans.setdefault(entry["name"], []).append(entry["t"])
+        assert len(spans) == 4
+        for account in ("a1", "a2"):
+            a, b = spans[f"{account}#0"], spans[f"{account}#1"]
+            assert a[1] <= b[0] or b[1] <= a[0], f"two writers of {r}/.../{account} overlapped"
+    wait_for(lambda: not snapshot(cluster_hl).grants, what="every lock to be released")
+
+
+def test_a_chain_on_a_cluster_hands_its_lock_down_to_its_last_step(
+    cluster_worker: WorkerProcess, cluster_hl: HiLok, lab: redis.Redis
+) -> None:
+    run = f"r{uuid.uuid4().hex[:8]}"
+    steps = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1"),
+        tasks.keep_step.s(run, "t1", "a1", "step 2"),
+        tasks.last_step.s(run, "t1", "a1", "step 3"),
+    )
+    assert steps.apply_async(queue=cluster_worker.queue).get(timeout=RESULT_TIMEOUT) == "step 3"
+    starts = [e for e in events(lab, run) if e["kind"] == "start"]
+    assert [e["name"] for e in starts] == ["step 1", "step 2", "step 3"]
+    assert len({e["handle"] for e in starts}) == 1  # one holder from first step to last
+    assert len({str(e["tokens"]) for e in starts}) == 1  # the same grant, so the same token
+    wait_for(lambda: not snapshot(cluster_hl).grants, what="the chain's lock to be released")
+
+
+def test_the_cli_snapshot_sees_every_shard(cluster: RedisClusterServers, cluster_url: str) -> None:
+    namespace = f"s{uuid.uuid4().hex[:10]}"
+    with HiLok(cluster_url, namespace=namespace) as hl:
+        leases = [hl.acquire(f"tree{i}/node", "write") for i in range(9)]
+        client = cluster.client()
+        ports = {client.get_node_from_key(f"{namespace}:{{tree{i}}}").port for i in range(9)}  # type: ignore[no-untyped-call]
+        client.close()
+        assert len(ports) > 1
+        grants = snapshot(hl).grants
+        assert {(g.path, g.handle, g.token) for g in grants} == {
+            (lease.path, lease.handle, lease.token) for lease in leases
+        }
+        hl.release(*leases)
+        assert not snapshot(hl).grants
