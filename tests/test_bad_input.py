@@ -430,6 +430,25 @@ def test_wrong_type_key_in_our_namespace(
     hl.release(hl.acquire("v/c", mode, block=False))  # other trees are unaffected
 
 
+def test_wrong_type_key_on_a_later_lock_of_a_multi_lock_acquire(
+    hl: HiLok, redis_client: redis.Redis, namespace: str
+) -> None:
+    # The first lock's marks are written before the second lock's leaf meets the foreign
+    # key: the script takes them back before it fails. A renewal the holder had stays.
+    before = hl.acquire("w/a", "write")
+    redis_client.set(f"{namespace}:{{w}}:w/b/c:s", "not a lock")
+    with pytest.raises(HiLokError, match="holds a value of another type"):
+        bounded(
+            lambda: hl.acquire_many(
+                [("w/a", "write"), ("w/z", "write"), ("w/b/c", "read")], handle=before.handle
+            )
+        )
+    redis_client.delete(f"{namespace}:{{w}}:w/b/c:s")
+    assert [(h.path, h.handle) for h in hl.status("w").holders] == [("w/a", before.handle)]
+    hl.release(before)
+    assert_nothing_locked(hl, redis_client, namespace, "w")
+
+
 def test_forged_handle_in_a_lease_cannot_release_or_refresh_a_holder(
     hl: HiLok, redis_client: redis.Redis, namespace: str
 ) -> None:

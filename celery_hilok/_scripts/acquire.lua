@@ -121,11 +121,18 @@ for _, g in ipairs(grants) do
 end
 
 -- 3. grant. A key of another type at one of the names written below (put there by someone
--- else) must fail the call before anything is written, not leave half a grant behind: read
--- each such key first (a read raises WRONGTYPE too). Conflicting marks were read above.
-for _, g in ipairs(grants) do
-  redis.call('HGET', g.hkey, '')
-  for level = 1, g.depth do redis.call('ZCARD', KEYS[block_of(g, level)]) end
+-- else) must fail the call without leaving half a grant behind: every command from here on
+-- runs through try(), which on an error takes back the marks and holder entries this call
+-- added (a renewal's extended score stays: the holder held it already) and then fails.
+local added_marks, added_entries = {}, {}
+local function try(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    for _, m in ipairs(added_marks) do redis.call('ZREM', m[1], m[2]) end
+    for _, e in ipairs(added_entries) do redis.call('HDEL', e[1], e[2]) end
+    error(reply)
+  end
+  return reply
 end
 local exp = NOW + ttl
 local fresh = {}
@@ -134,10 +141,10 @@ for i, g in ipairs(grants) do
   local field = g.mode .. '|' .. g.path
   local token, made_by = nil, nonce
   -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
-  local entry = redis.call('HGET', g.hkey, field)
+  local entry = try('HGET', g.hkey, field)
   if entry then
     local leaf = KEYS[block_of(g, g.depth)]
-    local score = tonumber(redis.call('ZSCORE', leaf, g.member))
+    local score = tonumber(try('ZSCORE', leaf, g.member))
     if score and score > NOW then
       local old_token, _, old_nonce = split_entry(entry)
       token, made_by = old_token, old_nonce
@@ -147,20 +154,22 @@ for i, g in ipairs(grants) do
     token = fresh[g.tree]
     if token == nil then
       local n = tree_key(g.tree, 1)
-      token = string.format('%d', math.max((tonumber(redis.call('GET', n)) or 0) + 1, NOW_US))
+      token = string.format('%d', math.max((tonumber(try('GET', n)) or 0) + 1, NOW_US))
       redis.call('SET', n, token, 'PX', 604800000)
       fresh[g.tree] = token
     end
   end
   for level = 1, g.depth do
     local key = KEYS[block_of(g, level)]
-    redis.call('ZADD', key, exp, g.member)
+    if try('ZADD', key, exp, g.member) == 1 then added_marks[#added_marks + 1] = { key, g.member } end
     bump(key, ttl)
   end
-  redis.call('HSET', g.hkey, field, holder_entry(token, exp, made_by))
+  if try('HSET', g.hkey, field, holder_entry(token, exp, made_by)) == 1 then
+    added_entries[#added_entries + 1] = { g.hkey, field }
+  end
   bump(g.hkey, ttl)
   if queued[g.tree] > 0 and redis.call('ZREM', tree_key(g.tree, 2), g.member) == 1 then
-    redis.call('ZREM', tree_key(g.tree, 3), g.member)
+    try('ZREM', tree_key(g.tree, 3), g.member)
   end
   tokens[i] = tonumber(token)
 end
