@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from .errors import HiLokConnectionError, HiLokError, LockLost
-from .inspect import Grant, QueuedGrant, Snapshot, leases_of, snapshot
+from .inspect import Grant, QueuedGrant, Snapshot, TaskInfo, leases_of, snapshot, tasks_by_handle
 from .paths import parse_path
 from .sync import HiLok
 
@@ -119,13 +119,19 @@ def show(ctx: click.Context, path: str, as_json: bool) -> None:
         status = engine.status(path)
     except HiLokError as exc:
         raise click.ClickException(str(exc)) from exc
+    tasks = _tasks(engine)
     if as_json:
+
+        def with_task(item: Any) -> dict[str, Any]:
+            task = tasks.get(item.handle)
+            return {**vars_of(item), "task": vars_of(task) if task is not None else None}
+
         click.echo(
             json.dumps(
                 {
                     "path": status.path,
-                    "holders": [vars_of(h) for h in status.holders],
-                    "waiters": [vars_of(w) for w in status.waiters],
+                    "holders": [with_task(h) for h in status.holders],
+                    "waiters": [with_task(w) for w in status.waiters],
                 },
                 indent=2,
             )
@@ -136,9 +142,21 @@ def show(ctx: click.Context, path: str, as_json: bool) -> None:
         return
     click.echo(f"{status.path}:")
     for h in status.holders:
-        click.echo(f"  {h.relation:5}  {h.mode:9} {h.path}  holder {h.handle}  ttl {h.ttl:.1f}s")
+        task = _describe_task(tasks.get(h.handle))
+        click.echo(
+            f"  {h.relation:5}  {h.mode:9} {h.path}  holder {h.handle}  ttl {h.ttl:.1f}s{task}"
+        )
     for w in status.waiters:
-        click.echo(f"  queued {w.mode:9} {w.path}  holder {w.handle}  ticket {w.ticket}")
+        task = _describe_task(tasks.get(w.handle))
+        click.echo(f"  queued {w.mode:9} {w.path}  holder {w.handle}  ticket {w.ticket}{task}")
+
+
+def _tasks(engine: HiLok) -> dict[str, TaskInfo]:
+    try:
+        return tasks_by_handle(engine)
+    except Exception as exc:  # the directory is a nicety: show the locks without it
+        log.debug("no task directory: %s", exc)
+        return {}
 
 
 @hilok.command()
@@ -253,11 +271,17 @@ def _draw(
 
 def _describe_grant(g: Grant) -> str:
     token = f"  token {g.token}" if g.token is not None else ""
-    return f"[{g.mode}] holder {g.handle}  ttl {g.ttl:.1f}s{token}"
+    return f"[{g.mode}] holder {g.handle}  ttl {g.ttl:.1f}s{token}{_describe_task(g.task)}"
 
 
 def _describe_waiter(w: QueuedGrant) -> str:
-    return f"(waiting {w.mode}) holder {w.handle}  ticket {w.ticket}"
+    return f"(waiting {w.mode}) holder {w.handle}  ticket {w.ticket}{_describe_task(w.task)}"
+
+
+def _describe_task(task: TaskInfo | None) -> str:
+    if task is None:
+        return ""
+    return f"  task {task.task}[{task.task_id}] on {task.worker} pid {task.pid}"
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ administration tool, not something to call on a hot path (use ``HiLok.status`` t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ._core import MODE_CODES, parse_member
@@ -15,11 +15,29 @@ from .lease import Lease
 from .paths import decode_canonical, parse_path
 from .sync import HiLok
 
-__all__ = ["Grant", "QueuedGrant", "Snapshot", "leases_of", "snapshot"]
+__all__ = [
+    "Grant",
+    "QueuedGrant",
+    "Snapshot",
+    "TaskInfo",
+    "leases_of",
+    "snapshot",
+    "tasks_by_handle",
+]
 
 # Mark-set suffixes that hold a grant's *own* mark (an "is" member is a grant of its own node
 # only for node-only reads; every other "is"/"ix" member is an intention mark from below).
 _OWN_SUFFIXES = (":s", ":x", ":is")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """The Celery task a handle holds (or waits) for, as its worker process publishes it."""
+
+    task_id: str
+    task: str
+    worker: str
+    pid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +49,7 @@ class Grant:
     path: str
     ttl: float
     token: int | None = None
+    task: TaskInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +61,7 @@ class QueuedGrant:
     path: str
     ticket: int
     ttl: float
+    task: TaskInfo | None = None
 
 
 @dataclass(slots=True)
@@ -119,9 +139,41 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
             text = decode_canonical(canonical, sep)
             ttl = round((expiry - now_ms) / 1000, 3)
             snap.waiters.append(QueuedGrant(handle, wait_mode, text, int(ticket), ttl))
+    tasks = tasks_by_handle(hl) if snap.grants or snap.waiters else {}
+    if tasks:
+        snap.grants = [replace(g, task=tasks.get(g.handle)) for g in snap.grants]
+        snap.waiters = [replace(w, task=tasks.get(w.handle)) for w in snap.waiters]
     snap.grants.sort(key=lambda g: (parse_path(g.path, sep).segments, g.mode, g.handle))
     snap.waiters.sort(key=lambda w: (w.ticket, w.path))
     return snap
+
+
+def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
+    """The Celery task of each handle, from the directories worker processes publish
+    (``<namespace>:celery:holders:<worker>:<pid>``, see ``celery_hilok.celery``)."""
+    import json
+
+    client = hl.redis
+    keys = list(client.scan_iter(match=f"{hl.namespace}:celery:holders:*", count=1000))
+    if not keys:
+        return {}
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.get(key)
+        documents = pipe.execute()
+    found: dict[str, TaskInfo] = {}
+    for raw in documents:
+        try:
+            doc = json.loads(raw) if raw else None
+            if not isinstance(doc, dict):
+                continue
+            for entry in doc.get("holders") or ():
+                found[str(entry["handle"])] = TaskInfo(
+                    str(entry["task_id"]), str(entry["task"]), str(doc["worker"]), int(doc["pid"])
+                )
+        except (ValueError, KeyError, TypeError):  # not ours, or from another version
+            continue
+    return found
 
 
 def leases_of(hl: HiLok, grants: list[Grant]) -> Iterator[Lease]:

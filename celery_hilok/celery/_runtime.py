@@ -8,12 +8,17 @@ for prefork children) or on first use, and made again when the process id change
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import socket
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
+
+from redis.exceptions import NoScriptError, RedisError
 
 from .._core import Request
 from ..errors import HiLokError, LockLost
@@ -22,7 +27,7 @@ from ..sync import HiLok
 from ._events import install_metrics
 from .config import redis_url, setting
 
-__all__ = ["HEADER", "Handover", "Runtime", "runtime"]
+__all__ = ["DIRECTORY_PREFIX", "HEADER", "Directory", "Handover", "Runtime", "runtime"]
 
 log = logging.getLogger("celery_hilok.celery")
 
@@ -65,7 +70,8 @@ class Runtime:
             wait_replicas=setting(conf, "hilok_wait_replicas"),
             wait_timeout=setting(conf, "hilok_wait_timeout"),
         )
-        self._take = self.hilok.redis.register_script(_TAKE_CLAIM)
+        self._take_sha = hashlib.sha1(_TAKE_CLAIM.encode()).hexdigest()
+        self.directory = Directory(self.hilok, self.namespace)
         install_metrics(conf)  # hilok_metrics: once per process, before any lock is taken
 
     # -- hand-over claims ------------------------------------------------------------
@@ -87,10 +93,12 @@ class Runtime:
 
     def take(self, handle: str, task_id: str, execution: str) -> str | None:
         """Take the hand-over to ``task_id``; returns what the claim was before."""
-        before = self._take(
-            keys=[self._claims(handle)],
-            args=[task_id, f"taken:{execution}", int(CLAIM_TTL * 1000)],
-        )
+        key, args = self._claims(handle), (task_id, f"taken:{execution}", int(CLAIM_TTL * 1000))
+        redis = self.hilok.redis
+        try:
+            before = redis.evalsha(self._take_sha, 1, key, *args)
+        except NoScriptError:  # by source, as the engine does: no SCRIPT LOAD in the ACL
+            before = redis.eval(_TAKE_CLAIM, 1, key, *args)
         if isinstance(before, bytes):
             before = before.decode()
         return before if isinstance(before, str) else None
@@ -100,8 +108,11 @@ class Runtime:
         return value.decode() if isinstance(value, bytes) else value
 
     def forget(self, handle: str) -> None:
-        """The chain of ``handle`` is over: drop its claims."""
-        self.hilok.redis.delete(self._claims(handle))
+        """The chain of ``handle`` is over: drop its claims (else they expire in a day)."""
+        try:
+            self.hilok.redis.delete(self._claims(handle))
+        except RedisError as exc:
+            log.warning("could not drop the hand-over claims of %s...: %s", handle[:6], exc)
 
     def lease(self, path: str, mode: str, handle: str, token: int, ttl: float) -> Lease:
         """A lease object for a grant known by name (e.g. from a message header)."""
@@ -130,7 +141,97 @@ class Runtime:
 
     def close(self) -> None:
         if self.pid == os.getpid():
+            self.directory.close()
             self.hilok.close()
+
+
+DIRECTORY_PREFIX: Final = "celery:holders:"
+"""Key of a worker process's directory, after the namespace and ``:``: the prefix, then
+``<worker hostname>:<pid>``."""
+
+
+class Directory:
+    """Which task each handle of this process holds its locks for, published for the
+    ``celery hilok`` command (``task id``, ``task name``, ``worker``, ``pid``).
+
+    One key per process holds a JSON document of its current holders. A background thread
+    writes it soon after a change (at most a few times a second) and every
+    :attr:`INTERVAL` seconds while anything is held, with a lifetime of three intervals,
+    so a dead process's entry vanishes on its own; no Redis call is on a task's path.
+    """
+
+    INTERVAL: Final = 2.0
+    SETTLE: Final = 0.1  # seconds between two writes, so a burst of changes is one write
+
+    def __init__(self, hilok: HiLok, namespace: str) -> None:
+        self._hilok = hilok
+        self._namespace = namespace
+        self._holders: dict[str, dict[str, Any]] = {}  # task id -> holder entry
+        self._lock = threading.Lock()
+        self._changed = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._worker = f"{socket.gethostname()}"
+
+    def key(self, worker: str | None = None) -> str:
+        return f"{self._namespace}:{DIRECTORY_PREFIX}{worker or self._worker}:{os.getpid()}"
+
+    def add(self, task_id: str | None, handle: str | None, task: str, worker: str | None) -> None:
+        if not task_id or not handle:
+            return
+        with self._lock:
+            if worker:
+                self._worker = worker
+            self._holders[task_id] = {"handle": handle, "task_id": task_id, "task": task}
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping.clear()
+                self._thread = threading.Thread(
+                    target=self._run, name="hilok-directory", daemon=True
+                )
+                self._thread.start()
+        self._changed.set()
+
+    def remove(self, task_id: str | None) -> None:
+        with self._lock:
+            gone = task_id is not None and self._holders.pop(task_id, None) is not None
+        if gone:
+            self._changed.set()
+
+    def _run(self) -> None:
+        published = False
+        while not self._stopping.is_set():
+            self._changed.wait(self.INTERVAL)
+            self._changed.clear()
+            with self._lock:
+                holders = list(self._holders.values())
+                key = self.key()
+                worker = self._worker
+            try:
+                if holders:
+                    document = {"worker": worker, "pid": os.getpid(), "holders": holders}
+                    px = int(self.INTERVAL * 3000)
+                    self._hilok.redis.set(key, json.dumps(document), px=px)
+                    published = True
+                elif published:
+                    self._hilok.redis.delete(key)
+                    published = False
+            except RedisError as exc:
+                log.debug("could not publish the holder directory: %s", exc)
+            self._stopping.wait(self.SETTLE)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._changed.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        with self._lock:
+            holders, self._holders = self._holders, {}
+        if holders:
+            try:
+                self._hilok.redis.delete(self.key())
+            except RedisError:
+                pass
 
 
 _runtimes: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()

@@ -136,6 +136,15 @@ class TaskLocks:
         for lease in leases:
             lease.on_lost(self._on_lost)
             self.rt.hilok.keep_alive(lease, interval=interval)
+        if leases:
+            self.announce()
+
+    def announce(self) -> None:
+        """Publish which task this handle holds (or waits) for: see ``celery hilok tree``."""
+        request = getattr(self._task, "request", None)
+        worker = getattr(request, "hilok_worker", None) or getattr(request, "hostname", None)
+        name = getattr(self._task, "name", "")
+        self.rt.directory.add(self.task_id, self.handle, name, worker)
 
     # -- what the monitors see: signals and task-hilok events ---------------------------
 
@@ -341,6 +350,8 @@ class TaskLocks:
                 self.rt.forget(self.handle)  # the end of the chain
         finally:
             self._finished = True
+            if self._rt is not None:
+                self._rt.directory.remove(self.task_id)
 
 
 def locks_of(request: Any) -> TaskLocks | None:

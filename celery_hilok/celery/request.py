@@ -30,6 +30,7 @@ log = logging.getLogger("celery_hilok.celery")
 # revoke(terminate=True), is released by the task_revoked receiver instead.)
 _LOST = (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)
 RELEASED = "hilok_released"
+WORKER_KEY = "hilok_worker"
 
 
 class HiLokRequest(Request):  # type: ignore[misc]
@@ -41,6 +42,8 @@ class HiLokRequest(Request):  # type: ignore[misc]
         self._request_dict[EXEC_HEADER] = new_handle()
         # Tell the process that runs the task whether to send task-hilok events.
         self._request_dict[EVENTS_FLAG] = self._sends_task_events()
+        # The worker's node name (the threads pool's request.hostname is the machine's).
+        self._request_dict[WORKER_KEY] = self._hostname
 
     def _sends_task_events(self) -> bool:
         """Does the worker send task events now (``-E``, or enabled by a control command)?"""

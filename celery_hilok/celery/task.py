@@ -106,6 +106,7 @@ class HiLokTask(Task):  # type: ignore[misc]
         if not wanted:
             return
         handle = state._handle_for_acquire(self.request)
+        state.announce()  # a waiting task is named in `celery hilok tree` too
         policy = option(self, "hilok_on_contention")
         ttl = float(option(self, "hilok_ttl"))
         hl = state.rt.hilok

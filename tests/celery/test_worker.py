@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ from celery import Celery
 from celery.signals import task_retry
 
 from celery_hilok import HiLok, LockNotAcquired, hilok_lease_lost
+from celery_hilok.inspect import tasks_by_handle
 from tests.celery.app import events, open_gate, tasks
 from tests.celery.conftest import wait_for
 
@@ -69,6 +71,41 @@ def test_body_runs_under_its_lock_which_is_released_after(
     open_gate(lab, run, "g")
     assert result.get(timeout=RESULT_TIMEOUT) == "write a1"
     wait_for(lambda: is_free(hl, path(run, "t1")), what="the lock to be released")
+
+
+def test_the_lock_tree_names_the_task_and_worker_of_holders_and_waiters(
+    run: str, lab: redis.Redis, hl: HiLok, inproc_worker: Any
+) -> None:
+    from celery_hilok.cli import render_tree
+    from celery_hilok.inspect import snapshot
+
+    holder = tasks.write_retry.delay(run, "t1", "a1", gate="g")
+    wait_for(lambda: started(lab, run, "write a1"), what="the task to start")
+    waiter = tasks.write_wait.delay(run, "t1", "a1", name="second")
+    wait_for(lambda: hl.status(path(run, "t1", "a1")).waiters, what="the second to wait")
+
+    def named() -> Any:
+        snap = snapshot(hl, path(run, "t1"))
+        if snap.grants and snap.waiters and snap.grants[0].task and snap.waiters[0].task:
+            return snap
+        return None
+
+    snap = wait_for(named, what="the worker to publish who holds and who waits")
+    grant, queued = snap.grants[0].task, snap.waiters[0].task
+    assert grant is not None and queued is not None
+    assert (grant.task_id, grant.task) == (holder.id, "hilok_tests.write_retry")
+    assert (queued.task_id, queued.task) == (waiter.id, "hilok_tests.write_wait")
+    assert grant.worker == inproc_worker.hostname and grant.pid == os.getpid()
+    drawn = render_tree(snap, "/")
+    assert f"task hilok_tests.write_retry[{holder.id}] on {inproc_worker.hostname}" in drawn
+    assert f"task hilok_tests.write_wait[{waiter.id}]" in drawn
+    open_gate(lab, run, "g")
+    assert holder.get(timeout=RESULT_TIMEOUT) == "write a1"
+    assert waiter.get(timeout=RESULT_TIMEOUT) == "second"
+    wait_for(
+        lambda: not {holder.id, waiter.id} & {t.task_id for t in tasks_by_handle(hl).values()},
+        what="the finished tasks to leave the directory",
+    )
 
 
 def test_conflicting_tasks_never_overlap_while_others_run_in_parallel(

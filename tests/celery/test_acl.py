@@ -1,0 +1,109 @@
+"""The Celery integration under the minimal Redis ACL (docs/operations.md): the engine's
+commands plus ``del``, on the namespace's keys and channels, run a real worker's locked
+tasks and chains; without ``del`` the end of a chain says what it could not do."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import chain
+
+from tests._redis import RedisServer
+from tests.celery.app import events, tasks
+from tests.celery.conftest import WorkerProcess, wait_for
+from tests.test_acl import ENGINE_COMMANDS
+
+pytestmark = pytest.mark.celery_worker
+
+CELERY_COMMANDS = ("del",)
+"""What a Celery worker needs on top of the engine's commands: dropping a finished chain's
+hand-over claims and its process's holder directory."""
+
+PASSWORD = "celery-acl-pw"
+RESULT_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+def worker_with(
+    server: RedisServer, config: dict[str, Any], namespace: str, commands: tuple[str, ...]
+) -> WorkerProcess:
+    admin = server.client()
+    user = f"u{uuid.uuid4().hex[:8]}"
+    rules = ["on", f">{PASSWORD}", "resetkeys", f"~{namespace}:*", "resetchannels"]
+    rules += [f"&{namespace}:*", "-@all", *(f"+{c}" for c in commands)]
+    admin.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+    admin.close()
+    return WorkerProcess(
+        {
+            **config,
+            "hilok_namespace": namespace,
+            "hilok_redis_url": f"redis://{user}:{PASSWORD}@127.0.0.1:{server.port}/0",
+            "lab_redis_url": config["hilok_redis_url"],
+        },
+        2,
+        pool="threads",
+    )
+
+
+def run_chain(worker: WorkerProcess, lab: redis.Redis) -> str:
+    run = f"r{uuid.uuid4().hex[:8]}"
+    steps = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1"),
+        tasks.keep_step.s(run, "t1", "a1", "step 2"),
+        tasks.last_step.s(run, "t1", "a1", "step 3"),
+    )
+    assert steps.apply_async(queue=worker.queue).get(timeout=RESULT_TIMEOUT) == "step 3"
+    plain = tasks.write_wait.apply_async((run, "t1", "a2"), queue=worker.queue)
+    assert plain.get(timeout=RESULT_TIMEOUT) == "write a2"
+    starts = [e for e in events(lab, run) if e["kind"] == "start"]
+    assert len({e["handle"] for e in starts if e["name"].startswith("step")}) == 1
+    return run
+
+
+def test_a_worker_runs_locked_tasks_and_chains_under_the_minimal_acl(
+    server: RedisServer, hilok_config: dict[str, Any], lab: redis.Redis
+) -> None:
+    namespace = f"a{uuid.uuid4().hex[:8]}"
+    worker = worker_with(server, hilok_config, namespace, ENGINE_COMMANDS + CELERY_COMMANDS)
+    try:
+        worker.start(lab)
+        run_chain(worker, lab)
+        admin = server.client()
+        wait_for(
+            lambda: not admin.keys(f"{namespace}:celery:*"),
+            what="the claims and the holder directory to be dropped",
+        )
+        admin.close()
+        log = worker.log()
+        assert "NOPERM" not in log and "ACL does not allow" not in log, log
+    finally:
+        worker.stop()
+
+
+def test_without_del_the_end_of_a_chain_warns_and_the_locks_still_go(
+    server: RedisServer, hilok_config: dict[str, Any], lab: redis.Redis
+) -> None:
+    namespace = f"a{uuid.uuid4().hex[:8]}"
+    worker = worker_with(server, hilok_config, namespace, ENGINE_COMMANDS)
+    try:
+        worker.start(lab)
+        run_chain(worker, lab)
+        wait_for(
+            lambda: "could not drop the hand-over claims" in worker.log(),
+            what="the warning about the claims",
+        )
+        admin = server.client()
+        found: list[bytes] = admin.keys(f"{namespace}:{{*")  # type: ignore[assignment]
+        assert [k for k in found if not k.endswith(b"::n")] == []  # token counters stay
+        admin.close()
+    finally:
+        worker.stop()
