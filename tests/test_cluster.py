@@ -13,7 +13,14 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from celery_hilok import AsyncHiLok, HiLok, InvalidArgument, LockNotAcquired
+from celery_hilok import (
+    AsyncHiLok,
+    HiLok,
+    InvalidArgument,
+    LockNotAcquired,
+    RedisHiLok,
+    RedisHiLokError,
+)
 from tests._cluster import RedisClusterServers
 
 
@@ -148,3 +155,21 @@ def test_cluster_false_is_a_plain_client(redis_url: str) -> None:
     with HiLok(f"{redis_url}?cluster=false") as hl:
         assert isinstance(hl.redis, redis.Redis)
         hl.acquire("a", "write", block=False).release()
+
+
+def test_the_seed_compatible_class_on_a_cluster(
+    cluster: RedisClusterServers, namespace: str
+) -> None:
+    async def main() -> None:
+        async with RedisHiLok(f"{cluster.url}?cluster=true", namespace=namespace) as h:
+            async with h.write("c1/a/b") as uuid:
+                levels = await h.status("c1/a/b", uuid)
+                assert [s.held for s in levels] == [True, True, True]
+                assert levels[-1].type == "write" and levels[-1].owned
+                with pytest.raises(RedisHiLokError):
+                    await h.acquire_read("c1/a/b", block=False)
+                other = await h.acquire_read("c2/x", block=False)  # another tree, shard
+                await h.release_read("c2/x", other)
+            assert not any(s.held for s in await h.status("c1/a/b", None))
+
+    asyncio.run(main())
