@@ -170,6 +170,6 @@ def test_the_seed_compatible_class_on_a_cluster(
                     await h.acquire_read("c1/a/b", block=False)
                 other = await h.acquire_read("c2/x", block=False)  # another tree, shard
                 await h.release_read("c2/x", other)
-            assert not any(s.held for s in await h.status("c1/a/b", None))
+            assert not any(s.held for s in await h.status("c1/a/b", uuid))
 
     asyncio.run(main())
