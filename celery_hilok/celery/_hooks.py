@@ -25,7 +25,7 @@ from celery import signals
 from celery._state import get_current_app, get_current_task
 
 from ._runtime import ATTEMPT_HEADER, HEADER, Handover, close_runtimes, runtime
-from .locks import STATE_ATTR, begin, keeps, locks_of, next_step_id
+from .locks import STATE_ATTR, begin, keeps, locks_of
 
 log = logging.getLogger("celery_hilok.celery")
 
@@ -63,7 +63,7 @@ def on_before_publish(
         return
     if headers.get("parent_id") != request.id or not keeps(task):
         return
-    step = next_step_id(request)
+    step = state.next_step
     if step is None:
         return
     step_id, step_name = step

@@ -72,6 +72,7 @@ class TaskLocks:
         "duplicate_of",
         "handle",
         "inherited",
+        "next_step",
         "own",
         "source",
         "task_id",
@@ -93,6 +94,9 @@ class TaskLocks:
         self.duplicate_of: Handover | None = None
         # The worker's hostname when it sends task events (task-hilok), else None.
         self._events_from: str | None = None
+        # (task id, name) of the next step of the chain, as the message had it at the start
+        # (Celery 5.5 pops it off request.chain before publishing it, later versions not).
+        self.next_step: tuple[str | None, str | None] | None = None
 
     @property
     def leases(self) -> list[Lease]:
@@ -366,6 +370,7 @@ def begin(task: Any, request: Any) -> TaskLocks:
     if state is not None:
         return state
     state = TaskLocks(task, getattr(request, "id", None))
+    state.next_step = next_step_id(request)
     setattr(request, STATE_ATTR, state)
     if getattr(request, EVENTS_FLAG, False):
         state._events_from = getattr(request, "hostname", None) or ""
