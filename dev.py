@@ -14,7 +14,11 @@ Commands:
                    (`mkdocs build --strict`)
   package          setup, then build the sdist and wheel into dist/ (`python -m build`)
                    and check them with `twine check`
-  ci               lint, docs, package, then test; exits non-zero if anything failed
+  oldest [ARGS...] setup, then run the Celery and engine tests again in .venv-oldest, on
+                   the oldest Celery and redis-py pyproject.toml allows (celery 5.5.3,
+                   redis 6.4.0)
+  ci               lint, docs, package, test, then oldest; exits non-zero if anything
+                   failed
 
 Environment:
   HILOK_REDIS_URL     use this existing Redis server (redis://host:port) in tests
@@ -269,6 +273,48 @@ def cmd_package(args: Sequence[str]) -> int:
     return run_package()
 
 
+OLDEST_VENV = ROOT / ".venv-oldest"
+OLDEST_PINS = ("celery==5.5.3", "kombu==5.5.4", "redis==6.4.0")
+"""The oldest releases of the dependencies pyproject.toml allows (and their kombu)."""
+OLDEST_TESTS = (
+    "tests/celery",
+    "tests/test_engine.py",
+    "tests/test_aio.py",
+    "tests/test_compat.py",
+    "tests/test_cluster.py",
+    "tests/test_sentinel.py",
+)
+"""What touches Celery and redis-py most: run again on the oldest releases."""
+
+
+def run_oldest(args: Sequence[str]) -> int:
+    """The Celery and engine tests on the oldest Celery and redis-py allowed (.venv-oldest)."""
+    python = OLDEST_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    stamp = OLDEST_VENV / ".hilok-installed"
+    if not python.exists():
+        step(f"creating virtualenv {OLDEST_VENV.relative_to(ROOT)}")
+        if run([sys.executable, "-m", "venv", OLDEST_VENV]) != 0:
+            fail("could not create the virtualenv of the oldest dependencies")
+            return 1
+    env = {**os.environ, "VIRTUAL_ENV": str(OLDEST_VENV)}
+    env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
+    if not (stamp.exists() and stamp.stat().st_mtime > PYPROJECT.stat().st_mtime):
+        step("installing celery-hilok[test] with " + ", ".join(OLDEST_PINS))
+        pip: list[str | os.PathLike[str]] = [python, "-m", "pip", "install", "-q"]
+        pip.append("--disable-pip-version-check")
+        if run([*pip, "-e", ".[test]", *OLDEST_PINS], env=env) != 0:
+            fail("pip install of the oldest dependencies failed")
+            return 1
+        stamp.touch()
+    step("starting the tests on " + ", ".join(OLDEST_PINS))
+    return run([python, "-m", "pytest", "-q", *OLDEST_TESTS, *args], env=env)
+
+
+def cmd_oldest(args: Sequence[str]) -> int:
+    setup()
+    return run_oldest(args)
+
+
 def cmd_ci(args: Sequence[str]) -> int:
     setup()
     lint_rc = run_lint()
@@ -276,12 +322,14 @@ def cmd_ci(args: Sequence[str]) -> int:
     docs_rc = run_docs()
     package_rc = run_package()
     test_rc = run_tests(args)
-    if lint_rc or docs_rc or package_rc or test_rc:
+    oldest_rc = run_oldest(())
+    if lint_rc or docs_rc or package_rc or test_rc or oldest_rc:
         fail(
             f"ci failed (lint exit {lint_rc}, docs exit {docs_rc}, "
-            f"package exit {package_rc}, tests exit {test_rc})"
+            f"package exit {package_rc}, tests exit {test_rc}, "
+            f"oldest dependencies exit {oldest_rc})"
         )
-        return lint_rc or docs_rc or package_rc or test_rc
+        return lint_rc or docs_rc or package_rc or test_rc or oldest_rc
     step("ci passed")
     return 0
 
@@ -294,6 +342,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "docs": cmd_docs,
     "package": cmd_package,
+    "oldest": cmd_oldest,
     "ci": cmd_ci,
 }
 

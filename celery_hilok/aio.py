@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -304,7 +305,18 @@ class AsyncHiLok:
             return
         items = [(lease.handle, lease.request) for lease in todo]
         batches = self._protocol.release_batches(items, self._cluster)
-        codes = await self._run_batches(batches, len(todo))
+        # A release, once asked for, is carried out even if the caller is cancelled
+        # meanwhile (else a cancellation landing before the call went out would leave the
+        # locks held until their ttl); the cancellation is raised when it is done.
+        call = asyncio.ensure_future(self._run_batches(batches, len(todo)))
+        try:
+            codes = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await call  # done already, or finishing now
+                for lease in todo:
+                    lease.released = True
+            raise
         lost: list[Lease] = []
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
@@ -544,6 +556,8 @@ class _Waker:
         self._confirmed: dict[str, asyncio.Event] = {}
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._subscribing: asyncio.Lock | None = None
+        self._node_client: Any = None  # see _new_pubsub
 
     async def register(self, attempt: Acquisition) -> _Wait:
         keys = self._owner._protocol.keys
@@ -559,7 +573,12 @@ class _Waker:
         events = [self._confirmed[c] for c in channels]
         if to_subscribe:
             try:
-                await self._pubsub.subscribe(*to_subscribe)
+                # One task at a time: redis-py's PubSub opens its connection on first use,
+                # and racing tasks would each open one (redis-py 6.x does), all but one
+                # orphaned with their subscriptions.
+                assert self._subscribing is not None
+                async with self._subscribing:
+                    await self._pubsub.subscribe(*to_subscribe)
             except BaseException as exc:
                 # Let the next waiter subscribe again (this one failed or was cancelled).
                 for channel in to_subscribe:
@@ -595,8 +614,22 @@ class _Waker:
         if task is not None and not task.done() and task.get_loop() is loop:
             return
         self._confirmed.clear()
-        self._pubsub = self._owner.redis.pubsub()
+        self._subscribing = asyncio.Lock()
+        self._pubsub = self._new_pubsub()
         self._task = loop.create_task(self._run(self._pubsub), name="hilok-waker")
+
+    def _new_pubsub(self) -> Any:
+        client: Any = self._owner.redis
+        if hasattr(client, "pubsub"):
+            return client.pubsub()
+        # redis-py before 7 has no pub/sub on the asyncio RedisCluster. A PUBLISH on a
+        # cluster reaches every node, so listening on one node hears every release.
+        node = client.get_default_node() or client.get_nodes()[0]
+        pool = aredis.ConnectionPool(
+            connection_class=node.connection_class, **node.connection_kwargs
+        )
+        self._node_client = aredis.Redis(connection_pool=pool)
+        return self._node_client.pubsub()
 
     async def _run(self, pubsub: Any) -> None:
         backoff = 0.05
@@ -647,6 +680,12 @@ class _Waker:
         if pubsub is not None:
             try:
                 await pubsub.aclose()
+            except (RedisError, RuntimeError):
+                pass
+        node_client, self._node_client = self._node_client, None
+        if node_client is not None:
+            try:
+                await node_client.aclose()
             except (RedisError, RuntimeError):
                 pass
 
