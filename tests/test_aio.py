@@ -432,6 +432,18 @@ async def test_cancelling_a_task_busy_with_calls_ends_it(ahl: AsyncHiLok, operat
     await assert_only(ahl, "busy")
 
 
+async def test_a_release_cancelled_in_flight_is_still_carried_out(ahl: AsyncHiLok) -> None:
+    for _ in range(ROUNDS):
+        lease = await ahl.acquire("rc/a", "write")
+        task = asyncio.create_task(ahl.release(lease))
+        await asyncio.sleep(0)  # the release has started: its call is on its way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert lease.released
+        await assert_only(ahl, "rc")
+
+
 async def test_cancelled_context_manager_body_releases(ahl: AsyncHiLok) -> None:
     entered = asyncio.Event()
 
