@@ -297,7 +297,8 @@ class AsyncHiLok:
 
     async def release(self, *leases: Lease) -> None:
         """Release the leases; idempotent per lease. Raises :class:`LockLost` as
-        :meth:`HiLok.release` does."""
+        :meth:`HiLok.release` does. A release is carried out even if the calling task is
+        cancelled while it runs; the cancellation is raised once it is done."""
         todo = [lease for lease in leases if not lease.released]
         for lease in todo:
             self._refresher.discard(lease)
