@@ -217,7 +217,7 @@ class SentinelServer:
         """The port of the master as this sentinel sees it."""
         client = self.client()
         try:
-            addr = client.sentinel_get_master_addr_by_name(MASTER_NAME)
+            addr = sentinel_command(client, "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
         finally:
             client.close()
         return int(addr[1]) if isinstance(addr, (tuple, list)) else None
@@ -280,7 +280,7 @@ class SentinelGroup:
             for sentinel in self.sentinels:
                 client = sentinel.client()
                 try:
-                    state: dict[str, Any] = client.sentinel_master(MASTER_NAME)  # type: ignore[assignment]
+                    state = _pairs(sentinel_command(client, "MASTER", MASTER_NAME))
                 finally:
                     client.close()
                 if int(state["num-other-sentinels"]) < others or int(state["num-slaves"]) < 1:
@@ -296,7 +296,7 @@ class SentinelGroup:
     def sentinel_replicas(sentinel: SentinelServer) -> list[dict[str, Any]]:
         client = sentinel.client()
         try:
-            replicas: list[dict[str, Any]] = client.sentinel_slaves(MASTER_NAME)
+            replicas = [_pairs(r) for r in sentinel_command(client, "REPLICAS", MASTER_NAME)]
         finally:
             client.close()
         return replicas
@@ -390,3 +390,28 @@ class SentinelGroup:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def sentinel_command(client: redis.Redis, *args: str) -> Any:
+    """``SENTINEL <args>``, its raw reply decoded (redis-py's sentinel_* helpers parse their
+    replies with callbacks that break on some releases, e.g. 6.4's sentinel_master)."""
+    reply = client.execute_command("SENTINEL", *args)  # type: ignore[no-untyped-call]
+    return _decode(reply)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        return {_decode(k): _decode(v) for k, v in value.items()}
+    return value
+
+
+def _pairs(reply: Any) -> dict[str, Any]:
+    """A sentinel's description of a server: a flat [key, value, ...] list, or (some
+    redis-py releases parse it) a dict already."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
