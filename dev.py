@@ -283,6 +283,7 @@ OLDEST_TESTS = (
     "tests/test_compat.py",
     "tests/test_cluster.py",
     "tests/test_sentinel.py",
+    "tests/test_metrics.py",
 )
 """What touches Celery and redis-py most: run again on the oldest releases."""
 
@@ -299,10 +300,10 @@ def run_oldest(args: Sequence[str]) -> int:
     env = {**os.environ, "VIRTUAL_ENV": str(OLDEST_VENV)}
     env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
     if not (stamp.exists() and stamp.stat().st_mtime > PYPROJECT.stat().st_mtime):
-        step("installing celery-hilok[test] with " + ", ".join(OLDEST_PINS))
+        step("installing celery-hilok[test,metrics] with " + ", ".join(OLDEST_PINS))
         pip: list[str | os.PathLike[str]] = [python, "-m", "pip", "install", "-q"]
         pip.append("--disable-pip-version-check")
-        if run([*pip, "-e", ".[test]", *OLDEST_PINS], env=env) != 0:
+        if run([*pip, "-e", ".[test,metrics]", *OLDEST_PINS], env=env) != 0:
             fail("pip install of the oldest dependencies failed")
             return 1
         stamp.touch()

@@ -236,3 +236,24 @@ def prefork_worker(hilok_config: dict[str, Any]) -> Iterator[WorkerProcess]:
 def pytest_configure(config: pytest.Config) -> None:
     # Celery's Redis result backend calls a method redis-py 5+ deprecates.
     config.addinivalue_line("filterwarnings", "ignore:Call to deprecated setex:DeprecationWarning")
+
+
+def run_keep_chain(queue: str, lab: redis.Redis, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Run a three-step ``hilok_keep`` chain on the worker of ``queue`` and check that one
+    holder, with one grant (one token), ran every step; returns the steps' start records."""
+    from celery import chain
+
+    from tests.celery.app import events, tasks
+
+    run = f"r{uuid.uuid4().hex[:8]}"
+    steps = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1"),
+        tasks.keep_step.s(run, "t1", "a1", "step 2"),
+        tasks.last_step.s(run, "t1", "a1", "step 3"),
+    )
+    assert steps.apply_async(queue=queue).get(timeout=timeout) == "step 3"
+    starts = [e for e in events(lab, run) if e["kind"] == "start"]
+    assert [e["name"] for e in starts] == ["step 1", "step 2", "step 3"]
+    assert len({e["handle"] for e in starts}) == 1  # one holder from first step to last
+    assert len({str(e["tokens"]) for e in starts}) == 1  # the same grant, so the same token
+    return starts

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 import redis
-from celery import chain
 
 from tests._redis import RedisServer
-from tests.celery.app import events, tasks
-from tests.celery.conftest import WorkerProcess, wait_for
+from tests.celery.app import tasks
+from tests.celery.conftest import WorkerProcess, run_keep_chain, wait_for
 from tests.test_acl import ENGINE_COMMANDS
 
 pytestmark = pytest.mark.celery_worker
@@ -54,19 +53,10 @@ def worker_with(
     )
 
 
-def run_chain(worker: WorkerProcess, lab: redis.Redis) -> str:
-    run = f"r{uuid.uuid4().hex[:8]}"
-    steps = chain(
-        tasks.keep_step.s(None, run, "t1", "a1", "step 1"),
-        tasks.keep_step.s(run, "t1", "a1", "step 2"),
-        tasks.last_step.s(run, "t1", "a1", "step 3"),
-    )
-    assert steps.apply_async(queue=worker.queue).get(timeout=RESULT_TIMEOUT) == "step 3"
-    plain = tasks.write_wait.apply_async((run, "t1", "a2"), queue=worker.queue)
+def run_chain(worker: WorkerProcess, lab: redis.Redis) -> None:
+    run_keep_chain(worker.queue, lab, RESULT_TIMEOUT)
+    plain = tasks.write_wait.apply_async(("r-plain", "t1", "a2"), queue=worker.queue)
     assert plain.get(timeout=RESULT_TIMEOUT) == "write a2"
-    starts = [e for e in events(lab, run) if e["kind"] == "start"]
-    assert len({e["handle"] for e in starts if e["name"].startswith("step")}) == 1
-    return run
 
 
 def test_a_worker_runs_locked_tasks_and_chains_under_the_minimal_acl(

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 import redis
-from celery import chain
 
 from celery_hilok import HiLok
 from celery_hilok.inspect import snapshot
 from tests._cluster import RedisClusterServers
 from tests.celery.app import events, tasks
-from tests.celery.conftest import WorkerProcess, wait_for
+from tests.celery.conftest import WorkerProcess, run_keep_chain, wait_for
 
 pytestmark = pytest.mark.celery_worker
 
@@ -96,17 +95,7 @@ def test_locked_tasks_on_a_cluster_never_overlap_and_leave_nothing(
 def test_a_chain_on_a_cluster_hands_its_lock_down_to_its_last_step(
     cluster_worker: WorkerProcess, cluster_hl: HiLok, lab: redis.Redis
 ) -> None:
-    run = f"r{uuid.uuid4().hex[:8]}"
-    steps = chain(
-        tasks.keep_step.s(None, run, "t1", "a1", "step 1"),
-        tasks.keep_step.s(run, "t1", "a1", "step 2"),
-        tasks.last_step.s(run, "t1", "a1", "step 3"),
-    )
-    assert steps.apply_async(queue=cluster_worker.queue).get(timeout=RESULT_TIMEOUT) == "step 3"
-    starts = [e for e in events(lab, run) if e["kind"] == "start"]
-    assert [e["name"] for e in starts] == ["step 1", "step 2", "step 3"]
-    assert len({e["handle"] for e in starts}) == 1  # one holder from first step to last
-    assert len({str(e["tokens"]) for e in starts}) == 1  # the same grant, so the same token
+    run_keep_chain(cluster_worker.queue, lab, RESULT_TIMEOUT)
     wait_for(lambda: not snapshot(cluster_hl).grants, what="the chain's lock to be released")
 
 
