@@ -7,11 +7,10 @@ import shutil
 import socket
 import subprocess
 import time
-from types import TracebackType
 
 import redis
 
-from tests._redis import RedisServer, RedisServerError
+from tests._redis import RedisServer, RedisServerError, Service
 
 CLUSTER_ARGS = (
     "--cluster-enabled",
@@ -41,7 +40,7 @@ def _free(port: int) -> bool:
     return True
 
 
-class RedisClusterServers:
+class RedisClusterServers(Service):
     """Three cluster-enabled redis-server processes joined with ``redis-cli --cluster create``."""
 
     def __init__(self, masters: int = 3) -> None:
@@ -100,14 +99,3 @@ class RedisClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> RedisClusterServers:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

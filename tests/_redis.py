@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -25,6 +25,32 @@ from redis.retry import Retry
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+
+
+_S = TypeVar("_S", bound="Service")
+
+
+class Service:
+    """A test service used as a context manager: started on entering the ``with`` block,
+    stopped on leaving it, whatever happened inside."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class RedisServerError(RuntimeError):
@@ -47,7 +73,7 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
+class RedisServer(Service):
     """A redis-server subprocess on 127.0.0.1 without persistence.
 
     The port is fixed when the object is made, so `restart()` comes back on the same
@@ -157,17 +183,6 @@ class RedisServer:
     def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
         """A new redis-py client for this server; the caller closes it."""
         return redis.Redis(host=HOST, port=self.port, db=db, **kwargs)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __del__(self) -> None:
         # Last resort so a forgotten server does not outlive the test run.

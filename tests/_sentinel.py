@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import redis
@@ -31,6 +30,7 @@ from tests._redis import (
     STOP_TIMEOUT,
     RedisServer,
     RedisServerError,
+    Service,
     find_redis_server,
     free_port,
 )
@@ -79,7 +79,7 @@ def info(port: int, section: str) -> dict[str, Any]:
         client.close()
 
 
-class ReplicaSet:
+class ReplicaSet(Service):
     """A master and ``replicas`` replicas of it, each a non-persistent redis-server."""
 
     def __init__(self, replicas: int = 1) -> None:
@@ -133,17 +133,6 @@ class ReplicaSet:
                 except ProcessLookupError:
                     pass
             server.stop()
-
-    def __enter__(self) -> ReplicaSet:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class SentinelServer:
@@ -236,7 +225,7 @@ class SentinelServer:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-class SentinelGroup:
+class SentinelGroup(Service):
     """A master, one replica and three sentinels (quorum 2), all on 127.0.0.1."""
 
     def __init__(self, sentinels: int = 3) -> None:
@@ -379,17 +368,6 @@ class SentinelGroup:
         for sentinel in self.sentinels:
             sentinel.stop()
         self.data.stop()
-
-    def __enter__(self) -> SentinelGroup:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def sentinel_command(client: redis.Redis, *args: str) -> Any:
