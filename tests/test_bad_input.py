@@ -597,6 +597,14 @@ def test_celery_bad_hilok_redis_url(url: object) -> None:
     assert SECRET not in str(info.value)
 
 
+def test_celery_non_redis_broker_list_hides_every_password() -> None:
+    app = Celery("bad-broker", set_as_current=False)
+    app.conf.broker_url = f"amqp://u:{SECRET}@127.0.0.1//;amqp://v:{SECRET}2@127.0.0.2//"
+    with pytest.raises(InvalidArgument, match="is not a Redis server") as info:
+        celery_redis_url(app.conf)
+    assert SECRET not in str(info.value)
+
+
 def test_celery_bad_template_fails_at_task_definition() -> None:
     app = Celery("bad-template", broker="redis://127.0.0.1:1/0", set_as_current=False)
     app.finalize()

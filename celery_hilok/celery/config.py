@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from .._redis import redact_url
 from ..errors import InvalidArgument
 
 __all__ = [
@@ -128,10 +129,5 @@ def check_task_option(name: str, value: Any, where: str) -> None:
 
 
 def _redact(url: object) -> str:
-    """A broker URL fit for an error message: no password."""
-    if not isinstance(url, str):
-        return repr(url)
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
+    """A broker URL fit for an error message: no password (of any URL of a list)."""
+    return redact_url(url) if isinstance(url, str) else repr(url)
