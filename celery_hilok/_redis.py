@@ -112,8 +112,9 @@ def _url_options(connection_class: type[Any]) -> set[str]:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages and logs."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    """``url`` (or each URL of a ``;`` list) with its credentials replaced by ``***``, for
+    messages and logs."""
+    return re.sub(r"//[^/@;]*@", "//***@", url)
 
 
 _TRUE = ("true", "1", "yes", "on")
