@@ -23,13 +23,31 @@ from ..errors import InvalidArgument
 from ..lease import Lease
 from .config import setting
 
-__all__ = ["EVENTS_FLAG", "EVENT_TYPE", "install_metrics", "lock_fields", "send_task_event"]
+__all__ = [
+    "EVENTS_FLAG",
+    "EVENT_TYPE",
+    "WORKER_KEY",
+    "install_metrics",
+    "lock_fields",
+    "send_task_event",
+    "worker_name",
+]
 
 log = logging.getLogger("celery_hilok.celery")
 
 EVENT_TYPE: Final = "task-hilok"
 EVENTS_FLAG: Final = "hilok_events"
 """Request key set (by the worker's main process) when the worker sends task events."""
+WORKER_KEY: Final = "hilok_worker"
+"""Request key with the worker's node name, set by the worker's main process."""
+
+
+def worker_name(request: Any) -> str | None:
+    """The node name of the worker running ``request`` (the threads pool's own
+    ``request.hostname`` is the machine's name, not the worker's)."""
+    return getattr(request, WORKER_KEY, None) or getattr(request, "hostname", None)
+
+
 HANDLE_PREFIX: Final = 6
 
 

@@ -171,18 +171,21 @@ class Directory:
         self._changed = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._worker = f"{socket.gethostname()}"
+        self._worker = socket.gethostname()
 
-    def key(self, worker: str | None = None) -> str:
-        return f"{self._namespace}:{DIRECTORY_PREFIX}{worker or self._worker}:{os.getpid()}"
+    def key(self) -> str:
+        return f"{self._namespace}:{DIRECTORY_PREFIX}{self._worker}:{os.getpid()}"
 
     def add(self, task_id: str | None, handle: str | None, task: str, worker: str | None) -> None:
         if not task_id or not handle:
             return
+        entry = {"handle": handle, "task_id": task_id, "task": task}
         with self._lock:
+            if self._holders.get(task_id) == entry and (not worker or worker == self._worker):
+                return  # published already (a task announces itself before and after acquiring)
             if worker:
                 self._worker = worker
-            self._holders[task_id] = {"handle": handle, "task_id": task_id, "task": task}
+            self._holders[task_id] = entry
             if self._thread is None or not self._thread.is_alive():
                 self._stopping.clear()
                 self._thread = threading.Thread(

@@ -21,7 +21,7 @@ from typing import Any, Final
 from .._core import check_handle, new_handle
 from ..errors import LockLost, LockNotAcquired
 from ..lease import Lease
-from ._events import EVENTS_FLAG, lock_fields, send_task_event
+from ._events import EVENTS_FLAG, lock_fields, send_task_event, worker_name
 from ._runtime import HEADER, Handover, Runtime, runtime
 from .config import setting
 from .signals import (
@@ -145,10 +145,8 @@ class TaskLocks:
 
     def announce(self) -> None:
         """Publish which task this handle holds (or waits) for: see ``celery hilok tree``."""
-        request = getattr(self._task, "request", None)
-        worker = getattr(request, "hilok_worker", None) or getattr(request, "hostname", None)
-        name = getattr(self._task, "name", "")
-        self.rt.directory.add(self.task_id, self.handle, name, worker)
+        worker = worker_name(getattr(self._task, "request", None))
+        self.rt.directory.add(self.task_id, self.handle, getattr(self._task, "name", ""), worker)
 
     # -- what the monitors see: signals and task-hilok events ---------------------------
 
@@ -373,7 +371,7 @@ def begin(task: Any, request: Any) -> TaskLocks:
     state.next_step = next_step_id(request)
     setattr(request, STATE_ATTR, state)
     if getattr(request, EVENTS_FLAG, False):
-        state._events_from = getattr(request, "hostname", None) or ""
+        state._events_from = worker_name(request) or ""
     handover = Handover.of_request(request)
     if handover is None and getattr(request, "is_eager", False):
         handover = _eager_take()

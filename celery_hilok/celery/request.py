@@ -19,7 +19,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
 from .._core import new_handle
-from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX
+from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX, WORKER_KEY
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
 
 __all__ = ["HiLokRequest", "release_in_main_process"]
@@ -30,7 +30,6 @@ log = logging.getLogger("celery_hilok.celery")
 # revoke(terminate=True), is released by the task_revoked receiver instead.)
 _LOST = (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)
 RELEASED = "hilok_released"
-WORKER_KEY = "hilok_worker"
 
 
 class HiLokRequest(Request):  # type: ignore[misc]
