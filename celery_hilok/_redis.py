@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+from redis.backoff import ExponentialBackoff
 from redis.connection import Connection, ConnectionPool
 from redis.exceptions import (
     AuthenticationError,
@@ -283,4 +284,42 @@ def eviction_warning(policy: object, server: str) -> str | None:
         f"Redis at {server} has maxmemory-policy {text!r}: under memory pressure it may "
         "evict lock keys, and a lock held by one client could then be granted to another. "
         "Use maxmemory-policy noeviction for the database that holds the locks."
+    )
+
+
+class ClientKind(NamedTuple):
+    """The redis-py classes of one driver (``redis`` or ``redis.asyncio``)."""
+
+    name: str
+    redis: type[Any]
+    cluster: type[Any]
+    pool: type[Any]
+    sentinel: type[Any]
+    retry: type[Any]
+    hiredis_packing: bool  # pack commands with hiredis (redis.asyncio packs in pure Python)
+
+
+def make_client(target: object, options: Mapping[str, Any] | None, kind: ClientKind) -> Any:
+    """The client of a lock client: ``target`` itself if it is a client of ``kind``, else one
+    built from the URL ``target`` (retrying a failed call :data:`RETRIES` times)."""
+    if isinstance(target, str) and target.startswith(SENTINEL_SCHEME):
+        return sentinel_client(target, options or {}, kind.sentinel)
+    if isinstance(target, str):
+        kwargs = {"max_connections": MAX_CONNECTIONS, **DEFAULT_CLIENT_OPTIONS, **(options or {})}
+        url, cluster = split_cluster_url(target)
+        check_url(url)
+        retry = kind.retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
+        if cluster:
+            return kind.cluster.from_url(url, retry=retry, **kwargs)
+        pool = kind.pool.from_url(url, **kwargs)
+        if kind.hiredis_packing and pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
+            pool.connection_class = fast_packing(pool.connection_class)
+        built = kind.redis(connection_pool=pool, retry=retry)
+        built.auto_close_connection_pool = True  # as Redis.from_pool does
+        return built
+    if isinstance(target, (kind.redis, kind.cluster)):
+        return target
+    raise InvalidArgument(
+        f"expected a Redis URL or a {kind.name}.Redis / {kind.name}.RedisCluster client, "
+        f"got {target!r}"
     )

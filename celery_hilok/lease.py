@@ -5,15 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from . import metrics
-from ._core import Mode, NodeMarks, Request, Waiter
+from ._core import Mode, NodeMarks, Request, Waiter, related
 from .paths import LockPath, decode_canonical, parse_path
-
-if TYPE_CHECKING:
-    from .aio import AsyncHiLok
-    from .sync import HiLok
 
 __all__ = ["Holder", "Lease", "LockStatus", "QueuedRequest"]
 
@@ -57,7 +52,7 @@ class Lease:
         handle: str,
         token: int,
         ttl: float,
-        owner: HiLok | AsyncHiLok | None = None,
+        owner: _Client | None = None,
     ) -> None:
         self._request = request
         self.handle = handle
@@ -89,44 +84,27 @@ class Lease:
     def request(self) -> Request:
         return self._request
 
-    def release(self) -> None:
-        """Release this lease (same as ``hl.release(lease)``); idempotent.
+    def release(self) -> Any:
+        """Release this lease, as ``hl.release(lease)`` does; idempotent.
 
-        For a lease from :class:`~celery_hilok.AsyncHiLok`, use ``await lease.release_async()``.
+        For a lease of a :class:`~celery_hilok.HiLok` it returns once released; for one of an
+        :class:`~celery_hilok.AsyncHiLok` it returns the awaitable: ``await lease.release()``.
+        A lease rebuilt by name (unpickled, or from a Celery message) has no client: use
+        ``hl.release(lease)``.
         """
-        from .sync import HiLok
-
-        owner = self._owner
-        if not isinstance(owner, HiLok):
+        if self._owner is None:
             raise TypeError(
-                "this lease has no synchronous HiLok: use hl.release(lease), or "
-                "'await lease.release_async()' for a lease of an AsyncHiLok"
+                f"{self!r} was rebuilt by name and has no lock client: use hl.release(lease)"
             )
-        owner.release(self)
+        return self._owner.release(self)
 
     async def release_async(self) -> None:
-        """Release this lease of an :class:`~celery_hilok.AsyncHiLok`; idempotent."""
-        from .aio import AsyncHiLok
-
-        owner = self._owner
-        if not isinstance(owner, AsyncHiLok):
-            raise TypeError("this lease has no AsyncHiLok: use 'await ahl.release(lease)'")
-        await owner.release(self)
+        """``await lease.release()`` for a lease of an :class:`~celery_hilok.AsyncHiLok`."""
+        await self.release()
 
     def on_lost(self, callback: Callable[[Lease], Any]) -> None:
         """Call ``callback(lease)`` (from the refresher) if a background refresh finds it lost."""
         self._on_lost.append(callback)
-
-    def _mark_lost(self) -> None:
-        self._found_lost("refresher")
-        for callback in self._on_lost:
-            callback(self)
-
-    def _found_lost(self, found_by: metrics.FoundBy) -> None:
-        """Mark the lease lost; the first time, tell the metrics observers (if any)."""
-        if not self.lost and metrics._observers:
-            metrics.lost(self, found_by)
-        self.lost = True
 
     def __reduce__(self) -> tuple[Any, ...]:
         p = self._request.path
@@ -138,6 +116,12 @@ class Lease:
             f"<Lease {self.mode} {self.path!r} token={self.token} "
             f"handle={self.handle[:6]}...{state}>"
         )
+
+
+class _Client(Protocol):
+    """What a lease needs of the client that granted it (``HiLok`` or ``AsyncHiLok``)."""
+
+    def release(self, *leases: Lease) -> Any: ...
 
 
 def _restore(path: str, separator: str, mode: Mode, handle: str, token: int, ttl: float) -> Lease:
@@ -218,7 +202,7 @@ class LockStatus:
         waiters = [
             QueuedRequest(w.handle, w.mode, decode_canonical(w.path, sep), w.ticket, w.remaining)
             for w in queue
-            if _on_line(w.path, path.canonical)
+            if related(w.path, path.canonical)
         ]
         return cls(path.text, list(holders.values()), waiters)
 
@@ -237,9 +221,3 @@ class LockStatus:
             cls.build(parse_path(sep.join(path.segments[: i + 1]), sep), nodes[: i + 1], queue)
             for i in range(path.depth)
         ]
-
-
-def _on_line(a: str, b: str) -> bool:
-    from ._core import related
-
-    return related(a, b)

@@ -449,11 +449,11 @@ def test_a_refused_request_is_told_whether_its_holder_holds_in_the_tree(hl: HiLo
         attempt = Acquisition(
             hl._protocol, [request], handle=handle, ttl=10.0, block=True, timeout=None, now=0.0
         )
-        assert attempt.step(hl._run(attempt.call), 0.0) is SUBSCRIBE
+        assert attempt.step(hl._drive(hl._send([attempt.call]))[0], 0.0) is SUBSCRIBE
         assert attempt.holding is holding
         withdraw = attempt.cleanup(LockNotAcquired("gave up"))
         assert withdraw is not None
-        hl._run(withdraw)
+        hl._drive(hl._send([withdraw]))
     assert hl.status("g").waiters == []
     hl.release(r, w)
 

@@ -1,0 +1,655 @@
+"""The lock client, written once for both drivers.
+
+Everything :class:`~celery_hilok.HiLok` and :class:`~celery_hilok.AsyncHiLok` decide lives
+here as *flows*: generators that yield effects (send these commands in one round trip,
+subscribe to these channels, wait on this event) and receive their results, or have their
+errors thrown in. A flow never touches a socket, a thread or an event loop. The drivers
+(:mod:`.sync`, :mod:`.aio`) run a flow by performing each effect it yields: that is all the
+I/O there is, and the only code they do not share (together with the background thread or
+task that reads wake-ups and renews kept leases, whose decisions are
+:class:`WakeTable` and :class:`RefreshSchedule` here).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypedDict, TypeVar
+
+from redis.exceptions import NoScriptError, RedisError
+
+from . import metrics
+from ._core import (
+    CLUSTER_WAIT,
+    Acquisition,
+    Call,
+    Mode,
+    Request,
+    by_tree,
+    check_timeout,
+    check_ttl,
+    check_wait_replicas,
+    normalise_requests,
+    wakes,
+)
+from ._core import Protocol as Calls
+from ._redis import describe_server, eviction_warning, translate, waker_log_level
+from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
+from .lease import Lease, LockStatus
+from .paths import parse_path, validate_namespace
+
+__all__ = ["AcquireOptions", "Client", "RefreshSchedule", "WakeTable"]
+
+log = logging.getLogger("celery_hilok")
+
+T = TypeVar("T")
+C = TypeVar("C")
+
+
+# -- effects: what a flow asks its driver to do ------------------------------------------------
+
+
+class Execute(NamedTuple):
+    """Send ``commands`` in one round trip; the result is one reply per command, a command's
+    own error (a ``ResponseError``) as its reply; a failed connection raises. With ``shield``
+    the round trip is carried out even if the calling task is cancelled meanwhile (the
+    cancellation is raised when the flow is done)."""
+
+    commands: list[tuple[Any, ...]]
+    shield: bool = False
+
+
+class Subscribe(NamedTuple):
+    """Subscribe the driver's wake-up connection to ``channels``."""
+
+    channels: list[str]
+
+
+class Sleep(NamedTuple):
+    """Wait until ``event`` is set, at most ``seconds``."""
+
+    event: Any
+    seconds: float
+
+
+Effect = Execute | Subscribe | Sleep
+Flow = Generator[Effect, Any, T]
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+class AcquireOptions(TypedDict, total=False):
+    """The keyword arguments of ``acquire``, ``acquire_many``, ``read`` and ``write``.
+
+    ``block`` (default True): wait for the lock; False makes one try. ``timeout``: give up
+    after this many seconds (None: never). ``ttl``: the lease in seconds (default: the
+    client's). ``handle``: acquire for this existing holder (re-entrant; renews a grant it
+    already has).
+    """
+
+    block: bool
+    timeout: float | None
+    ttl: float | None
+    handle: str | None
+
+
+_OPTIONS: Final = frozenset(AcquireOptions.__annotations__)
+
+
+def _options(options: AcquireOptions) -> tuple[bool, float | None, float | None, str | None]:
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return (
+        options.get("block", True),
+        options.get("timeout"),
+        options.get("ttl"),
+        options.get("handle"),
+    )
+
+
+# -- wake-ups -------------------------------------------------------------------------------
+
+
+class Wait:
+    """One blocked acquire waiting for releases on the channels of its trees."""
+
+    __slots__ = ("attempt", "channels", "event")
+
+    def __init__(self, channels: set[str], attempt: Acquisition, event: Any) -> None:
+        self.channels = channels
+        self.attempt = attempt
+        self.event = event
+
+
+class WakeTable:
+    """Who waits on which channel, and whom a message wakes (the drivers' wakers only read
+    the connection and feed messages here).
+
+    A release publishes the released path (and the front of the queue, see
+    :func:`~celery_hilok._core.wakes`) on its tree's channel; a subscription is confirmed by
+    the server's ``subscribe`` reply, which the first waiter on a channel waits for so that
+    no release between its refusal and its subscription slips by.
+    """
+
+    def __init__(self, new_event: Callable[[], Any]) -> None:
+        self._new_event = new_event
+        self._lock = threading.Lock()
+        self._waits: dict[str, set[Wait]] = {}
+        self._confirmed: dict[str, Any] = {}
+
+    def add(self, attempt: Acquisition, channels: set[str]) -> tuple[Wait, list[str], list[Any]]:
+        """Register ``attempt``; returns its wait, the channels nobody subscribed to yet,
+        and the confirmation events to wait for."""
+        wait = Wait(channels, attempt, self._new_event())
+        new: list[str] = []
+        with self._lock:
+            for channel in channels:
+                if channel not in self._confirmed:
+                    self._confirmed[channel] = self._new_event()
+                    new.append(channel)
+                self._waits.setdefault(channel, set()).add(wait)
+            return wait, new, [self._confirmed[c] for c in channels]
+
+    def forget(self, channels: Iterable[str]) -> None:
+        """Let the next waiter subscribe to ``channels`` again (a subscribe failed)."""
+        with self._lock:
+            for channel in channels:
+                event = self._confirmed.pop(channel, None)
+                if event is not None:
+                    event.set()
+
+    def remove(self, wait: Wait) -> None:
+        with self._lock:
+            for channel in wait.channels:
+                waits = self._waits.get(channel)
+                if waits is not None:
+                    waits.discard(wait)
+                    if not waits:
+                        del self._waits[channel]
+
+    def reset(self) -> None:
+        """A new connection: nothing is subscribed on it yet."""
+        with self._lock:
+            self._confirmed.clear()
+
+    def deliver(self, message: dict[str, Any]) -> None:
+        """Handle one pub/sub message: a confirmation, or a release that may wake waiters."""
+        kind, channel = _text(message["type"]), _text(message["channel"])
+        if kind == "subscribe":
+            with self._lock:
+                event = self._confirmed.get(channel)
+            if event is not None:
+                event.set()
+        elif kind == "message":
+            data = _text(message["data"])
+            with self._lock:
+                waits = list(self._waits.get(channel, ()))
+            for wait in waits:
+                if wakes(data, wait.attempt):
+                    wait.event.set()
+
+    def wake_all(self) -> None:
+        """The connection failed: every waiter retries now (and re-subscribes if need be)."""
+        with self._lock:
+            events = [*self._confirmed.values()]
+            events += [w.event for ws in self._waits.values() for w in ws]
+        for event in events:
+            event.set()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Waker(Protocol):
+    table: WakeTable
+
+    def ensure(self) -> None: ...
+
+
+# -- background refresh -------------------------------------------------------------------
+
+
+class RefreshSchedule:
+    """The kept leases and when they are next renewed: a tick is due when the earliest one
+    needs renewing (a third of its ttl, or its own shorter interval), and renews them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.leases: dict[int, Lease] = {}
+        self.due = float("inf")
+
+    def add(self, lease: Lease, now: float) -> bool:
+        """Keep ``lease``; True if the next tick must now come sooner (wake the refresher)."""
+        with self._lock:
+            self.leases[id(lease)] = lease
+            due = now + _interval(lease)
+            if due < self.due:
+                self.due = due
+                return True
+            return False
+
+    def discard(self, lease: Lease) -> None:
+        with self._lock:
+            self.leases.pop(id(lease), None)
+
+    def delay(self, now: float) -> float | None:
+        """Seconds until the next tick (<= 0: now), or None while nothing is kept."""
+        with self._lock:
+            if not self.leases:
+                self.due = float("inf")
+                return None
+            return self.due - now
+
+    def take(self, now: float) -> list[Lease]:
+        """The leases to renew in the tick starting now; schedules the next one."""
+        with self._lock:
+            leases = list(self.leases.values())
+            if leases:
+                self.due = now + min(_interval(lease) for lease in leases)
+            return leases
+
+    def lost(
+        self, leases: Sequence[Lease], alive: Sequence[bool] | None, now: float
+    ) -> list[Lease]:
+        """The leases a tick found lost, no longer kept. ``alive`` None (Redis failed): a
+        lease not renewed for its whole ttl has run out, whatever Redis says when it is
+        back, so its holder hears of it now rather than go on unprotected. A lease released
+        (or handed over) while the tick was in flight is not lost."""
+        if alive is None:
+            alive = [now - lease.renewed_at < lease.ttl for lease in leases]
+        out = []
+        with self._lock:
+            for lease, ok in zip(leases, alive, strict=True):
+                if not ok and self.leases.get(id(lease)) is lease:
+                    del self.leases[id(lease)]
+                    out.append(lease)
+        return out
+
+
+def _interval(lease: Lease) -> float:
+    """How often a kept lease is renewed: its own interval, at most a third of its ttl."""
+    third = lease.ttl / 3
+    return third if lease.refresh_interval is None else min(lease.refresh_interval, third)
+
+
+class _Refresher(Protocol):
+    schedule: RefreshSchedule
+
+    def add(self, lease: Lease) -> None: ...
+
+
+# -- lease bookkeeping -----------------------------------------------------------------------
+
+
+def found_lost(lease: Lease, found_by: metrics.FoundBy) -> None:
+    """Mark ``lease`` lost; the first time, tell the metrics observers (if any)."""
+    if not lease.lost and metrics._observers:
+        metrics.lost(lease, found_by)
+    lease.lost = True
+
+
+def report_lost(lease: Lease) -> None:
+    """A background refresh found ``lease`` gone: log it and call its ``on_lost`` callbacks."""
+    log.warning("lease lost: %r", lease)
+    found_lost(lease, "refresher")
+    for callback in lease._on_lost:
+        try:
+            callback(lease)
+        except Exception:
+            log.exception("on_lost callback of %r failed", lease)
+
+
+def _describe(leases: Iterable[Lease]) -> str:
+    return ", ".join(map(repr, leases))
+
+
+# -- the client ----------------------------------------------------------------------------
+
+
+class Client(Generic[C]):
+    """What both drivers share: settings, and every operation as a flow.
+
+    A driver subclass provides ``_connect`` (its redis-py client), its waker and refresher
+    classes and ``_drive`` (run a flow, performing its effects).
+    """
+
+    _cluster_class: type[Any]
+
+    def __init__(
+        self,
+        redis: str | C,
+        *,
+        namespace: str = "hilok",
+        separator: str = "/",
+        ttl: float = 30.0,
+        redis_options: dict[str, Any] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+    ) -> None:
+        self.namespace = validate_namespace(namespace)
+        if not isinstance(separator, str) or not separator:
+            raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
+        self.separator = separator
+        self.ttl = check_ttl(ttl)
+        self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
+        self._protocol = Calls(namespace, separator)
+        self._owns_client = isinstance(redis, str)
+        self.redis: C = self._connect(redis, redis_options)
+        self.server = describe_server(self.redis)
+        self._cluster = isinstance(self.redis, self._cluster_class)
+        if self._cluster and self.wait_replicas:
+            raise InvalidArgument(CLUSTER_WAIT)
+        self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
+        self._waker: _Waker = self._new_waker()
+        self._refresher: _Refresher = self._new_refresher()
+
+    def _connect(self, redis: str | C, options: dict[str, Any] | None) -> C:
+        raise NotImplementedError
+
+    def _new_waker(self) -> _Waker:
+        raise NotImplementedError
+
+    def _new_refresher(self) -> _Refresher:
+        raise NotImplementedError
+
+    def release(self, *leases: Lease) -> Any:
+        """Release the leases (the drivers' own, documented method)."""
+        raise NotImplementedError
+
+    def keep_alive(self, lease: Lease, *, interval: float | None = None) -> None:
+        """Refresh ``lease`` in the background until it is released.
+
+        One thread (``HiLok``) or task (``AsyncHiLok``) per client renews every kept lease in
+        one round trip per tick (a third of the shortest ttl, or ``interval`` if shorter). A
+        lease found lost gets ``lease.lost = True`` and its ``on_lost`` callbacks are called.
+        """
+        if interval is not None:
+            lease.refresh_interval = check_ttl(interval, "interval")
+        self._refresher.add(lease)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.server} namespace={self.namespace!r}>"
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _send(
+        self, calls: Sequence[Call], *, shield: bool = False, wait: bool = False
+    ) -> Flow[Any]:
+        """Send script calls in one round trip, by SHA (by source for a script the server
+        lacks: after a restart or ``SCRIPT FLUSH``); their replies. With ``wait``, ``WAIT``
+        for ``wait_replicas`` follows on the same connection (it counts that connection's
+        writes and cannot run inside a script); the replies then end with its count."""
+        extra = [("WAIT", self.wait_replicas, max(1, round(self.wait_timeout * 1000)))]
+        if not wait:
+            extra = []
+        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls]
+        name = calls[0].script.name
+        try:
+            replies = yield Execute(commands + extra, shield)
+            missing = [
+                i for i, r in enumerate(replies[: len(calls)]) if isinstance(r, NoScriptError)
+            ]
+            if missing:
+                sources = [calls[i] for i in missing]
+                commands = [
+                    ("EVAL", c.script.source, len(c.keys), *c.keys, *c.args) for c in sources
+                ]
+                again = yield Execute(commands + extra, shield)
+                for i, reply in zip(missing, again, strict=False):
+                    replies[i] = reply
+                if wait:
+                    replies[-1] = again[-1]
+        except RedisError as exc:
+            raise translate(exc, self.server, name) from exc
+        for call, reply in zip(calls, replies, strict=False):  # and WAIT's reply last
+            if isinstance(reply, RedisError):
+                raise translate(reply, self.server, call.script.name) from reply
+        if wait and isinstance(replies[-1], RedisError):
+            raise translate(replies[-1], self.server, name) from replies[-1]
+        return replies
+
+    def _send_batches(
+        self, batches: list[tuple[list[int], Call]], count: int, shield: bool = False
+    ) -> Flow[list[int]]:
+        """Send the batches in one round trip; the per-item reply codes, in item order."""
+        codes = [0] * count
+        replies = yield from self._send([call for _, call in batches], shield=shield)
+        for (part, _), reply in zip(batches, replies, strict=True):
+            for i, code in zip(part, self._protocol.decode_codes(reply), strict=True):
+                codes[i] = code
+        return codes
+
+    def _quietly(self, call: Call, what: str) -> Flow[None]:
+        try:
+            yield from self._send([call], shield=True)
+        except HiLokError as exc:
+            log.warning("could not %s (%s); anything left expires within its ttl", what, exc)
+
+    def _check_eviction(self) -> Flow[None]:
+        """Warn once if Redis may evict lock keys (skipped where CONFIG GET is refused: an
+        ACL without CONFIG, a managed Redis)."""
+        self._eviction_checked = True
+        try:
+            (config,) = yield Execute([("CONFIG GET", "maxmemory-policy")])
+        except RedisError:
+            return
+        if isinstance(config, dict) and config:
+            warning = eviction_warning(next(iter(config.values())), self.server)
+            if warning:
+                log.warning("%s", warning)
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    def _acquire(
+        self, locks: Iterable[tuple[str, Mode]], options: AcquireOptions
+    ) -> Flow[list[Lease]]:
+        block, timeout, ttl, handle = _options(options)
+        requests = normalise_requests(locks, self.separator)
+        lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
+        limit = check_timeout(timeout)
+        if not self._cluster or len({r.path.tree for r in requests}) == 1:
+            return (yield from self._acquire_group(requests, handle, lease_ttl, block, limit))
+        # A cluster runs one script per slot: take the trees one by one, in sorted order (so
+        # that two such acquires never wait for each other in a cycle), within one time
+        # budget, and give back what was taken if a later tree cannot be had.
+        start = time.monotonic()
+        leases: list[Lease] = []
+        try:
+            for group in by_tree(requests):
+                left = None if limit is None else max(0.0, limit - (time.monotonic() - start))
+                leases += yield from self._acquire_group(group, handle, lease_ttl, block, left)
+                handle = leases[0].handle
+        except BaseException:
+            yield from self._release_quietly(leases)
+            raise
+        order = {req: i for i, req in enumerate(requests)}
+        return sorted(leases, key=lambda lease: order[lease.request])
+
+    def _acquire_group(
+        self,
+        requests: list[Request],
+        handle: str | None,
+        ttl: float,
+        block: bool,
+        timeout: float | None,
+    ) -> Flow[list[Lease]]:
+        """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
+        if not self._eviction_checked:
+            yield from self._check_eviction()
+        started = time.monotonic()
+        attempt = Acquisition(
+            self._protocol,
+            requests,
+            handle=handle,
+            ttl=ttl,
+            block=block,
+            timeout=timeout,
+            now=started,
+        )
+        wait: Wait | None = None
+        try:
+            while True:
+                if wait is not None:
+                    wait.event.clear()
+                sent = time.monotonic()
+                replies = yield from self._send([attempt.call], wait=self.wait_replicas > 0)
+                step = attempt.step(replies[0], time.monotonic())
+                if isinstance(step, list):
+                    if self.wait_replicas and replies[1] < self.wait_replicas:
+                        raise attempt.not_replicated(
+                            replies[1], self.wait_replicas, self.wait_timeout
+                        )
+                    return self._granted(attempt, step, sent, started, wait is not None)
+                if wait is None:
+                    wait = yield from self._register(attempt)
+                else:
+                    yield Sleep(wait.event, step.seconds)
+        except BaseException as exc:
+            if metrics._observers and isinstance(exc, LockNotAcquired):
+                metrics.refused(requests, started, attempt.block, exc)
+            cleanup = attempt.cleanup(exc)
+            if cleanup is not None:
+                yield from self._quietly(cleanup, "clean up after a failed acquire")
+            raise
+        finally:
+            if wait is not None:
+                self._waker.table.remove(wait)
+
+    def _granted(
+        self, attempt: Acquisition, tokens: list[int], sent: float, started: float, waited: bool
+    ) -> list[Lease]:
+        leases = [
+            Lease(r, attempt.handle, token, attempt.ttl, self)
+            for r, token in zip(attempt.requests, tokens, strict=True)
+        ]
+        granted = time.monotonic()
+        for lease in leases:
+            lease.renewed_at = sent  # measured before the call: never late
+            lease.granted_at, lease.waited = granted, granted - started
+            lease.contended = waited
+        if metrics._observers:
+            metrics.acquired(leases)
+        return leases
+
+    def _register(self, attempt: Acquisition) -> Flow[Wait]:
+        """Wait for wake-ups on the trees of ``attempt``: subscribe to the channels nobody
+        subscribed to yet and wait for the server to confirm every one (without confirmation
+        the waiter still works, capped by leases and KEEPALIVE)."""
+        self._waker.ensure()
+        keys = self._protocol.keys
+        channels = {keys.channel(r.path.tree) for r in attempt.requests}
+        wait, new, confirmations = self._waker.table.add(attempt, channels)
+        if new:
+            try:
+                yield Subscribe(new)
+            except BaseException as exc:
+                self._waker.table.forget(new)
+                if not isinstance(exc, RedisError):
+                    raise
+                level = waker_log_level(exc)
+                log.log(level, "subscribe failed (%s); waiting falls back to lease caps", exc)
+                return wait
+        for event in confirmations:
+            yield Sleep(event, 5.0)
+        return wait
+
+    def _enter(self, path: str, mode: Mode, options: AcquireOptions) -> Flow[Lease]:
+        """The start of a ``with`` block: acquire, then keep the lease alive."""
+        (lease,) = yield from self._acquire([(path, mode)], options)
+        self.keep_alive(lease)
+        return lease
+
+    def _leave(self, lease: Lease, failed: bool) -> Flow[None]:
+        """The end of a ``with`` block: release; after an error in the block, quietly (the
+        block's own error is what matters)."""
+        if failed:
+            yield from self._release_quietly([lease])
+        else:
+            yield from self._release([lease])
+
+    # -- holding ----------------------------------------------------------------------------
+
+    def _refresh(self, leases: Sequence[Lease], ttl: float | None) -> Flow[None]:
+        alive = yield from self._refresh_many(leases, ttl)
+        lost = [lease for lease, ok in zip(leases, alive, strict=True) if not ok]
+        if lost:
+            raise LockLost(f"lease lost (expired or released): {_describe(lost)}")
+
+    def _refresh_many(self, leases: Sequence[Lease], ttl: float | None) -> Flow[list[bool]]:
+        alive = yield from self._renew(leases, ttl)
+        for lease, ok in zip(leases, alive, strict=True):
+            if not ok:
+                found_lost(lease, "refresh")
+        return alive
+
+    def _renew(self, leases: Sequence[Lease], ttl: float | None) -> Flow[list[bool]]:
+        """Renew ``leases`` in one round trip, without marking them found lost."""
+        if not leases:
+            return []
+        new_ttl = None if ttl is None else check_ttl(ttl)
+        items = [(lease.handle, lease.request, new_ttl or lease.ttl) for lease in leases]
+        sent = time.monotonic()
+        batches = self._protocol.refresh_batches(items, self._cluster)
+        codes = yield from self._send_batches(batches, len(items))
+        for lease, code in zip(leases, codes, strict=True):
+            if code:
+                lease.renewed_at = sent
+                if new_ttl is not None:
+                    lease.ttl = new_ttl
+        return [bool(c) for c in codes]
+
+    def _tick(self, leases: list[Lease]) -> Flow[None]:
+        """One tick of the background refresher."""
+        try:
+            alive = yield from self._renew(leases, None)
+        except HiLokError as exc:
+            log.warning("could not refresh %d lease(s): %s", len(leases), exc)
+            alive = None
+        for lease in self._refresher.schedule.lost(leases, alive, time.monotonic()):
+            report_lost(lease)
+
+    def _release(self, leases: Sequence[Lease]) -> Flow[None]:
+        todo = [lease for lease in leases if not lease.released]
+        for lease in todo:
+            self._refresher.schedule.discard(lease)
+        if not todo:
+            return
+        items = [(lease.handle, lease.request) for lease in todo]
+        batches = self._protocol.release_batches(items, self._cluster)
+        # Once asked for, a release is carried out even if the caller is cancelled meanwhile
+        # (else the locks would stay held until their ttl): see Execute.shield.
+        codes = yield from self._send_batches(batches, len(todo), shield=True)
+        lost: list[Lease] = []
+        for lease, code in zip(todo, codes, strict=True):
+            lease.released = True
+            if code != 1:
+                found_lost(lease, "release")
+                lost.append(lease)
+        if metrics._observers:
+            metrics.released(todo, codes)
+        if lost:
+            raise LockLost(
+                "released a lease that was no longer held (it ran out or was released "
+                f"elsewhere): {_describe(lost)}"
+            )
+
+    def _release_quietly(self, leases: Sequence[Lease]) -> Flow[None]:
+        try:
+            yield from self._release(leases)
+        except HiLokError as exc:
+            log.warning("releasing %s: %s", _describe(leases), exc)
+
+    # -- looking ----------------------------------------------------------------------------
+
+    def _status(self, path: str, chain: bool) -> Flow[Any]:
+        lock_path = parse_path(path, self.separator)
+        (reply,) = yield from self._send([self._protocol.status(lock_path)])
+        nodes, queue = self._protocol.decode_status(lock_path, reply)
+        if chain:
+            return LockStatus.build_chain(lock_path, nodes, queue)
+        return LockStatus.build(lock_path, nodes, queue)
