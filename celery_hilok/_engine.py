@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import Any, Final, Generic, NamedTuple, Protocol, TypedDict, TypeVar
+from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypedDict, TypeVar
 
 from redis.exceptions import NoScriptError, RedisError
 
@@ -35,7 +35,14 @@ from ._core import (
     wakes,
 )
 from ._core import Protocol as Calls
-from ._redis import describe_server, eviction_warning, translate, waker_log_level
+from ._redis import (
+    ClientKind,
+    describe_server,
+    eviction_warning,
+    make_client,
+    translate,
+    waker_log_level,
+)
 from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace
@@ -76,6 +83,33 @@ class Sleep(NamedTuple):
 
 Effect = Execute | Subscribe | Sleep
 Flow = Generator[Effect, Any, T]
+
+
+class Run(Generic[T]):
+    """One flow being run: :attr:`effect` is what it asks for next (None once it has
+    returned :attr:`result`); a driver performs it and hands the outcome back with
+    :meth:`send` or :meth:`throw`. An exception the flow raises propagates from those."""
+
+    __slots__ = ("_flow", "effect", "result")
+
+    def __init__(self, flow: Flow[T]) -> None:
+        self._flow = flow
+        self.effect: Effect | None = None
+        self.result: T
+        self._step(flow.send, None)
+
+    def send(self, value: Any) -> None:
+        self._step(self._flow.send, value)
+
+    def throw(self, error: BaseException) -> None:
+        self._step(self._flow.throw, error)
+
+    def _step(self, step: Callable[[Any], Effect], arg: Any) -> None:
+        try:
+            self.effect = step(arg)
+        except StopIteration as stop:
+            self.effect = None
+            self.result = stop.value
 
 
 # -- options --------------------------------------------------------------------------------
@@ -206,9 +240,13 @@ def _text(value: object) -> str:
 
 
 class _Waker(Protocol):
+    """A driver's waker: a thread or task reading one pub/sub connection into its table."""
+
     table: WakeTable
 
     def ensure(self) -> None: ...
+    def subscribe(self, channels: list[str]) -> Any: ...  # awaitable in the asyncio driver
+    def stop(self) -> Any: ...
 
 
 # -- background refresh -------------------------------------------------------------------
@@ -278,9 +316,13 @@ def _interval(lease: Lease) -> float:
 
 
 class _Refresher(Protocol):
+    """A driver's refresher: a thread or task running the ticks of its schedule."""
+
     schedule: RefreshSchedule
 
     def add(self, lease: Lease) -> None: ...
+    def settle(self) -> Any: ...  # awaitable in the asyncio driver
+    def stop(self) -> Any: ...
 
 
 # -- lease bookkeeping -----------------------------------------------------------------------
@@ -314,11 +356,13 @@ def _describe(leases: Iterable[Lease]) -> str:
 class Client(Generic[C]):
     """What both drivers share: settings, and every operation as a flow.
 
-    A driver subclass provides ``_connect`` (its redis-py client), its waker and refresher
-    classes and ``_drive`` (run a flow, performing its effects).
+    A driver subclass names its redis-py classes (``_kind``), its waker and refresher
+    classes, and provides ``_drive`` (run a flow, performing its effects).
     """
 
-    _cluster_class: type[Any]
+    _kind: ClassVar[ClientKind]
+    _waker_class: ClassVar[Callable[..., _Waker]]
+    _refresher_class: ClassVar[Callable[..., _Refresher]]
 
     def __init__(
         self,
@@ -339,23 +383,14 @@ class Client(Generic[C]):
         self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
         self._protocol = Calls(namespace, separator)
         self._owns_client = isinstance(redis, str)
-        self.redis: C = self._connect(redis, redis_options)
+        self.redis: C = make_client(redis, redis_options, self._kind)
         self.server = describe_server(self.redis)
-        self._cluster = isinstance(self.redis, self._cluster_class)
+        self._cluster = isinstance(self.redis, self._kind.cluster)
         if self._cluster and self.wait_replicas:
             raise InvalidArgument(CLUSTER_WAIT)
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
-        self._waker: _Waker = self._new_waker()
-        self._refresher: _Refresher = self._new_refresher()
-
-    def _connect(self, redis: str | C, options: dict[str, Any] | None) -> C:
-        raise NotImplementedError
-
-    def _new_waker(self) -> _Waker:
-        raise NotImplementedError
-
-    def _new_refresher(self) -> _Refresher:
-        raise NotImplementedError
+        self._waker: _Waker = self._waker_class(self)
+        self._refresher: _Refresher = self._refresher_class(self)
 
     def release(self, *leases: Lease) -> Any:
         """Release the leases (the drivers' own, documented method)."""

@@ -299,6 +299,26 @@ class ClientKind(NamedTuple):
     hiredis_packing: bool  # pack commands with hiredis (redis.asyncio packs in pure Python)
 
 
+def client_kind(asyncio: bool) -> ClientKind:
+    """The classes of the asyncio driver, or of the synchronous one."""
+    if asyncio:
+        import redis.asyncio as aredis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return ClientKind(
+            "redis.asyncio", aredis.Redis, aredis.RedisCluster, aredis.ConnectionPool,
+            aredis.sentinel.Sentinel, AsyncRetry, True,
+        )  # fmt: skip
+    import redis
+    import redis.sentinel
+    from redis.retry import Retry
+
+    return ClientKind(
+        "redis", redis.Redis, redis.RedisCluster, redis.ConnectionPool, redis.sentinel.Sentinel,
+        Retry, False,
+    )  # fmt: skip
+
+
 def make_client(target: object, options: Mapping[str, Any] | None, kind: ClientKind) -> Any:
     """The client of a lock client: ``target`` itself if it is a client of ``kind``, else one
     built from the URL ``target`` (retrying a failed call :data:`RETRIES` times)."""

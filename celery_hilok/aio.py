@@ -15,22 +15,11 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
-from redis.asyncio.retry import Retry
 from redis.exceptions import RedisError, ResponseError
 
+from . import _engine
 from ._core import Mode
-from ._engine import (
-    AcquireOptions,
-    Client,
-    Effect,
-    Execute,
-    Flow,
-    RefreshSchedule,
-    Sleep,
-    T,
-    WakeTable,
-)
-from ._redis import ClientKind, make_client, waker_log_level
+from ._redis import client_kind, waker_log_level
 from .lease import Lease, LockStatus
 
 if TYPE_CHECKING:
@@ -42,233 +31,14 @@ log = logging.getLogger("celery_hilok")
 
 AsyncClient = aredis.Redis | aredis.RedisCluster
 
-_KIND = ClientKind(
-    "redis.asyncio", aredis.Redis, aredis.RedisCluster, aredis.ConnectionPool,
-    aredis.sentinel.Sentinel, Retry, True,
-)  # fmt: skip
-
-
-class AsyncHiLok(Client[AsyncClient]):
-    """Hierarchical read-write locks on Redis, asyncio API (same names as :class:`HiLok`).
-
-    ``redis`` is a URL or a ``redis.asyncio.Redis`` / ``RedisCluster`` client. One instance
-    serves the tasks of one event loop; its background tasks (wake-ups, refresh) live on the
-    loop that first needs them. ``wait_replicas`` and ``wait_timeout``: see
-    :class:`~celery_hilok.HiLok`.
-
-    Cancelling a call leaves nothing behind: an acquire whose reply was cut off releases
-    what that call granted and withdraws its queue entry, and a release, once started, is
-    carried out (the cancellation is raised when it is done).
-    """
-
-    _cluster_class = aredis.RedisCluster
-
-    async def acquire(self, path: str, mode: Mode, **options: Unpack[AcquireOptions]) -> Lease:
-        """Acquire ``mode`` on ``path``; see :meth:`celery_hilok.HiLok.acquire`."""
-        leases = await self._drive(self._acquire([(path, mode)], options))
-        return leases[0]
-
-    async def acquire_many(
-        self, locks: Iterable[tuple[str, Mode]], **options: Unpack[AcquireOptions]
-    ) -> list[Lease]:
-        """Acquire several locks for one holder atomically; see :meth:`HiLok.acquire_many`."""
-        return await self._drive(self._acquire(locks, options))
-
-    def read(
-        self, path: str, **options: Unpack[AcquireOptions]
-    ) -> AbstractAsyncContextManager[Lease]:
-        """Hold a read lock for the ``async with`` block; see :meth:`HiLok.read`."""
-        return _Hold(self, path, "read", options)
-
-    def write(
-        self, path: str, **options: Unpack[AcquireOptions]
-    ) -> AbstractAsyncContextManager[Lease]:
-        """Hold a write lock for the ``async with`` block; see :meth:`HiLok.write`."""
-        return _Hold(self, path, "write", options)
-
-    async def refresh(self, *leases: Lease, ttl: float | None = None) -> None:
-        """Extend the leases in one round trip; raises :class:`LockLost` for lost ones."""
-        await self._drive(self._refresh(leases, ttl))
-
-    async def refresh_many(
-        self, leases: Sequence[Lease], *, ttl: float | None = None
-    ) -> list[bool]:
-        """Extend many leases, of any holders, in one round trip; True for each still held."""
-        return await self._drive(self._refresh_many(leases, ttl))
-
-    async def stop_keep_alive(self, *leases: Lease) -> None:
-        """Stop refreshing leases given to :meth:`keep_alive`, without releasing them; see
-        :meth:`HiLok.stop_keep_alive`."""
-        for lease in leases:
-            self._refresher.schedule.discard(lease)
-        await self._refresher.settle()
-
-    async def release(self, *leases: Lease) -> None:
-        """Release the leases; idempotent per lease. Raises :class:`LockLost` as
-        :meth:`HiLok.release` does. A release is carried out even if the calling task is
-        cancelled while it runs; the cancellation is raised once it is done."""
-        await self._drive(self._release(leases))
-
-    async def status(self, path: str) -> LockStatus:
-        """Who holds what on ``path``, under it and above it, and who waits."""
-        result: LockStatus = await self._drive(self._status(path, chain=False))
-        return result
-
-    async def status_chain(self, path: str) -> list[LockStatus]:
-        """:meth:`status` of ``path`` and of each of its ancestors, root first; see
-        :meth:`HiLok.status_chain`."""
-        result: list[LockStatus] = await self._drive(self._status(path, chain=True))
-        return result
-
-    async def close(self) -> None:
-        """Stop the background tasks and close the client if this instance created it."""
-        await self._refresher.stop()
-        await self._waker.stop()
-        if self._owns_client:
-            await self.redis.aclose()
-
-    async def __aenter__(self) -> AsyncHiLok:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # -- the driver ---------------------------------------------------------------------------
-
-    _waker: _Waker
-    _refresher: _Refresher
-
-    def _connect(self, redis: str | AsyncClient, options: dict[str, Any] | None) -> AsyncClient:
-        client: AsyncClient = make_client(redis, options, _KIND)
-        return client
-
-    def _new_waker(self) -> _Waker:
-        return _Waker(self)
-
-    def _new_refresher(self) -> _Refresher:
-        return _Refresher(self)
-
-    async def _drive(self, flow: Flow[T]) -> T:
-        """Run ``flow`` to its end, performing each effect it yields.
-
-        A cancellation that arrives during a shielded effect is held back: the effect is
-        carried out and its result goes to the flow, and the cancellation is thrown in at
-        the flow's next unshielded effect, or raised when it ends (winning over its result
-        or its error). A cancellation that the task counts but that never reached us (some
-        redis-py versions swallow one that lands mid-call, or turn it into a connection
-        error; ``asyncio.wait_for`` may too) is thrown in after the effect it landed in, or
-        a cancelled task would carry on, perhaps holding a lease it was never given.
-        """
-        counter = _cancel_counter()
-        seen = counter()
-        held: BaseException | None = None
-        value: Any = None
-        error: BaseException | None = None
-        try:
-            while True:
-                try:
-                    effect = flow.send(value) if error is None else flow.throw(error)
-                except StopIteration as stop:
-                    result: T = stop.value
-                    return result
-                value = error = None
-                shield = isinstance(effect, Execute) and effect.shield
-                if held is not None and not shield:
-                    error, held = held, None
-                    continue
-                try:
-                    if shield:
-                        task = asyncio.ensure_future(self._perform(effect))
-                        try:
-                            value = await asyncio.shield(task)
-                        except asyncio.CancelledError as cancelled:
-                            held = cancelled
-                            value = await task
-                    else:
-                        value = await self._perform(effect)
-                except BaseException as exc:
-                    error = exc
-                if counter() > seen:
-                    seen = counter()
-                    if shield:
-                        held = held or asyncio.CancelledError()
-                    elif not isinstance(error, asyncio.CancelledError):
-                        swallowed = asyncio.CancelledError()
-                        swallowed.__cause__ = error
-                        value, error = None, swallowed
-        finally:
-            if held is not None:
-                raise held
-
-    async def _perform(self, effect: Effect) -> Any:
-        if isinstance(effect, Execute):
-            return await self._execute(effect.commands)
-        if isinstance(effect, Sleep):
-            try:
-                return await asyncio.wait_for(effect.event.wait(), effect.seconds)
-            except asyncio.TimeoutError:
-                return False
-        return await self._waker.subscribe(effect.channels)
-
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        if len(commands) > 1:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-                return replies
-        try:
-            return [await self.redis.execute_command(*commands[0])]
-        except ResponseError as exc:  # the command's own error: a reply
-            return [exc]
-
-
-def _cancel_counter() -> Callable[[], int]:
-    """How many cancellations the current task has pending (always 0 before Python 3.11)."""
-    task = asyncio.current_task()
-    counter = getattr(task, "cancelling", None)
-    if counter is None:
-        return lambda: 0
-    return counter  # type: ignore[no-any-return]
-
-
-async def _shielded(coro: Awaitable[Any]) -> None:
-    """Run ``coro`` to the end even if the caller is being cancelled (the cancellation is
-    raised when it is done)."""
-    task = asyncio.ensure_future(coro)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
-
-
-class _Hold(AbstractAsyncContextManager[Lease]):
-    """The ``async with`` block of :meth:`AsyncHiLok.read` and :meth:`AsyncHiLok.write`."""
-
-    __slots__ = ("_hl", "_lease", "_request")
-
-    def __init__(self, hl: AsyncHiLok, path: str, mode: Mode, options: AcquireOptions) -> None:
-        self._hl = hl
-        self._request = (path, mode, options)
-        self._lease: Lease | None = None
-
-    async def __aenter__(self) -> Lease:
-        self._lease = await self._hl._drive(self._hl._enter(*self._request))
-        return self._lease
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        assert self._lease is not None
-        await self._hl._drive(self._hl._leave(self._lease, exc_type is not None))
-
 
 class _Waker:
     """One pub/sub connection per ``AsyncHiLok`` and a task on its loop reading it, feeding
-    every message to the :class:`WakeTable`."""
+    every message to the :class:`_engine.WakeTable`."""
 
     def __init__(self, owner: AsyncHiLok) -> None:
         self._owner = owner
-        self.table = WakeTable(asyncio.Event)
+        self.table = _engine.WakeTable(asyncio.Event)
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._subscribing: asyncio.Lock | None = None
@@ -349,11 +119,11 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
 
 
 class _Refresher:
-    """One task per ``AsyncHiLok`` running the ticks of its :class:`RefreshSchedule`."""
+    """One task per ``AsyncHiLok`` running the ticks of its :class:`_engine.RefreshSchedule`."""
 
     def __init__(self, owner: AsyncHiLok) -> None:
         self._owner = owner
-        self.schedule = RefreshSchedule()
+        self.schedule = _engine.RefreshSchedule()
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
         self._tick: asyncio.Future[None] | None = None  # the tick in flight
@@ -395,3 +165,211 @@ class _Refresher:
         if self._changed is not None:
             self._changed.set()
         await _cancelled(task)
+
+
+class AsyncHiLok(_engine.Client[AsyncClient]):
+    """Hierarchical read-write locks on Redis, asyncio API (same names as :class:`HiLok`).
+
+    ``redis`` is a URL or a ``redis.asyncio.Redis`` / ``RedisCluster`` client. One instance
+    serves the tasks of one event loop; its background tasks (wake-ups, refresh) live on the
+    loop that first needs them. ``wait_replicas`` and ``wait_timeout``: see
+    :class:`~celery_hilok.HiLok`.
+
+    Cancelling a call leaves nothing behind: an acquire whose reply was cut off releases
+    what that call granted and withdraws its queue entry, and a release, once started, is
+    carried out (the cancellation is raised when it is done).
+    """
+
+    async def acquire(
+        self, path: str, mode: Mode, **options: Unpack[_engine.AcquireOptions]
+    ) -> Lease:
+        """Acquire ``mode`` on ``path``; see :meth:`celery_hilok.HiLok.acquire`."""
+        leases = await self._drive(self._acquire([(path, mode)], options))
+        return leases[0]
+
+    async def acquire_many(
+        self, locks: Iterable[tuple[str, Mode]], **options: Unpack[_engine.AcquireOptions]
+    ) -> list[Lease]:
+        """Acquire several locks for one holder atomically; see :meth:`HiLok.acquire_many`."""
+        return await self._drive(self._acquire(locks, options))
+
+    def read(
+        self, path: str, **options: Unpack[_engine.AcquireOptions]
+    ) -> AbstractAsyncContextManager[Lease]:
+        """Hold a read lock for the ``async with`` block; see :meth:`HiLok.read`."""
+        return _Hold(self, path, "read", options)
+
+    def write(
+        self, path: str, **options: Unpack[_engine.AcquireOptions]
+    ) -> AbstractAsyncContextManager[Lease]:
+        """Hold a write lock for the ``async with`` block; see :meth:`HiLok.write`."""
+        return _Hold(self, path, "write", options)
+
+    async def refresh(self, *leases: Lease, ttl: float | None = None) -> None:
+        """Extend the leases in one round trip; raises :class:`LockLost` for lost ones."""
+        await self._drive(self._refresh(leases, ttl))
+
+    async def refresh_many(
+        self, leases: Sequence[Lease], *, ttl: float | None = None
+    ) -> list[bool]:
+        """Extend many leases, of any holders, in one round trip; True for each still held."""
+        return await self._drive(self._refresh_many(leases, ttl))
+
+    async def stop_keep_alive(self, *leases: Lease) -> None:
+        """Stop refreshing leases given to :meth:`keep_alive`, without releasing them; see
+        :meth:`HiLok.stop_keep_alive`."""
+        for lease in leases:
+            self._refresher.schedule.discard(lease)
+        await self._refresher.settle()
+
+    async def release(self, *leases: Lease) -> None:
+        """Release the leases; idempotent per lease. Raises :class:`LockLost` as
+        :meth:`HiLok.release` does. A release is carried out even if the calling task is
+        cancelled while it runs; the cancellation is raised once it is done."""
+        await self._drive(self._release(leases))
+
+    async def status(self, path: str) -> LockStatus:
+        """Who holds what on ``path``, under it and above it, and who waits."""
+        result: LockStatus = await self._drive(self._status(path, chain=False))
+        return result
+
+    async def status_chain(self, path: str) -> list[LockStatus]:
+        """:meth:`status` of ``path`` and of each of its ancestors, root first; see
+        :meth:`HiLok.status_chain`."""
+        result: list[LockStatus] = await self._drive(self._status(path, chain=True))
+        return result
+
+    async def close(self) -> None:
+        """Stop the background tasks and close the client if this instance created it."""
+        await self._refresher.stop()
+        await self._waker.stop()
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncHiLok:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the driver ---------------------------------------------------------------------------
+
+    _kind = client_kind(asyncio=True)
+    _waker_class = _Waker
+    _refresher_class = _Refresher
+
+    async def _drive(self, flow: _engine.Flow[_engine.T]) -> _engine.T:
+        """Run ``flow`` to its end, performing each effect it yields.
+
+        A cancellation that arrives during a shielded effect is held back: the effect is
+        carried out and its result goes to the flow, and the cancellation is thrown in at
+        the flow's next unshielded effect, or raised when it ends (winning over its result
+        or its error). A cancellation that the task counts but that never reached us (some
+        redis-py versions swallow one that lands mid-call, or turn it into a connection
+        error; ``asyncio.wait_for`` may too) is thrown in after the effect it landed in, or
+        a cancelled task would carry on, perhaps holding a lease it was never given.
+        """
+        counter = _cancel_counter()
+        seen = counter()
+        held: BaseException | None = None
+        run = _engine.Run(flow)
+        try:
+            while (effect := run.effect) is not None:
+                shield = isinstance(effect, _engine.Execute) and effect.shield
+                if held is not None and not shield:
+                    run.throw(held)
+                    held = None
+                    continue
+                value: Any = None
+                error: BaseException | None = None
+                try:
+                    if shield:
+                        task = asyncio.ensure_future(self._perform(effect))
+                        try:
+                            value = await asyncio.shield(task)
+                        except asyncio.CancelledError as cancelled:
+                            held = cancelled
+                            value = await task
+                    else:
+                        value = await self._perform(effect)
+                except BaseException as exc:
+                    error = exc
+                if counter() > seen:
+                    seen = counter()
+                    if shield:
+                        held = held or asyncio.CancelledError()
+                    elif not isinstance(error, asyncio.CancelledError):
+                        swallowed = asyncio.CancelledError()
+                        swallowed.__cause__ = error
+                        error = swallowed
+                if error is None:
+                    run.send(value)
+                else:
+                    run.throw(error)
+            return run.result
+        finally:
+            if held is not None:
+                raise held
+
+    async def _perform(self, effect: _engine.Effect) -> Any:
+        if isinstance(effect, _engine.Execute):
+            return await self._execute(effect.commands)
+        if isinstance(effect, _engine.Sleep):
+            try:
+                return await asyncio.wait_for(effect.event.wait(), effect.seconds)
+            except asyncio.TimeoutError:
+                return False
+        return await self._waker.subscribe(effect.channels)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) > 1:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+                return replies
+        try:
+            return [await self.redis.execute_command(*commands[0])]
+        except ResponseError as exc:  # the command's own error: a reply
+            return [exc]
+
+
+def _cancel_counter() -> Callable[[], int]:
+    """How many cancellations the current task has pending (always 0 before Python 3.11)."""
+    task = asyncio.current_task()
+    counter = getattr(task, "cancelling", None)
+    if counter is None:
+        return lambda: 0
+    return counter  # type: ignore[no-any-return]
+
+
+async def _shielded(coro: Awaitable[Any]) -> None:
+    """Run ``coro`` to the end even if the caller is being cancelled (the cancellation is
+    raised when it is done)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+class _Hold(AbstractAsyncContextManager[Lease]):
+    """The ``async with`` block of :meth:`AsyncHiLok.read` and :meth:`AsyncHiLok.write`."""
+
+    __slots__ = ("_hl", "_lease", "_request")
+
+    def __init__(
+        self, hl: AsyncHiLok, path: str, mode: Mode, options: _engine.AcquireOptions
+    ) -> None:
+        self._hl = hl
+        self._request = (path, mode, options)
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._hl._drive(self._hl._enter(*self._request))
+        return self._lease
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        assert self._lease is not None
+        await self._hl._drive(self._hl._leave(self._lease, exc_type is not None))

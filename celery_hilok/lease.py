@@ -177,17 +177,9 @@ class LockStatus:
 
         for node in nodes:
             own = node.path == path.canonical
-            for mark in node.shared + node.exclusive:
+            # grants on this node: reads, writes, and node-only reads (their mark is an IS)
+            for mark in node.shared + node.exclusive + node.intent_shared:
                 if mark.path == node.path:
-                    add(
-                        mark.handle,
-                        mark.mode,
-                        mark.path,
-                        mark.remaining,
-                        "self" if own else "above",
-                    )
-            for mark in node.intent_shared:
-                if mark.path == node.path:  # a node-only read on this node
                     add(
                         mark.handle,
                         mark.mode,

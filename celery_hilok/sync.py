@@ -17,21 +17,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.sentinel
 from redis.exceptions import ResponseError
-from redis.retry import Retry
 
+from . import _engine
 from ._core import Mode
-from ._engine import (
-    AcquireOptions,
-    Client,
-    Effect,
-    Execute,
-    Flow,
-    RefreshSchedule,
-    Sleep,
-    T,
-    WakeTable,
-)
-from ._redis import ClientKind, make_client, waker_log_level
+from ._redis import client_kind, waker_log_level
 from .lease import Lease, LockStatus
 
 if TYPE_CHECKING:
@@ -43,13 +32,130 @@ log = logging.getLogger("celery_hilok")
 
 SyncClient = redis.Redis | redis.RedisCluster
 
-_KIND = ClientKind(
-    "redis", redis.Redis, redis.RedisCluster, redis.ConnectionPool, redis.sentinel.Sentinel,
-    Retry, False,
-)  # fmt: skip
+
+class _Waker:
+    """One pub/sub connection per ``HiLok`` (per process) and a thread reading it: it feeds
+    every message to the :class:`_engine.WakeTable`, which wakes the waiters concerned."""
+
+    def __init__(self, owner: HiLok) -> None:
+        self._owner = owner
+        self.table = _engine.WakeTable(threading.Event)
+        self._lock = threading.Lock()
+        # One thread subscribes at a time: redis-py's PubSub opens its connection on first
+        # use without a lock, so racing threads would each open one, and all but the one the
+        # thread reads would be orphaned with their subscriptions.
+        self._subscribing = threading.Lock()
+        self._pubsub: Any = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stopping = threading.Event()
+
+    def ensure(self) -> None:
+        """Start the thread (again, in a forked child) if it is not running."""
+        with self._lock:
+            pid = os.getpid()
+            if self._thread is not None and self._pid == pid and self._thread.is_alive():
+                return
+            self._pid = pid
+            self.table.reset()
+            self._pubsub = self._owner.redis.pubsub()  # type: ignore[no-untyped-call]
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="hilok-waker", daemon=True)
+            self._thread.start()
+
+    def subscribe(self, channels: list[str]) -> None:
+        with self._subscribing:
+            self._pubsub.subscribe(*channels)
+
+    def _run(self) -> None:
+        pubsub = self._pubsub
+        backoff = 0.05
+        while not self._stopping.is_set():
+            try:
+                message = pubsub.get_message(timeout=1.0)
+                backoff = 0.05
+            except Exception as exc:  # any failure of the connection, or close() racing us
+                if self._stopping.is_set():
+                    return
+                log.log(waker_log_level(exc), "waker connection failed: %s", exc)
+                self.table.wake_all()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            if message is not None:
+                self.table.deliver(message)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        thread, pubsub = self._thread, self._pubsub
+        if pubsub is not None:
+            # Closing the connection ends the thread's pending read at once.
+            try:
+                pubsub.close()
+            except (redis.RedisError, OSError):
+                pass
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout=2.0)
+        self._thread = None
 
 
-class HiLok(Client[SyncClient]):
+class _Refresher:
+    """One thread per ``HiLok`` (per process) running the ticks of its
+    :class:`_engine.RefreshSchedule`."""
+
+    def __init__(self, owner: HiLok) -> None:
+        self._owner = owner
+        self.schedule = _engine.RefreshSchedule()
+        self._changed = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stopping = threading.Event()
+        self._in_flight = threading.Lock()  # held while a tick's refresh call runs
+
+    def add(self, lease: Lease) -> None:
+        wake = self.schedule.add(lease, time.monotonic())
+        with self._lock:
+            pid = os.getpid()
+            if self._thread is None or self._pid != pid or not self._thread.is_alive():
+                if self._pid != pid:
+                    self._in_flight = threading.Lock()  # a fork may have copied it held
+                self._pid = pid
+                self._stopping.clear()
+                self._thread = threading.Thread(
+                    target=self._run, name="hilok-refresher", daemon=True
+                )
+                self._thread.start()
+        if wake:
+            self._changed.set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._changed.clear()
+            delay = self.schedule.delay(time.monotonic())
+            if delay is None or delay > 0:
+                self._changed.wait(delay)
+                continue
+            leases = self.schedule.take(time.monotonic())
+            with self._in_flight:
+                self._owner._drive(self._owner._tick(leases))
+
+    def settle(self) -> None:
+        """Wait until a refresh call in flight, if any, has finished."""
+        if self._pid == os.getpid() and threading.current_thread() is not self._thread:
+            with self._in_flight:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._changed.set()
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout=2.0)
+        self._thread = None
+
+
+class HiLok(_engine.Client[SyncClient]):
     """Hierarchical read-write locks on Redis, synchronous API.
 
     ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``, ``sentinel://``; add
@@ -64,9 +170,7 @@ class HiLok(Client[SyncClient]):
     This narrows, but does not close, the window in which a failover loses a lease.
     """
 
-    _cluster_class = redis.RedisCluster
-
-    def acquire(self, path: str, mode: Mode, **options: Unpack[AcquireOptions]) -> Lease:
+    def acquire(self, path: str, mode: Mode, **options: Unpack[_engine.AcquireOptions]) -> Lease:
         """Acquire ``mode`` (``"read"`` or ``"write"``) on ``path`` and return the lease.
 
         Options: ``block=True``, ``timeout=None``, ``ttl=None``, ``handle=None``. Blocks
@@ -82,7 +186,7 @@ class HiLok(Client[SyncClient]):
         return self._drive(self._acquire([(path, mode)], options))[0]
 
     def acquire_many(
-        self, locks: Iterable[tuple[str, Mode]], **options: Unpack[AcquireOptions]
+        self, locks: Iterable[tuple[str, Mode]], **options: Unpack[_engine.AcquireOptions]
     ) -> list[Lease]:
         """Acquire several locks for one holder atomically: all of them or none.
 
@@ -90,7 +194,9 @@ class HiLok(Client[SyncClient]):
         """
         return self._drive(self._acquire(locks, options))
 
-    def read(self, path: str, **options: Unpack[AcquireOptions]) -> AbstractContextManager[Lease]:
+    def read(
+        self, path: str, **options: Unpack[_engine.AcquireOptions]
+    ) -> AbstractContextManager[Lease]:
         """Hold a read lock on ``path`` (and its subtree) for the ``with`` block.
 
         Same options as :meth:`acquire`. The lease is refreshed in the background while the
@@ -99,7 +205,9 @@ class HiLok(Client[SyncClient]):
         """
         return _Hold(self, path, "read", options)
 
-    def write(self, path: str, **options: Unpack[AcquireOptions]) -> AbstractContextManager[Lease]:
+    def write(
+        self, path: str, **options: Unpack[_engine.AcquireOptions]
+    ) -> AbstractContextManager[Lease]:
         """Hold a write lock on ``path`` (and its subtree) for the ``with`` block.
 
         Same as :meth:`read`, but exclusive.
@@ -165,36 +273,24 @@ class HiLok(Client[SyncClient]):
 
     # -- the driver ---------------------------------------------------------------------------
 
-    _waker: _Waker
-    _refresher: _Refresher
+    _kind = client_kind(asyncio=False)
+    _waker_class = _Waker
+    _refresher_class = _Refresher
 
-    def _connect(self, redis: str | SyncClient, options: dict[str, Any] | None) -> SyncClient:
-        client: SyncClient = make_client(redis, options, _KIND)
-        return client
-
-    def _new_waker(self) -> _Waker:
-        return _Waker(self)
-
-    def _new_refresher(self) -> _Refresher:
-        return _Refresher(self)
-
-    def _drive(self, flow: Flow[T]) -> T:
+    def _drive(self, flow: _engine.Flow[_engine.T]) -> _engine.T:
         """Run ``flow`` to its end in this thread, performing each effect it yields."""
-        value: Any = None
-        error: BaseException | None = None
-        while True:
+        run = _engine.Run(flow)
+        while run.effect is not None:
             try:
-                effect = flow.send(value) if error is None else flow.throw(error)
-            except StopIteration as stop:
-                result: T = stop.value
-                return result
-            try:
-                value, error = self._perform(effect), None
+                value = self._perform(run.effect)
             except BaseException as exc:
-                value, error = None, exc
+                run.throw(exc)
+            else:
+                run.send(value)
+        return run.result
 
-    def _perform(self, effect: Effect) -> Any:
-        if isinstance(effect, Execute):
+    def _perform(self, effect: _engine.Effect) -> Any:
+        if isinstance(effect, _engine.Execute):
             commands = effect.commands
             if len(commands) > 1:
                 with self.redis.pipeline(transaction=False) as pipe:
@@ -205,7 +301,7 @@ class HiLok(Client[SyncClient]):
                 return [self.redis.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
             except ResponseError as exc:  # the command's own error: a reply
                 return [exc]
-        if isinstance(effect, Sleep):
+        if isinstance(effect, _engine.Sleep):
             return effect.event.wait(effect.seconds)
         return self._waker.subscribe(effect.channels)
 
@@ -215,7 +311,7 @@ class _Hold(AbstractContextManager[Lease]):
 
     __slots__ = ("_hl", "_lease", "_request")
 
-    def __init__(self, hl: HiLok, path: str, mode: Mode, options: AcquireOptions) -> None:
+    def __init__(self, hl: HiLok, path: str, mode: Mode, options: _engine.AcquireOptions) -> None:
         self._hl = hl
         self._request = (path, mode, options)
         self._lease: Lease | None = None
@@ -227,125 +323,3 @@ class _Hold(AbstractContextManager[Lease]):
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         assert self._lease is not None
         self._hl._drive(self._hl._leave(self._lease, exc_type is not None))
-
-
-class _Waker:
-    """One pub/sub connection per ``HiLok`` (per process) and a thread reading it: it feeds
-    every message to the :class:`WakeTable`, which wakes the waiters concerned."""
-
-    def __init__(self, owner: HiLok) -> None:
-        self._owner = owner
-        self.table = WakeTable(threading.Event)
-        self._lock = threading.Lock()
-        # One thread subscribes at a time: redis-py's PubSub opens its connection on first
-        # use without a lock, so racing threads would each open one, and all but the one the
-        # thread reads would be orphaned with their subscriptions.
-        self._subscribing = threading.Lock()
-        self._pubsub: Any = None
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._stopping = threading.Event()
-
-    def ensure(self) -> None:
-        """Start the thread (again, in a forked child) if it is not running."""
-        with self._lock:
-            pid = os.getpid()
-            if self._thread is not None and self._pid == pid and self._thread.is_alive():
-                return
-            self._pid = pid
-            self.table.reset()
-            self._pubsub = self._owner.redis.pubsub()  # type: ignore[no-untyped-call]
-            self._stopping.clear()
-            self._thread = threading.Thread(target=self._run, name="hilok-waker", daemon=True)
-            self._thread.start()
-
-    def subscribe(self, channels: list[str]) -> None:
-        with self._subscribing:
-            self._pubsub.subscribe(*channels)
-
-    def _run(self) -> None:
-        pubsub = self._pubsub
-        backoff = 0.05
-        while not self._stopping.is_set():
-            try:
-                message = pubsub.get_message(timeout=1.0)
-                backoff = 0.05
-            except Exception as exc:  # any failure of the connection, or close() racing us
-                if self._stopping.is_set():
-                    return
-                log.log(waker_log_level(exc), "waker connection failed: %s", exc)
-                self.table.wake_all()
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            if message is not None:
-                self.table.deliver(message)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        thread, pubsub = self._thread, self._pubsub
-        if pubsub is not None:
-            # Closing the connection ends the thread's pending read at once.
-            try:
-                pubsub.close()
-            except (redis.RedisError, OSError):
-                pass
-        if thread is not None and self._pid == os.getpid():
-            thread.join(timeout=2.0)
-        self._thread = None
-
-
-class _Refresher:
-    """One thread per ``HiLok`` (per process) running the ticks of its
-    :class:`RefreshSchedule`."""
-
-    def __init__(self, owner: HiLok) -> None:
-        self._owner = owner
-        self.schedule = RefreshSchedule()
-        self._changed = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._stopping = threading.Event()
-        self._in_flight = threading.Lock()  # held while a tick's refresh call runs
-
-    def add(self, lease: Lease) -> None:
-        wake = self.schedule.add(lease, time.monotonic())
-        with self._lock:
-            pid = os.getpid()
-            if self._thread is None or self._pid != pid or not self._thread.is_alive():
-                if self._pid != pid:
-                    self._in_flight = threading.Lock()  # a fork may have copied it held
-                self._pid = pid
-                self._stopping.clear()
-                self._thread = threading.Thread(
-                    target=self._run, name="hilok-refresher", daemon=True
-                )
-                self._thread.start()
-        if wake:
-            self._changed.set()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._changed.clear()
-            delay = self.schedule.delay(time.monotonic())
-            if delay is None or delay > 0:
-                self._changed.wait(delay)
-                continue
-            leases = self.schedule.take(time.monotonic())
-            with self._in_flight:
-                self._owner._drive(self._owner._tick(leases))
-
-    def settle(self) -> None:
-        """Wait until a refresh call in flight, if any, has finished."""
-        if self._pid == os.getpid() and threading.current_thread() is not self._thread:
-            with self._in_flight:
-                pass
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._changed.set()
-        thread = self._thread
-        if thread is not None and self._pid == os.getpid():
-            thread.join(timeout=2.0)
-        self._thread = None
