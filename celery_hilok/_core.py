@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple
 
+from ._marks import BLOCKS, MODE_MARKS, lua_tables
 from .errors import InvalidArgument
 from .paths import KeySpace, LockPath, parse_path
 
@@ -136,7 +137,8 @@ class Script:
         prelude = (files / "common.lua").read_text(encoding="utf-8")
         body = (files / f"{name}.lua").read_text(encoding="utf-8")
         self.name = name
-        self.source = prelude + "\n" + body
+        # the mark table's Lua definitions, generated from our own constants (never from input)
+        self.source = lua_tables() + "\n" + prelude + "\n" + body
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
@@ -225,9 +227,10 @@ def _text(value: str | bytes) -> str:
 
 # The mark a grant of each mode places on its own node and on each ancestor, as an index into
 # a node's keys (is, ix, s, x); and the block of keys acquire gets for each mark: the mark's
-# own key first, then the keys of the marks that conflict with it (see common.lua).
-_MARKS: Final[dict[str, tuple[int, int]]] = {"read": (2, 0), "write": (3, 1), "read-node": (0, 0)}
-_BLOCKS: Final = ((0, 3), (1, 2, 3), (2, 1, 3), (3, 0, 1, 2))
+# own key first, then the keys of the other marks that conflict with it. Both are derived
+# from the one mark table, in _marks.py.
+_MARKS: Final = MODE_MARKS
+_BLOCKS: Final = BLOCKS
 _N_Q_QX: Final = slice(0, 3)
 _Q_QX_C: Final = slice(1, 4)
 _NO_TREE_KEYS: Final = slice(0, 0)

@@ -70,8 +70,8 @@ for _, g in ipairs(grants) do
   for level = 1, g.depth do
     local first = block_of(g, level)
     local size = level == g.depth and g.lsize or g.isize
-    -- a write conflicts with other writes: its own mark's key is a suspect too
-    for k = (mark_of(g, level) == 4 and first or first + 1), first + size - 1 do
+    -- a mark that conflicts with itself (a write's) makes its own key a suspect too
+    for k = (SELF_CONFLICT[mark_of(g, level)] and first or first + 1), first + size - 1 do
       suspects[#suspects + 1] = KEYS[k]
     end
   end

@@ -3,38 +3,37 @@
 -- Vocabulary. A *grant* is one (holder handle, mode, path) lock. Its *member* string is
 -- "<handle>|<mode>|<canonical path>" with mode S (subtree read), X (subtree write) or
 -- N (node-only read). A grant puts its member, scored by its expiry (server ms), into one
--- sorted set per node of its chain: the leaf gets the grant's own mark (S -> s, X -> x,
--- N -> is) and every ancestor an intention mark (S, N -> is; X -> ix). A member is live
--- while its score is in the future; expired members are ignored and swept lazily.
+-- sorted set per node of its chain: the leaf gets the grant's own mark (LEAF_MARK) and every
+-- ancestor an intention mark (INTENT_MARK). A member is live while its score is in the
+-- future; expired members are ignored and swept lazily. The mark table (LEAF_MARK,
+-- INTENT_MARK, BLOCK_SIZE, CONFLICTS, SELF_CONFLICT) is generated from
+-- celery_hilok/_marks.py and prepended to this prelude.
 --
 -- Key blocks. Scripts receive, per tree, a block of tree keys (acquire: n, q, qx; release:
 -- q, qx, c; refresh: none) and then, per grant, its holder hash followed by one block per
 -- node of its chain, root first. A node's block starts with the key of the mark the grant
--- places there; for acquire it goes on with the keys of the marks that conflict with it
--- (is: x; ix: s, x; s: ix, x; x: is, ix, s, the x itself conflicting too); release and
--- refresh get the first key only.
+-- places there; for acquire it goes on with the keys of the other marks that conflict with
+-- it (BLOCK_SIZE keys in all); release and refresh get the first key only.
 
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
-
--- marks by index: 1 is, 2 ix, 3 s, 4 x
-local LEAF_MARK = { S = 3, X = 4, N = 1 }    -- the mark a grant places on its own node
-local INTENT_MARK = { S = 1, X = 2, N = 1 }  -- and on each ancestor
-local BLOCK_SIZE = { 2, 3, 3, 4 }            -- acquire's node block for each mark
 
 -- a is an ancestor of b or b itself (canonical paths, '/' separated)
 local function covers(a, b)
   return a == b or (#b > #a and string.sub(b, 1, #a + 1) == a .. '/')
 end
 
--- do grants (mode m1 on p1) and (mode m2 on p2) of different holders conflict?
+-- do grants (mode m1 on p1) and (mode m2 on p2) of different holders conflict? Only on the
+-- node of the upper one: its leaf mark against the mark the other places there (the other's
+-- leaf mark on the same node, else its intention mark). Unrelated paths never conflict.
 local function conflict(m1, p1, m2, p2)
-  if m1 ~= 'X' and m2 ~= 'X' then return false end
-  if m1 == 'X' and m2 == 'X' then return covers(p1, p2) or covers(p2, p1) end
-  if m2 == 'X' then m1, p1, m2, p2 = m2, p2, m1, p1 end
-  if m2 == 'S' then return covers(p1, p2) or covers(p2, p1) end
-  return covers(p1, p2)  -- N only guards its own node against writers at or above it
+  if not covers(p1, p2) then
+    if not covers(p2, p1) then return false end
+    m1, p1, m2, p2 = m2, p2, m1, p1
+  end
+  local other = p1 == p2 and LEAF_MARK[m2] or INTENT_MARK[m2]
+  return CONFLICTS[LEAF_MARK[m1]][other]
 end
 
 -- split a member into handle, mode, path
