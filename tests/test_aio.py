@@ -1,28 +1,20 @@
-"""The lock engine through the asyncio driver, :class:`AsyncHiLok`, on a real redis-server."""
+"""What only the asyncio driver, :class:`AsyncHiLok`, has, on a real redis-server:
+``await lease.release()``, cancellation (``task.cancel()``, ``asyncio.wait_for``,
+``asyncio.timeout``, a release cancelled in flight) and the tasks of one loop sharing one
+instance. Every other case runs against both drivers in ``tests/test_engine.py``."""
 
 from __future__ import annotations
 
 import asyncio
-import pickle
 import random
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-import redis.asyncio as aredis
 
-from celery_hilok import (
-    AsyncHiLok,
-    HiLokConnectionError,
-    InvalidArgument,
-    Lease,
-    LockLost,
-    LockNotAcquired,
-    QueuedRequest,
-)
+from celery_hilok import AsyncHiLok, Lease, QueuedRequest
 from celery_hilok._core import Mode
-from tests._redis import RedisServer, free_port
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -71,7 +63,7 @@ async def assert_only(ahl: AsyncHiLok, path: str, *leases: Lease) -> None:
     assert status.waiters == []
 
 
-# -- acquire and release --------------------------------------------------------------------
+# -- await lease.release() ------------------------------------------------------------------
 
 
 async def test_acquire_release(ahl: AsyncHiLok) -> None:
@@ -89,185 +81,6 @@ async def test_acquire_release(ahl: AsyncHiLok) -> None:
     await other.release()
     await other.release_async()  # the older name still works
     await assert_only(ahl, "a")
-
-
-async def test_block_false_refusal(ahl: AsyncHiLok) -> None:
-    holder = await ahl.acquire("a/b", "read")
-    with pytest.raises(LockNotAcquired) as info:
-        await ahl.acquire("a", "write", block=False)
-    assert info.value.path == "a" and info.value.mode == "write"
-    assert f"read lock on 'a/b' held by {holder.handle[:6]}" in str(info.value)
-    assert "block=False" in str(info.value)
-    # Compatible requests pass.
-    await ahl.release(await ahl.acquire("a", "read", block=False))
-    await ahl.release(await ahl.acquire("a/c", "write", block=False))
-    await ahl.release(holder)
-    await assert_only(ahl, "a")
-
-
-async def test_timeout(ahl: AsyncHiLok) -> None:
-    holder = await ahl.acquire("t/x", "write")
-    start = time.monotonic()
-    with pytest.raises(LockNotAcquired) as info:
-        await ahl.acquire("t", "read", timeout=0.3)
-    assert time.monotonic() - start >= 0.3
-    assert "within 0.3s" in str(info.value)
-    await assert_only(ahl, "t", holder)
-    await ahl.release(holder)
-
-
-async def test_bad_arguments(ahl: AsyncHiLok) -> None:
-    with pytest.raises(InvalidArgument):
-        await ahl.acquire("", "read")
-    with pytest.raises(InvalidArgument):
-        await ahl.acquire("a", "lock")  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument):
-        await ahl.acquire("a", "read", timeout=-0.1)
-    with pytest.raises(InvalidArgument):
-        await ahl.acquire("a", "read", ttl=0)
-    await assert_only(ahl, "a")
-
-
-async def test_acquire_many_is_all_or_nothing(ahl: AsyncHiLok) -> None:
-    blocker = await ahl.acquire("b/x", "write")
-    with pytest.raises(LockNotAcquired):
-        await ahl.acquire_many([("a", "write"), ("b", "read")], block=False)
-    await assert_only(ahl, "a")
-    await ahl.release(blocker)
-    leases = await ahl.acquire_many([("a", "write"), ("b", "read")])
-    assert leases[0].handle == leases[1].handle
-    await ahl.release(*leases)
-    await assert_only(ahl, "a")
-    await assert_only(ahl, "b")
-
-
-async def test_handle_is_reentrant_and_renews(ahl: AsyncHiLok) -> None:
-    read = await ahl.acquire("r/a", "read", ttl=1.0)
-    write = await ahl.acquire("r/a", "write", handle=read.handle, block=False)
-    renewed = await ahl.acquire("r/a", "read", handle=read.handle, ttl=5.0, block=False)
-    assert renewed.token == read.token
-    await ahl.release(write, renewed)
-    await assert_only(ahl, "r")
-
-
-# -- waiting --------------------------------------------------------------------------------
-
-
-async def test_waiter_is_woken_by_release(ahl: AsyncHiLok) -> None:
-    holder = await ahl.acquire("w/a/b", "read")
-    waiter = asyncio.create_task(ahl.acquire("w/a", "write", timeout=20))
-    entry = await wait_for_waiter(ahl, "w/a", "write")
-    assert not waiter.done()
-    await ahl.release(holder)
-    lease = await waiter
-    assert lease.handle == entry.handle
-    await assert_only(ahl, "w", lease)
-    await ahl.release(lease)
-
-
-async def test_waiters_on_another_instance_are_woken(
-    ahl: AsyncHiLok, redis_url: str, namespace: str
-) -> None:
-    async with AsyncHiLok(redis_url, namespace=namespace) as other:
-        holder = await ahl.acquire("w2", "write")
-        waiters = [asyncio.create_task(other.acquire("w2", "read", timeout=20)) for _ in range(3)]
-        await wait_until(
-            lambda: _count_waiters(other, "w2", 3), "three queued readers on another instance"
-        )
-        await ahl.release(holder)
-        leases = await asyncio.gather(*waiters)
-        await other.release(*leases)
-        await assert_only(ahl, "w2")
-
-
-async def _count_waiters(ahl: AsyncHiLok, path: str, count: int) -> bool:
-    return len((await ahl.status(path)).waiters) == count
-
-
-# -- leases and context managers ------------------------------------------------------------
-
-
-async def test_context_managers(ahl: AsyncHiLok) -> None:
-    async with ahl.write("c/a", timeout=1.0) as lease:
-        assert (lease.path, lease.mode) == ("c/a", "write")
-        await assert_only(ahl, "c", lease)
-    assert lease.released
-    async with ahl.read("c", block=False, ttl=2.0) as lease:
-        assert lease.ttl == 2.0
-        with pytest.raises(LockNotAcquired):
-            await ahl.acquire("c/a", "write", block=False)
-    await assert_only(ahl, "c")
-    with pytest.raises(KeyError):
-        async with ahl.write("c/b") as lease:
-            raise KeyError("boom")
-    assert lease.released
-    await assert_only(ahl, "c")
-
-
-async def test_context_manager_refreshes_in_the_background(ahl: AsyncHiLok) -> None:
-    ttl = 0.5
-    async with ahl.write("c/r", ttl=ttl) as lease:
-        start = time.monotonic()
-        while time.monotonic() - start < 3 * ttl:  # outlive the ttl several times over
-            assert await handles(ahl, "c/r") == {lease.handle}
-            await asyncio.sleep(0.05)
-    assert not lease.lost
-    await assert_only(ahl, "c")
-
-
-async def test_context_manager_raises_lock_lost_on_exit(ahl: AsyncHiLok) -> None:
-    lost = asyncio.Event()
-    with pytest.raises(LockLost):
-        async with ahl.write("c/l", ttl=0.3) as lease:
-            lease.on_lost(lambda _: lost.set())
-            await ahl.release(pickle.loads(pickle.dumps(lease)))  # released "elsewhere"
-            await asyncio.wait_for(lost.wait(), 10)
-            assert lease.lost
-    await assert_only(ahl, "c")
-
-
-async def test_keep_alive_and_refresh(ahl: AsyncHiLok) -> None:
-    kept = await ahl.acquire("k/a", "read", ttl=0.3)
-    left = await ahl.acquire("k/b", "read", ttl=0.3)
-    ahl.keep_alive(kept)
-    await wait_until(
-        lambda: _lacks(ahl, "k", left.handle), "the unrefreshed lease to run out", limit=10
-    )
-    await asyncio.sleep(0.4)  # longer than the ttl: only the background refresh keeps it
-    assert await handles(ahl, "k") == {kept.handle}
-    with pytest.raises(LockLost):
-        await ahl.refresh(left)
-    assert left.lost
-    await ahl.refresh(kept, ttl=5.0)
-    assert kept.ttl == 5.0
-    assert await ahl.refresh_many([kept, left]) == [True, False]
-    await ahl.release(kept)
-    assert await ahl.refresh_many([kept]) == [False]
-
-
-async def _lacks(ahl: AsyncHiLok, path: str, handle: str) -> bool:
-    return handle not in await handles(ahl, path)
-
-
-async def test_release_during_a_background_refresh_is_not_a_loss(ahl: AsyncHiLok) -> None:
-    # The refresher renews 50 other leases every millisecond, so releases land on ticks in
-    # flight: such a tick finds the lease gone, but it was released, not lost.
-    others = await ahl.acquire_many([(f"c/other/{i}/x/y", "read") for i in range(50)])
-    for lease in others:
-        ahl.keep_alive(lease, interval=0.001)
-    rng = random.Random(5)
-    reported: list[Lease] = []
-    leases = []
-    for i in range(100):
-        lease = await ahl.acquire(f"c/busy/{i}", "write")
-        lease.on_lost(reported.append)
-        ahl.keep_alive(lease, interval=0.001)
-        await asyncio.sleep(rng.uniform(0, 0.003))
-        await ahl.release(lease)  # a live lease: must not raise
-        leases.append(lease)
-    await ahl.close()  # ends the refresher, whatever tick it was in
-    assert reported == []
-    assert not any(lease.lost for lease in leases + others)
 
 
 # -- cancellation ---------------------------------------------------------------------------
@@ -493,73 +306,3 @@ async def test_32_tasks_contending_for_one_lock_take_turns(ahl: AsyncHiLok) -> N
     await asyncio.gather(*(work() for _ in range(32)))
     assert (done, most) == (32, 1)
     await assert_only(ahl, "hot")
-
-
-async def test_one_pubsub_connection_whichever_tasks_wait(
-    redis_server_factory: Callable[..., RedisServer], namespace: str
-) -> None:
-    server = redis_server_factory()  # only this test's clients subscribe there
-    admin = server.client()
-    trees = [f"tree{i}" for i in range(16)]
-    async with (
-        AsyncHiLok(f"{server.url}/0", namespace=namespace) as holder_side,
-        AsyncHiLok(f"{server.url}/0", namespace=namespace) as ahl,
-    ):
-        held = await holder_side.acquire_many([(tree, "write") for tree in trees])
-        waiters = [asyncio.create_task(ahl.acquire(tree, "write", timeout=30)) for tree in trees]
-
-        def subscriptions() -> list[int]:
-            counts = (int(client.get("sub", 0)) for client in admin.client_list())
-            return [count for count in counts if count]
-
-        async def all_subscribed() -> bool:
-            return sum(subscriptions()) >= len(trees)
-
-        try:
-            await wait_until(all_subscribed, "every tree's subscription")
-            assert subscriptions() == [len(trees)], "waiters subscribed on several connections"
-        finally:
-            await holder_side.release(*held)
-        await ahl.release(*await asyncio.gather(*waiters))
-    admin.close()
-
-
-# -- Redis failures and clients -------------------------------------------------------------
-
-
-async def test_unreachable_redis(namespace: str) -> None:
-    port = free_port()
-    async with AsyncHiLok(f"redis://127.0.0.1:{port}/0", namespace=namespace) as ahl:
-        with pytest.raises(HiLokConnectionError) as info:
-            await ahl.acquire("a", "write")
-        assert not isinstance(info.value, LockNotAcquired)
-        assert f"127.0.0.1:{port}" in str(info.value)
-        with pytest.raises(HiLokConnectionError):
-            await ahl.status("a")
-
-
-async def test_server_killed_mid_wait(
-    redis_server_factory: Callable[..., RedisServer], namespace: str
-) -> None:
-    server = redis_server_factory()
-    async with AsyncHiLok(f"{server.url}/0", namespace=namespace) as ahl:
-        holder = await ahl.acquire("d/a", "write")
-        waiter = asyncio.create_task(ahl.acquire("d", "write"))  # no timeout: must not hang
-        await wait_for_waiter(ahl, "d", "write")
-        server.kill()
-        with pytest.raises(HiLokConnectionError) as info:
-            await asyncio.wait_for(waiter, 60)
-        assert f"127.0.0.1:{server.port}" in str(info.value)
-        with pytest.raises(HiLokConnectionError):
-            await ahl.release(holder)
-
-
-async def test_existing_client_is_not_closed(redis_url: str, namespace: str) -> None:
-    client = aredis.Redis.from_url(redis_url)
-    try:
-        ahl = AsyncHiLok(client, namespace=namespace)
-        await ahl.release(await ahl.acquire("q", "write"))
-        await ahl.close()
-        assert await client.ping()
-    finally:
-        await client.aclose()

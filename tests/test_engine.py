@@ -1,4 +1,7 @@
-"""The lock engine through the synchronous driver, :class:`HiLok`, on a real redis-server."""
+"""The lock engine through both drivers, on a real redis-server: every case runs against
+:class:`HiLok` (``[sync]``) and :class:`AsyncHiLok` (``[asyncio]``, called from the test's
+threads through the bridge of :mod:`tests._drivers`). Cases only asyncio has (cancellation,
+tasks sharing an instance) are in ``tests/test_aio.py``."""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import pytest
 import redis
 
 from celery_hilok import (
-    HiLok,
     HiLokConnectionError,
     HiLokError,
     InvalidArgument,
@@ -25,18 +27,22 @@ from celery_hilok import (
     QueuedRequest,
 )
 from celery_hilok._core import ACQUIRE, SUBSCRIBE, Acquisition, Mode, Request, new_handle
+from tests._drivers import DRIVERS, Driver, Locks, release_lease
 from tests._redis import RedisServer, free_port
 
 # -- helpers --------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    """The driver of the case: opens its lock clients, closes them all at the end."""
+    with Driver(request.param) as opened:
+        yield opened
+
+
 @pytest.fixture
-def hl(redis_url: str, namespace: str) -> Iterator[HiLok]:
-    locks = HiLok(redis_url, namespace=namespace, ttl=10.0)
-    try:
-        yield locks
-    finally:
-        locks.close()
+def hl(driver: Driver, redis_url: str, namespace: str) -> Locks:
+    return driver.open(redis_url, namespace=namespace, ttl=10.0)
 
 
 @pytest.fixture
@@ -58,7 +64,7 @@ def wait_until(predicate: Callable[[], bool], what: str, limit: float = 10.0) ->
         time.sleep(0.01)
 
 
-def wait_for_waiter(hl: HiLok, path: str, mode: Mode) -> QueuedRequest:
+def wait_for_waiter(hl: Locks, path: str, mode: Mode) -> QueuedRequest:
     """Wait until a ``mode`` request on ``path`` is queued; return its queue entry."""
     found: list[QueuedRequest] = []
 
@@ -70,12 +76,12 @@ def wait_for_waiter(hl: HiLok, path: str, mode: Mode) -> QueuedRequest:
     return found[0]
 
 
-def holders(hl: HiLok, path: str) -> set[tuple[str, str, str, str]]:
+def holders(hl: Locks, path: str) -> set[tuple[str, str, str, str]]:
     """(handle, mode, path, relation) of every live grant ``status`` reports for ``path``."""
     return {(h.handle, h.mode, h.path, h.relation) for h in hl.status(path).holders}
 
 
-def handles(hl: HiLok, path: str) -> set[str]:
+def handles(hl: Locks, path: str) -> set[str]:
     return {h.handle for h in hl.status(path).holders}
 
 
@@ -126,7 +132,7 @@ CASES = [
 
 @pytest.mark.parametrize(("held", "requested", "relation", "compatible"), CASES)
 def test_compatibility(
-    hl: HiLok, held: Mode, requested: Mode, relation: str, compatible: bool
+    hl: Locks, held: Mode, requested: Mode, relation: str, compatible: bool
 ) -> None:
     holder = hl.acquire(HELD_PATH, held, block=False)
     for path in RELATIONS[relation]:
@@ -151,19 +157,17 @@ def test_compatibility(
     assert not hl.status(HELD_PATH).held
 
 
-@pytest.fixture(scope="module")
-def shared_hl(redis_server: str) -> Iterator[HiLok]:
-    """One HiLok for many cases, each in trees of its own (saves a waker thread per case)."""
-    locks = HiLok(f"{redis_server}/0", namespace=f"t{uuid.uuid4().hex[:12]}", ttl=10.0)
-    try:
-        yield locks
-    finally:
-        locks.close()
+@pytest.fixture(scope="module", params=DRIVERS)
+def shared_hl(request: pytest.FixtureRequest, redis_server: str) -> Iterator[Locks]:
+    """One lock client per driver for many cases, each in trees of its own (saves a waker per
+    case)."""
+    with Driver(request.param) as driver:
+        yield driver.open(f"{redis_server}/0", namespace=f"t{uuid.uuid4().hex[:12]}", ttl=10.0)
 
 
 @pytest.mark.parametrize(("queued", "requested", "relation", "compatible"), CASES)
 def test_compatibility_with_an_earlier_waiter(
-    shared_hl: HiLok,
+    shared_hl: Locks,
     pool: ThreadPoolExecutor,
     queued: Mode,
     requested: Mode,
@@ -199,7 +203,7 @@ def test_compatibility_with_an_earlier_waiter(
     assert hl.status(at(HELD_PATH)).waiters == []
 
 
-def test_compatible_locks_on_one_line_all_together(hl: HiLok) -> None:
+def test_compatible_locks_on_one_line_all_together(hl: Locks) -> None:
     # Readers share a whole line; a node-only read above writers leaves them be.
     leases = [
         hl.acquire("t", "read-node", block=False),
@@ -219,7 +223,7 @@ def test_compatible_locks_on_one_line_all_together(hl: HiLok) -> None:
 # -- refusals and timeouts ------------------------------------------------------------------
 
 
-def test_refusal_names_path_mode_and_blocker(hl: HiLok) -> None:
+def test_refusal_names_path_mode_and_blocker(hl: Locks) -> None:
     holder = hl.acquire("tenants/42", "write", ttl=7.0)
     with pytest.raises(LockNotAcquired) as info:
         hl.acquire("/tenants//42/x/", "read", block=False)
@@ -236,8 +240,8 @@ def test_refusal_names_path_mode_and_blocker(hl: HiLok) -> None:
     hl.release(holder)
 
 
-def test_refusal_message_uses_the_separator(redis_url: str, namespace: str) -> None:
-    with HiLok(redis_url, namespace=namespace, separator=".") as dotted:
+def test_refusal_message_uses_the_separator(driver: Driver, redis_url: str, namespace: str) -> None:
+    with driver.open(redis_url, namespace=namespace, separator=".") as dotted:
         holder = dotted.acquire("a.b", "read")
         with pytest.raises(LockNotAcquired) as info:
             dotted.acquire(".a.", "write", block=False)
@@ -247,7 +251,7 @@ def test_refusal_message_uses_the_separator(redis_url: str, namespace: str) -> N
         dotted.release(holder)
 
 
-def test_timeout_gives_up(hl: HiLok) -> None:
+def test_timeout_gives_up(hl: Locks) -> None:
     holder = hl.acquire("t/x", "write")
     start = time.monotonic()
     with pytest.raises(LockNotAcquired) as info:
@@ -261,7 +265,7 @@ def test_timeout_gives_up(hl: HiLok) -> None:
     hl.release(holder)
 
 
-def test_zero_timeout_is_one_try(hl: HiLok) -> None:
+def test_zero_timeout_is_one_try(hl: Locks) -> None:
     holder = hl.acquire("t", "write")
     with pytest.raises(LockNotAcquired):
         hl.acquire("t", "write", timeout=0)
@@ -269,7 +273,7 @@ def test_zero_timeout_is_one_try(hl: HiLok) -> None:
     hl.release(holder)
 
 
-def test_bad_arguments(hl: HiLok) -> None:
+def test_bad_arguments(driver: Driver, hl: Locks) -> None:
     with pytest.raises(InvalidArgument, match="'exclusive'"):
         hl.acquire("a", "exclusive")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="-1"):
@@ -278,18 +282,20 @@ def test_bad_arguments(hl: HiLok) -> None:
         hl.acquire("a", "read", ttl=0)
     with pytest.raises(InvalidArgument, match="'/'"):
         hl.acquire("/", "read")
+    with pytest.raises(InvalidArgument):
+        hl.acquire("", "read")
     with pytest.raises(InvalidArgument, match="'nope'"):
         hl.acquire("a", "read", handle="nope")
     with pytest.raises(InvalidArgument):
         hl.status("")
     with pytest.raises(InvalidArgument):
-        HiLok(hl.redis, namespace="bad namespace")
+        driver.open(hl.redis, namespace="bad namespace")
     with pytest.raises(InvalidArgument):
-        HiLok(hl.redis, separator="")
+        driver.open(hl.redis, separator="")
     with pytest.raises(InvalidArgument):
-        HiLok(hl.redis, ttl=-5)
+        driver.open(hl.redis, ttl=-5)
     with pytest.raises(InvalidArgument, match="http://"):
-        HiLok("http://127.0.0.1:6379")
+        driver.open("http://127.0.0.1:6379")
     # Nothing was acquired by any of the above.
     assert not hl.status("a").held
 
@@ -297,7 +303,7 @@ def test_bad_arguments(hl: HiLok) -> None:
 # -- waiting --------------------------------------------------------------------------------
 
 
-def test_waiter_is_woken_by_release(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+def test_waiter_is_woken_by_release(hl: Locks, pool: ThreadPoolExecutor) -> None:
     holder = hl.acquire("w/a", "write")
     future = pool.submit(hl.acquire, "w", "read", timeout=20)
     entry = wait_for_waiter(hl, "w", "read")
@@ -310,7 +316,7 @@ def test_waiter_is_woken_by_release(hl: HiLok, pool: ThreadPoolExecutor) -> None
     hl.release(lease)
 
 
-def test_waiter_gets_the_lock_when_the_holder_runs_out(hl: HiLok) -> None:
+def test_waiter_gets_the_lock_when_the_holder_runs_out(hl: Locks) -> None:
     # Nobody releases: the wait is capped by the holder's lease, so its expiry is noticed.
     holder = hl.acquire("w2/a", "write", ttl=0.3)
     start = time.monotonic()
@@ -323,7 +329,7 @@ def test_waiter_gets_the_lock_when_the_holder_runs_out(hl: HiLok) -> None:
 
 
 def test_multi_tree_waiter_is_woken_by_releases_in_either_tree(
-    hl: HiLok, pool: ThreadPoolExecutor
+    hl: Locks, pool: ThreadPoolExecutor
 ) -> None:
     first = hl.acquire("m1/a", "write")
     second = hl.acquire("m2/b", "read")
@@ -342,15 +348,32 @@ def test_multi_tree_waiter_is_woken_by_releases_in_either_tree(
     assert hl.status("m1").waiters == [] and hl.status("m2").waiters == []
 
 
+def test_waiters_on_another_instance_are_woken(
+    driver: Driver, hl: Locks, redis_url: str, namespace: str, pool: ThreadPoolExecutor
+) -> None:
+    with driver.open(redis_url, namespace=namespace) as other:
+        holder = hl.acquire("w3", "write")
+        waiters = [pool.submit(other.acquire, "w3", "read", timeout=20) for _ in range(3)]
+        wait_until(
+            lambda: len(other.status("w3").waiters) == 3, "three queued readers on another instance"
+        )
+        hl.release(holder)
+        leases = [waiter.result(timeout=20) for waiter in waiters]
+        assert handles(hl, "w3") == {lease.handle for lease in leases}
+        other.release(*leases)
+        assert not hl.status("w3").held
+        assert hl.status("w3").waiters == []
+
+
 def test_one_pubsub_connection_whichever_threads_wait(
-    redis_server_factory: Callable[..., RedisServer], namespace: str
+    driver: Driver, redis_server_factory: Callable[..., RedisServer], namespace: str
 ) -> None:
     server = redis_server_factory()  # only this test's clients subscribe there
     admin = server.client()
     trees = [f"tree{i}" for i in range(16)]
     with (
-        HiLok(f"{server.url}/0", namespace=namespace) as holder_side,
-        HiLok(f"{server.url}/0", namespace=namespace) as hl,
+        driver.open(f"{server.url}/0", namespace=namespace) as holder_side,
+        driver.open(f"{server.url}/0", namespace=namespace) as hl,
         ThreadPoolExecutor(len(trees)) as threads,
     ):
         held = [holder_side.acquire(tree, "write") for tree in trees]
@@ -375,7 +398,7 @@ def test_one_pubsub_connection_whichever_threads_wait(
     admin.close()
 
 
-def test_earlier_conflicting_waiter_goes_first(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+def test_earlier_conflicting_waiter_goes_first(hl: Locks, pool: ThreadPoolExecutor) -> None:
     reader = hl.acquire("f/a", "read")
     writer: Future[Lease] = pool.submit(hl.acquire, "f", "write", timeout=20)
     wait_for_waiter(hl, "f", "write")
@@ -395,7 +418,7 @@ def test_earlier_conflicting_waiter_goes_first(hl: HiLok, pool: ThreadPoolExecut
 
 
 def test_a_release_names_the_queue_front_and_only_it_is_woken(
-    hl: HiLok, redis_client: redis.Redis, namespace: str, pool: ThreadPoolExecutor
+    hl: Locks, redis_client: redis.Redis, namespace: str, pool: ThreadPoolExecutor
 ) -> None:
     held_x, held_y = hl.acquire("f/x", "write"), hl.acquire("f/y", "write")
     # Queue, in this order: A write f/x, B read f/y (no conflict with A: also at the front),
@@ -424,7 +447,7 @@ def test_a_release_names_the_queue_front_and_only_it_is_woken(
     hl.release(second.result(timeout=10), hl.acquire("f/x", "read", handle=c))
 
 
-def test_a_holder_queued_behind_others_is_still_woken(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+def test_a_holder_queued_behind_others_is_still_woken(hl: Locks, pool: ThreadPoolExecutor) -> None:
     # R holds read g/a and wants write g/b, held by W; A (write g, blocked by R) queued first.
     r = hl.acquire("g/a", "read")
     w = hl.acquire("g/b", "write")
@@ -441,7 +464,7 @@ def test_a_holder_queued_behind_others_is_still_woken(hl: HiLok, pool: ThreadPoo
     hl.release(a.result(timeout=10))
 
 
-def test_a_refused_request_is_told_whether_its_holder_holds_in_the_tree(hl: HiLok) -> None:
+def test_a_refused_request_is_told_whether_its_holder_holds_in_the_tree(hl: Locks) -> None:
     r = hl.acquire("g/a", "read")
     w = hl.acquire("g/b", "write")
     for handle, holding in ((r.handle, True), (None, False)):
@@ -461,20 +484,22 @@ def test_a_refused_request_is_told_whether_its_holder_holds_in_the_tree(hl: HiLo
 # -- release --------------------------------------------------------------------------------
 
 
-def test_release_is_idempotent(hl: HiLok) -> None:
+def test_release_is_idempotent(hl: Locks) -> None:
     lease = hl.acquire("i/a", "write")
     hl.release(lease)
     assert lease.released and not lease.lost
     hl.release(lease)
-    lease.release()
+    release_lease(hl, lease)  # lease.release() itself
     hl.release(lease, lease)
     assert not hl.status("i/a").held
     other = hl.acquire("i/a", "write", block=False)
-    other.release()
-    other.release()
+    release_lease(hl, other)
+    assert other.released
+    assert not hl.status("i/a").held
+    release_lease(hl, other)
 
 
-def test_release_by_another_handle_frees_nothing(hl: HiLok) -> None:
+def test_release_by_another_handle_frees_nothing(hl: Locks) -> None:
     lease = hl.acquire("o/a", "write")
     stranger = hl.acquire("elsewhere", "read")
     for handle in (new_handle(), stranger.handle):
@@ -492,7 +517,9 @@ def test_release_by_another_handle_frees_nothing(hl: HiLok) -> None:
     assert not hl.status("o/a").held
 
 
-def test_handle_works_from_another_client(redis_url: str, namespace: str, hl: HiLok) -> None:
+def test_handle_works_from_another_client(
+    driver: Driver, redis_url: str, namespace: str, hl: Locks
+) -> None:
     lease = hl.acquire("p/a", "write", ttl=5.0)
     copy = forged(lease)
     assert (copy.path, copy.mode, copy.handle, copy.token) == (
@@ -501,7 +528,7 @@ def test_handle_works_from_another_client(redis_url: str, namespace: str, hl: Hi
         lease.handle,
         lease.token,
     )
-    with HiLok(redis_url, namespace=namespace) as elsewhere:
+    with driver.open(redis_url, namespace=namespace) as elsewhere:
         elsewhere.refresh(copy, ttl=20.0)
         assert hl.status("p/a").holders[0].ttl > 10.0
         elsewhere.release(copy)
@@ -513,10 +540,12 @@ def test_handle_works_from_another_client(redis_url: str, namespace: str, hl: Hi
     hl.release(lease)
 
 
-def _use_handle_elsewhere(url: str, namespace: str, blob: bytes) -> tuple[int, int]:
+def _use_handle_elsewhere(
+    driver_name: str, url: str, namespace: str, blob: bytes
+) -> tuple[int, int]:
     """In a child process: act as the holder of a pickled lease, then release it."""
     lease: Lease = pickle.loads(blob)
-    with HiLok(url, namespace=namespace) as hl:
+    with Driver(driver_name) as driver, driver.open(url, namespace=namespace) as hl:
         hl.refresh(lease)
         # The holder never blocks on itself, whichever process it acts from.
         below = hl.acquire(f"{lease.path}/child", "read", block=False, handle=lease.handle)
@@ -525,11 +554,13 @@ def _use_handle_elsewhere(url: str, namespace: str, blob: bytes) -> tuple[int, i
         return lease.token, below.token
 
 
-def test_handle_works_in_another_process(hl: HiLok, redis_url: str, namespace: str) -> None:
+def test_handle_works_in_another_process(
+    driver: Driver, hl: Locks, redis_url: str, namespace: str
+) -> None:
     lease = hl.acquire("p/b", "write")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as procs:
         token, below = procs.submit(
-            _use_handle_elsewhere, redis_url, namespace, pickle.dumps(lease)
+            _use_handle_elsewhere, driver.name, redis_url, namespace, pickle.dumps(lease)
         ).result(timeout=60)
     assert token == lease.token
     assert below > lease.token
@@ -538,7 +569,7 @@ def test_handle_works_in_another_process(hl: HiLok, redis_url: str, namespace: s
         hl.release(lease)
 
 
-def test_unpickled_lease_needs_a_driver(hl: HiLok) -> None:
+def test_unpickled_lease_needs_a_driver(hl: Locks) -> None:
     lease = hl.acquire("u", "read")
     with pytest.raises(TypeError):
         forged(lease).release()
@@ -548,7 +579,7 @@ def test_unpickled_lease_needs_a_driver(hl: HiLok) -> None:
 # -- re-entrancy and renewal ----------------------------------------------------------------
 
 
-def test_holder_never_blocks_on_itself(hl: HiLok) -> None:
+def test_holder_never_blocks_on_itself(hl: Locks) -> None:
     read = hl.acquire("e/a", "read")
     write = hl.acquire("e/a", "write", handle=read.handle, block=False)
     below = hl.acquire("e/a/b", "read", handle=read.handle, block=False)
@@ -566,7 +597,7 @@ def test_holder_never_blocks_on_itself(hl: HiLok) -> None:
     hl.release(hl.acquire("e", "write", block=False))
 
 
-def test_write_then_read_below_same_holder(hl: HiLok) -> None:
+def test_write_then_read_below_same_holder(hl: Locks) -> None:
     write = hl.acquire("e/a", "write")
     read = hl.acquire("e/a/b", "read", handle=write.handle, block=False)
     hl.release(write)
@@ -578,7 +609,7 @@ def test_write_then_read_below_same_holder(hl: HiLok) -> None:
     hl.release(hl.acquire("e", "write", block=False))
 
 
-def test_renewal_keeps_the_token_and_does_not_stack(hl: HiLok) -> None:
+def test_renewal_keeps_the_token_and_does_not_stack(hl: Locks) -> None:
     first = hl.acquire("n/a", "read", ttl=1.0)
     again = hl.acquire("n/a", "read", ttl=8.0, handle=first.handle, block=False)
     assert again.token == first.token
@@ -592,7 +623,7 @@ def test_renewal_keeps_the_token_and_does_not_stack(hl: HiLok) -> None:
     hl.release(hl.acquire("n", "write", block=False))
 
 
-def test_reacquire_after_expiry_is_a_new_grant(hl: HiLok) -> None:
+def test_reacquire_after_expiry_is_a_new_grant(hl: Locks) -> None:
     lease = hl.acquire("n/b", "write", ttl=0.1)
     wait_until(lambda: not hl.status("n/b").held, "the lease to run out")
     again = hl.acquire("n/b", "write", handle=lease.handle, block=False)
@@ -604,7 +635,7 @@ def test_reacquire_after_expiry_is_a_new_grant(hl: HiLok) -> None:
 
 
 def test_dead_reader_expires_while_live_reader_refreshes(
-    hl: HiLok, pool: ThreadPoolExecutor
+    hl: Locks, pool: ThreadPoolExecutor
 ) -> None:
     live = hl.acquire("x/node", "read", ttl=0.6)
     dead = hl.acquire("x/node", "read", ttl=0.6)
@@ -628,7 +659,7 @@ def test_dead_reader_expires_while_live_reader_refreshes(
     hl.release(lease)
 
 
-def test_refresh_after_expiry_raises_and_never_revives(hl: HiLok) -> None:
+def test_refresh_after_expiry_raises_and_never_revives(hl: Locks) -> None:
     lease = hl.acquire("l/a", "write", ttl=0.2)
     hl.refresh(lease)  # still fine
     time.sleep(0.3)  # outlive the lease: nobody else took the lock meanwhile
@@ -645,7 +676,7 @@ def test_refresh_after_expiry_raises_and_never_revives(hl: HiLok) -> None:
         hl.release(lease)
 
 
-def test_refresh_extends(hl: HiLok) -> None:
+def test_refresh_extends(hl: Locks) -> None:
     first = hl.acquire("l/b", "read", ttl=0.5)
     second = hl.acquire("l/c", "write", ttl=0.5)
     hl.refresh(first, second, ttl=30.0)
@@ -658,7 +689,7 @@ def test_refresh_extends(hl: HiLok) -> None:
     assert hl.refresh_many([first, second]) == [False, False]
 
 
-def test_refresh_many_of_several_holders_reports_each(hl: HiLok) -> None:
+def test_refresh_many_of_several_holders_reports_each(hl: Locks) -> None:
     alive = hl.acquire("m/a", "read", ttl=5.0)
     short = hl.acquire("m/b", "read", ttl=0.1)
     gone = hl.acquire("m/c", "read")
@@ -672,7 +703,7 @@ def test_refresh_many_of_several_holders_reports_each(hl: HiLok) -> None:
 # -- fencing tokens -------------------------------------------------------------------------
 
 
-def test_tokens_increase_across_conflicting_grants(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+def test_tokens_increase_across_conflicting_grants(hl: Locks, pool: ThreadPoolExecutor) -> None:
     tokens = []
     for path, mode in [("k/a", "write"), ("k/a/b", "write"), ("k/a", "read"), ("k", "write")]:
         lease = hl.acquire(path, mode)  # type: ignore[arg-type]
@@ -696,7 +727,7 @@ def test_tokens_increase_across_conflicting_grants(hl: HiLok, pool: ThreadPoolEx
     assert len(set(tokens)) == len(tokens)
 
 
-def test_concurrent_grants_get_distinct_tokens(hl: HiLok) -> None:
+def test_concurrent_grants_get_distinct_tokens(hl: Locks) -> None:
     leases = [hl.acquire("k2/a", "read") for _ in range(5)]
     tokens = [lease.token for lease in leases]
     assert tokens == sorted(tokens) and len(set(tokens)) == 5
@@ -706,7 +737,7 @@ def test_concurrent_grants_get_distinct_tokens(hl: HiLok) -> None:
 # -- status ---------------------------------------------------------------------------------
 
 
-def test_status_shows_holders_and_waiters(hl: HiLok, pool: ThreadPoolExecutor) -> None:
+def test_status_shows_holders_and_waiters(hl: Locks, pool: ThreadPoolExecutor) -> None:
     above = hl.acquire("s/a", "read", ttl=9.0, block=False)
     on = hl.acquire("s/a/b", "read", block=False)
     node_only = hl.acquire("s/a/b", "read-node", block=False)
@@ -747,7 +778,7 @@ def test_status_shows_holders_and_waiters(hl: HiLok, pool: ThreadPoolExecutor) -
 # -- context managers -----------------------------------------------------------------------
 
 
-def test_context_managers_release(hl: HiLok) -> None:
+def test_context_managers_release(hl: Locks) -> None:
     with hl.write("c/a", timeout=1.0) as lease:
         assert (lease.path, lease.mode) == ("c/a", "write")
         assert handles(hl, "c/a") == {lease.handle}
@@ -760,7 +791,7 @@ def test_context_managers_release(hl: HiLok) -> None:
     assert not hl.status("c").held
 
 
-def test_context_manager_releases_on_error(hl: HiLok) -> None:
+def test_context_manager_releases_on_error(hl: Locks) -> None:
     with pytest.raises(KeyError):
         with hl.write("c/b") as lease:
             raise KeyError("boom")
@@ -768,7 +799,7 @@ def test_context_manager_releases_on_error(hl: HiLok) -> None:
     assert not hl.status("c/b").held
 
 
-def test_context_manager_refreshes_in_the_background(hl: HiLok) -> None:
+def test_context_manager_refreshes_in_the_background(hl: Locks) -> None:
     ttl = 0.5
     with hl.write("c/r", ttl=ttl) as lease:
         start = time.monotonic()
@@ -781,7 +812,7 @@ def test_context_manager_refreshes_in_the_background(hl: HiLok) -> None:
     assert not hl.status("c/r").held
 
 
-def test_context_manager_raises_lock_lost_on_exit(hl: HiLok) -> None:
+def test_context_manager_raises_lock_lost_on_exit(hl: Locks) -> None:
     lost = threading.Event()
     with pytest.raises(LockLost):
         with hl.write("c/l", ttl=0.3) as lease:
@@ -793,7 +824,7 @@ def test_context_manager_raises_lock_lost_on_exit(hl: HiLok) -> None:
     assert not hl.status("c/l").held
 
 
-def test_release_during_a_background_refresh_is_not_a_loss(hl: HiLok) -> None:
+def test_release_during_a_background_refresh_is_not_a_loss(hl: Locks) -> None:
     # The refresher renews 50 other leases every millisecond, so releases land on ticks in
     # flight: such a tick finds the lease gone, but it was released, not lost.
     others = hl.acquire_many([(f"c/other/{i}/x/y", "read") for i in range(50)])
@@ -817,7 +848,7 @@ def test_release_during_a_background_refresh_is_not_a_loss(hl: HiLok) -> None:
 # -- several locks at once ------------------------------------------------------------------
 
 
-def test_acquire_many_is_all_or_nothing(hl: HiLok) -> None:
+def test_acquire_many_is_all_or_nothing(hl: Locks) -> None:
     blocker = hl.acquire("b/x", "write")
     with pytest.raises(LockNotAcquired) as info:
         hl.acquire_many(
@@ -849,9 +880,9 @@ def test_acquire_many_is_all_or_nothing(hl: HiLok) -> None:
 # -- Redis failures -------------------------------------------------------------------------
 
 
-def test_unreachable_redis_raises_connection_error(namespace: str) -> None:
+def test_unreachable_redis_raises_connection_error(driver: Driver, namespace: str) -> None:
     port = free_port()  # nothing listens there
-    with HiLok(f"redis://127.0.0.1:{port}/0", namespace=namespace) as hl:
+    with driver.open(f"redis://127.0.0.1:{port}/0", namespace=namespace) as hl:
         for call in (
             lambda: hl.acquire("a", "write"),
             lambda: hl.acquire("a", "write", block=False),
@@ -864,10 +895,13 @@ def test_unreachable_redis_raises_connection_error(namespace: str) -> None:
 
 
 def test_server_killed_mid_wait(
-    redis_server_factory: Callable[..., RedisServer], namespace: str, pool: ThreadPoolExecutor
+    driver: Driver,
+    redis_server_factory: Callable[..., RedisServer],
+    namespace: str,
+    pool: ThreadPoolExecutor,
 ) -> None:
     server = redis_server_factory()
-    with HiLok(f"{server.url}/0", namespace=namespace) as hl:
+    with driver.open(f"{server.url}/0", namespace=namespace) as hl:
         holder = hl.acquire("d/a", "write")
         waiter = pool.submit(hl.acquire, "d", "write")  # no timeout: must not hang either
         wait_for_waiter(hl, "d", "write")
@@ -882,12 +916,12 @@ def test_server_killed_mid_wait(
 
 
 def test_server_that_stops_answering(
-    redis_server_factory: Callable[..., RedisServer], namespace: str
+    driver: Driver, redis_server_factory: Callable[..., RedisServer], namespace: str
 ) -> None:
     server = redis_server_factory()
     admin = server.client()
     options = {"socket_timeout": 0.2}
-    with HiLok(f"{server.url}/0", namespace=namespace, ttl=1.0, redis_options=options) as hl:
+    with driver.open(f"{server.url}/0", namespace=namespace, ttl=1.0, redis_options=options) as hl:
         hl.release(hl.acquire("e/a", "write"))  # connected, scripts loaded
         admin.client_pause(1000, all=True)
         with pytest.raises(HiLokConnectionError) as info:
@@ -896,16 +930,38 @@ def test_server_that_stops_answering(
         assert "Timeout" in str(info.value)
         assert f"127.0.0.1:{server.port}" in str(info.value)
         # Once the server answers again, whatever the lost call did is undone or runs out.
-        with HiLok(f"{server.url}/0", namespace=namespace) as other:
+        with driver.open(f"{server.url}/0", namespace=namespace) as other:
             other.release(other.acquire("e", "write", timeout=20))
     admin.close()
 
 
+# A bug this case found (xfail, strict: it turns red once fixed). celery_hilok's make_client
+# passes its Retry (RETRIES=1) to Redis(connection_pool=..., retry=...), where redis-py
+# ignores it: connections retry nothing. Since redis-py 8.1 the asyncio pool no longer
+# replaces a connection the server closed (its check is skipped while maint_notifications
+# is "auto"), so after a restart the asyncio driver's first call fails instead of
+# reconnecting. The sync pool still replaces it; so did the asyncio one before 8.1.
+REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:2])
+RETRY_NOT_APPLIED = pytest.mark.xfail(
+    REDIS_PY >= (8, 1),
+    raises=HiLokConnectionError,
+    strict=True,
+    reason=(
+        "bug: make_client's Retry never reaches the connections (redis-py ignores retry= "
+        "next to connection_pool=), and redis-py >= 8.1's asyncio pool hands out the "
+        "connection the restart closed: HiLokConnectionError instead of reconnecting"
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    "driver", ["sync", pytest.param("asyncio", marks=RETRY_NOT_APPLIED)], indirect=True
+)
 def test_restart_loses_locks_but_scripts_come_back(
-    redis_server_factory: Callable[..., RedisServer], namespace: str
+    driver: Driver, redis_server_factory: Callable[..., RedisServer], namespace: str
 ) -> None:
     server = redis_server_factory()
-    with HiLok(f"{server.url}/0", namespace=namespace) as hl:
+    with driver.open(f"{server.url}/0", namespace=namespace) as hl:
         lease = hl.acquire("d/a", "write")
         server.restart()  # no data, no scripts
         with pytest.raises(LockLost):
@@ -914,7 +970,7 @@ def test_restart_loses_locks_but_scripts_come_back(
         hl.release(again)
 
 
-def test_script_flush_falls_back_to_eval(hl: HiLok, redis_client: redis.Redis) -> None:
+def test_script_flush_falls_back_to_eval(hl: Locks, redis_client: redis.Redis) -> None:
     hl.release(hl.acquire("z/a", "read"))
     redis_client.script_flush()
     assert redis_client.script_exists(ACQUIRE.sha) == [False]
@@ -937,7 +993,7 @@ def _all_keys(client: redis.Redis) -> set[bytes]:
 
 
 def test_keys_stay_inside_the_namespace(
-    hl: HiLok, redis_client: redis.Redis, namespace: str, pool: ThreadPoolExecutor
+    hl: Locks, redis_client: redis.Redis, namespace: str, pool: ThreadPoolExecutor
 ) -> None:
     before = _all_keys(redis_client)
     leases = [
@@ -963,14 +1019,14 @@ def test_keys_stay_inside_the_namespace(
 
 
 def test_application_keys_named_like_paths(
-    redis_url: str, redis_client: redis.Redis, namespace: str
+    driver: Driver, redis_url: str, redis_client: redis.Redis, namespace: str
 ) -> None:
     app_keys = ["user", "user/42", "user/42:s", namespace, f"{namespace}:user", "{user}"]
     for key in app_keys:
         redis_client.set(key, "application data")
     redis_client.hset("user:42", mapping={"name": "x"})
     try:
-        with HiLok(redis_url, namespace=namespace) as hl:
+        with driver.open(redis_url, namespace=namespace) as hl:
             with hl.write("user/42") as lease:
                 with pytest.raises(LockNotAcquired):
                     hl.acquire("user", "read", block=False)
@@ -984,8 +1040,9 @@ def test_application_keys_named_like_paths(
         redis_client.delete(*app_keys, "user:42")
 
 
-def test_existing_client_is_not_closed(redis_client: redis.Redis, namespace: str) -> None:
-    hl = HiLok(redis_client, namespace=namespace)
+def test_existing_client_is_not_closed(driver: Driver, redis_url: str, namespace: str) -> None:
+    client = driver.client(redis_url)  # a redis.Redis, or a redis.asyncio.Redis
+    hl = driver.open(client, namespace=namespace)
     hl.release(hl.acquire("q", "write"))
     hl.close()
-    assert redis_client.ping()
+    assert driver.ping(client)
