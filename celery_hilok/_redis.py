@@ -331,7 +331,9 @@ def make_client(target: object, options: Mapping[str, Any] | None, kind: ClientK
         retry = kind.retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES)
         if cluster:
             return kind.cluster.from_url(url, retry=retry, **kwargs)
-        pool = kind.pool.from_url(url, **kwargs)
+        # The Retry goes to the pool, whose connections use it: redis-py ignores a retry=
+        # given to a client beside its connection_pool.
+        pool = kind.pool.from_url(url, retry=retry, **kwargs)
         if kind.hiredis_packing and pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
             pool.connection_class = fast_packing(pool.connection_class)
         built = kind.redis(connection_pool=pool, retry=retry)

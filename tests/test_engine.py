@@ -935,28 +935,10 @@ def test_server_that_stops_answering(
     admin.close()
 
 
-# A bug this case found (xfail, strict: it turns red once fixed). celery_hilok's make_client
-# passes its Retry (RETRIES=1) to Redis(connection_pool=..., retry=...), where redis-py
-# ignores it: connections retry nothing. Since redis-py 8.1 the asyncio pool no longer
-# replaces a connection the server closed (its check is skipped while maint_notifications
-# is "auto"), so after a restart the asyncio driver's first call fails instead of
-# reconnecting. The sync pool still replaces it; so did the asyncio one before 8.1.
-REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:2])
-RETRY_NOT_APPLIED = pytest.mark.xfail(
-    REDIS_PY >= (8, 1),
-    raises=HiLokConnectionError,
-    strict=True,
-    reason=(
-        "bug: make_client's Retry never reaches the connections (redis-py ignores retry= "
-        "next to connection_pool=), and redis-py >= 8.1's asyncio pool hands out the "
-        "connection the restart closed: HiLokConnectionError instead of reconnecting"
-    ),
-)
-
-
-@pytest.mark.parametrize(
-    "driver", ["sync", pytest.param("asyncio", marks=RETRY_NOT_APPLIED)], indirect=True
-)
+# Regression: the client's Retry (RETRIES=1) must reach its pool's connections (redis-py
+# ignores a retry= next to connection_pool=). Without it, since redis-py 8.1 the asyncio
+# pool hands out the connection the restart closed, and the first call after a restart
+# failed with HiLokConnectionError instead of reconnecting.
 def test_restart_loses_locks_but_scripts_come_back(
     driver: Driver, redis_server_factory: Callable[..., RedisServer], namespace: str
 ) -> None:
