@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from .aio import AsyncHiLok
 from .celery import HiLokTask, TaskLocks, hilok_lease_lost
-from .compat import RedisHiLok, RedisHiLokError, RedisHiLokStatus
 from .errors import (
     HiLokConnectionError,
     HiLokError,
@@ -14,6 +13,7 @@ from .errors import (
     LockNotReplicated,
 )
 from .lease import Holder, Lease, LockStatus, QueuedRequest
+from .seed import RedisHiLok, RedisHiLokError, RedisHiLokStatus
 from .sync import HiLok
 
 __version__ = "0.1.0"
