@@ -45,13 +45,6 @@ def option(task: Any, name: str) -> Any:
     return setting(task.app.conf, name) if value is None else value
 
 
-def keeps(task: Any) -> bool:
-    """Does ``task`` hand its locks to the next step? Only a HiLokTask with hilok_keep."""
-    from .task import HiLokTask
-
-    return isinstance(task, HiLokTask) and bool(option(task, "hilok_keep"))
-
-
 class TaskLocks:
     """The locks of one task execution, available in the body as ``self.hilok``.
 
@@ -331,8 +324,12 @@ class TaskLocks:
             headers[HEADER] = handover.encode()
         self._handed_over = True
 
-    def finish(self, state: str | None) -> None:
-        """The task's way out (``task_postrun``): release, unless handed over already."""
+    def finish(self, state: str | None, *, keep: bool) -> None:
+        """The task's way out (``task_postrun``): release, unless handed over already.
+
+        ``keep``: whether the task, if it succeeded, hands its locks to the next step of its
+        chain (a ``HiLokTask`` with ``hilok_keep``: :func:`~celery_hilok.celery.task.keeps`).
+        """
         if self._finished:
             return
         try:
@@ -341,8 +338,7 @@ class TaskLocks:
             if state == "RETRY":
                 self.hand_to_retry(None)
                 return
-            keep = state == "SUCCESS" and keeps(self._task)
-            if keep and self.handle is not None and _eager_stash(self):
+            if state == "SUCCESS" and keep and self.handle is not None and _eager_stash(self):
                 return
             leases = self.leases
             if leases:
