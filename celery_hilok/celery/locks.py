@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
+from celery.utils.dispatch import Signal
+
 from .._core import check_handle, new_handle
 from ..errors import LockLost, LockNotAcquired
 from ..lease import Lease
@@ -147,17 +149,17 @@ class TaskLocks:
         if self._events_from is not None:
             send_task_event(self._task.app, self.task_id, self._events_from, hilok=state, **fields)
 
+    def _tell(self, signal: Signal, sent: dict[str, Any], state: str, **fields: Any) -> None:
+        """Send ``signal`` (from the task, with its id, ``sent`` and ``locks=self``), then the
+        task-hilok event ``state`` with ``fields``."""
+        signal.send(sender=self._task, task_id=self.task_id, **sent, locks=self)
+        self._event(state, **fields)
+
     def _acquired(self, leases: Sequence[Lease], wait: float, attempt: int) -> None:
         contended = any(lease.contended for lease in leases)
-        hilok_lock_acquired.send(
-            sender=self._task,
-            task_id=self.task_id,
-            leases=list(leases),
-            wait=wait,
-            contended=contended,
-            locks=self,
-        )
-        self._event(
+        self._tell(
+            hilok_lock_acquired,
+            {"leases": list(leases), "wait": wait, "contended": contended},
             "acquired",
             hilok_locks=lock_fields(leases),
             hilok_wait=round(wait, 6),
@@ -168,15 +170,9 @@ class TaskLocks:
     def _refused(
         self, error: LockNotAcquired, action: str, attempt: int, countdown: float | None = None
     ) -> None:
-        hilok_lock_refused.send(
-            sender=self._task,
-            task_id=self.task_id,
-            error=error,
-            action=action,
-            countdown=countdown,
-            locks=self,
-        )
-        self._event(
+        self._tell(
+            hilok_lock_refused,
+            {"error": error, "action": action, "countdown": countdown},
             "contended",
             hilok_action=action,
             hilok_path=error.path,
@@ -190,15 +186,9 @@ class TaskLocks:
         now = time.monotonic()
         known = [now - lease.granted_at for lease in leases if lease.granted_at is not None]
         hold = max(known) if known else None
-        hilok_lock_released.send(
-            sender=self._task,
-            task_id=self.task_id,
-            leases=list(leases),
-            why=why,
-            hold=hold,
-            locks=self,
-        )
-        self._event(
+        self._tell(
+            hilok_lock_released,
+            {"leases": list(leases), "why": why, "hold": hold},
             "released",
             hilok_locks=lock_fields(leases),
             hilok_hold=None if hold is None else round(hold, 6),
@@ -214,8 +204,7 @@ class TaskLocks:
             lease.mode,
             lease.path,
         )
-        hilok_lease_lost.send(sender=task, task_id=self.task_id, lease=lease, locks=self)
-        self._event("lost", hilok_locks=lock_fields([lease]))
+        self._tell(hilok_lease_lost, {"lease": lease}, "lost", hilok_locks=lock_fields([lease]))
 
     def _adopt(self, handover: Handover, request: Any) -> None:
         """Run as ``handover.handle`` and take over the locks it lists, renewed at once.
