@@ -280,7 +280,7 @@ OLDEST_TESTS = (
     "tests/celery",
     "tests/test_engine.py",
     "tests/test_aio.py",
-    "tests/test_compat.py",
+    "tests/test_seed.py",
     "tests/test_cluster.py",
     "tests/test_sentinel.py",
     "tests/test_metrics.py",

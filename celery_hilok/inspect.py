@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ._core import MODE_CODES, parse_member
+from ._core import MODE_CODES, Request, parse_member, related
 from .lease import Lease
 from .paths import decode_canonical, parse_path
 from .sync import HiLok
@@ -116,7 +116,7 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
             handle, grant_mode, canonical = parse_member(member)
             if canonical != node or (key.endswith(":is") and grant_mode != "read-node"):
                 continue
-            if focus is not None and not _on_line(canonical, focus):
+            if focus is not None and not related(canonical, focus):
                 continue
             hkey = f"{tree_prefix}:h:{handle}"
             grants.append((handle, grant_mode, canonical, (score - now_ms) / 1000, hkey))
@@ -134,7 +134,7 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
             if expiry is None or expiry <= now_ms:
                 continue
             handle, wait_mode, canonical = parse_member(member)
-            if focus is not None and not _on_line(canonical, focus):
+            if focus is not None and not related(canonical, focus):
                 continue
             text = decode_canonical(canonical, sep)
             ttl = round((expiry - now_ms) / 1000, 3)
@@ -178,17 +178,9 @@ def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
 
 def leases_of(hl: HiLok, grants: list[Grant]) -> Iterator[Lease]:
     """Leases standing for ``grants`` (to release them by their holders' handles)."""
-    from ._core import Request
-
     for grant in grants:
         request = Request(parse_path(grant.path, hl.separator), grant.mode)  # type: ignore[arg-type]
         yield Lease(request, grant.handle, grant.token or 0, hl.ttl, hl)
-
-
-def _on_line(a: str, b: str) -> bool:
-    from ._core import related
-
-    return related(a, b)
 
 
 def _int(value: object) -> int | None:

@@ -1,8 +1,9 @@
 """Celery integration: :class:`HiLokTask`, a task base that runs its body under locks.
 
-Importing this package (``celery_hilok`` does) connects the signal receivers that hand
-handles between chain steps and release locks on every way out of a task. See
-docs/celery.md for the guide.
+Importing this package connects the signal receivers that hand handles between chain
+steps and release locks on every way out of a task. ``import celery_hilok`` alone does
+not import it (nor Celery); using one of the names it gives the root package
+(``from celery_hilok import HiLokTask``) does. See docs/celery.md for the guide.
 """
 
 from __future__ import annotations

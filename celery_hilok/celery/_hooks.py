@@ -25,15 +25,11 @@ from celery import signals
 from celery._state import get_current_app, get_current_task
 
 from ._runtime import ATTEMPT_HEADER, HEADER, Handover, close_runtimes, runtime
-from .locks import STATE_ATTR, begin, keeps, locks_of
+from .locks import STATE_ATTR, begin, locks_of
+from .request import release_in_main_process
+from .task import HiLokTask, keeps
 
 log = logging.getLogger("celery_hilok.celery")
-
-
-def _is_hilok_task(task: Any) -> bool:
-    from .task import HiLokTask
-
-    return isinstance(task, HiLokTask)
 
 
 def on_before_publish(
@@ -79,7 +75,7 @@ def _is_contention_retry(headers: dict[str, Any], request: Any) -> bool:
 
 
 def on_prerun(task: Any = None, **_: Any) -> None:
-    if task is None or _is_hilok_task(task):
+    if task is None or isinstance(task, HiLokTask):
         return  # a HiLokTask does this in before_start, where it may still refuse to run
     request = task.request
     if Handover.of_request(request) is None and not getattr(request, "is_eager", False):
@@ -98,15 +94,13 @@ def on_postrun(task: Any = None, state: str | None = None, **_: Any) -> None:
         return
     held = locks_of(task.request)
     if held is not None:
-        held.finish(state)
+        held.finish(state, keep=keeps(task))
 
 
 def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
-    from .request import release_in_main_process
-
     if request is None or sender is None:
         return
-    if Handover.of_request(request) is not None or (terminated and _is_hilok_task(sender)):
+    if Handover.of_request(request) is not None or (terminated and isinstance(sender, HiLokTask)):
         why = "terminated (revoked)" if terminated else "revoked before it ran"
         release_in_main_process(sender, request, why)
 
@@ -114,7 +108,7 @@ def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False
 def on_process_init(**_: Any) -> None:
     app = get_current_app()
     try:
-        if any(_is_hilok_task(t) for t in app.tasks.values()):
+        if any(isinstance(t, HiLokTask) for t in app.tasks.values()):
             runtime(app)
     except Exception as exc:
         log.warning("celery_hilok: no lock client in this worker process yet: %s", exc)

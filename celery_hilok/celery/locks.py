@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
+from celery.utils.dispatch import Signal
+
 from .._core import check_handle, new_handle
 from ..errors import LockLost, LockNotAcquired
 from ..lease import Lease
@@ -43,13 +45,6 @@ def option(task: Any, name: str) -> Any:
     """A task option: the task's own value, else the app's ``hilok_*`` setting, else default."""
     value = getattr(task, name, None)
     return setting(task.app.conf, name) if value is None else value
-
-
-def keeps(task: Any) -> bool:
-    """Does ``task`` hand its locks to the next step? Only a HiLokTask with hilok_keep."""
-    from .task import HiLokTask
-
-    return isinstance(task, HiLokTask) and bool(option(task, "hilok_keep"))
 
 
 class TaskLocks:
@@ -154,17 +149,17 @@ class TaskLocks:
         if self._events_from is not None:
             send_task_event(self._task.app, self.task_id, self._events_from, hilok=state, **fields)
 
+    def _tell(self, signal: Signal, sent: dict[str, Any], state: str, **fields: Any) -> None:
+        """Send ``signal`` (from the task, with its id, ``sent`` and ``locks=self``), then the
+        task-hilok event ``state`` with ``fields``."""
+        signal.send(sender=self._task, task_id=self.task_id, **sent, locks=self)
+        self._event(state, **fields)
+
     def _acquired(self, leases: Sequence[Lease], wait: float, attempt: int) -> None:
         contended = any(lease.contended for lease in leases)
-        hilok_lock_acquired.send(
-            sender=self._task,
-            task_id=self.task_id,
-            leases=list(leases),
-            wait=wait,
-            contended=contended,
-            locks=self,
-        )
-        self._event(
+        self._tell(
+            hilok_lock_acquired,
+            {"leases": list(leases), "wait": wait, "contended": contended},
             "acquired",
             hilok_locks=lock_fields(leases),
             hilok_wait=round(wait, 6),
@@ -175,15 +170,9 @@ class TaskLocks:
     def _refused(
         self, error: LockNotAcquired, action: str, attempt: int, countdown: float | None = None
     ) -> None:
-        hilok_lock_refused.send(
-            sender=self._task,
-            task_id=self.task_id,
-            error=error,
-            action=action,
-            countdown=countdown,
-            locks=self,
-        )
-        self._event(
+        self._tell(
+            hilok_lock_refused,
+            {"error": error, "action": action, "countdown": countdown},
             "contended",
             hilok_action=action,
             hilok_path=error.path,
@@ -197,15 +186,9 @@ class TaskLocks:
         now = time.monotonic()
         known = [now - lease.granted_at for lease in leases if lease.granted_at is not None]
         hold = max(known) if known else None
-        hilok_lock_released.send(
-            sender=self._task,
-            task_id=self.task_id,
-            leases=list(leases),
-            why=why,
-            hold=hold,
-            locks=self,
-        )
-        self._event(
+        self._tell(
+            hilok_lock_released,
+            {"leases": list(leases), "why": why, "hold": hold},
             "released",
             hilok_locks=lock_fields(leases),
             hilok_hold=None if hold is None else round(hold, 6),
@@ -221,8 +204,7 @@ class TaskLocks:
             lease.mode,
             lease.path,
         )
-        hilok_lease_lost.send(sender=task, task_id=self.task_id, lease=lease, locks=self)
-        self._event("lost", hilok_locks=lock_fields([lease]))
+        self._tell(hilok_lease_lost, {"lease": lease}, "lost", hilok_locks=lock_fields([lease]))
 
     def _adopt(self, handover: Handover, request: Any) -> None:
         """Run as ``handover.handle`` and take over the locks it lists, renewed at once.
@@ -331,8 +313,12 @@ class TaskLocks:
             headers[HEADER] = handover.encode()
         self._handed_over = True
 
-    def finish(self, state: str | None) -> None:
-        """The task's way out (``task_postrun``): release, unless handed over already."""
+    def finish(self, state: str | None, *, keep: bool) -> None:
+        """The task's way out (``task_postrun``): release, unless handed over already.
+
+        ``keep``: whether the task, if it succeeded, hands its locks to the next step of its
+        chain (a ``HiLokTask`` with ``hilok_keep``: :func:`~celery_hilok.celery.task.keeps`).
+        """
         if self._finished:
             return
         try:
@@ -341,8 +327,7 @@ class TaskLocks:
             if state == "RETRY":
                 self.hand_to_retry(None)
                 return
-            keep = state == "SUCCESS" and keeps(self._task)
-            if keep and self.handle is not None and _eager_stash(self):
+            if state == "SUCCESS" and keep and self.handle is not None and _eager_stash(self):
                 return
             leases = self.leases
             if leases:

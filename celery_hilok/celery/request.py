@@ -21,6 +21,7 @@ from celery.worker.request import Request
 from .._core import new_handle
 from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX, WORKER_KEY
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
+from .task import HiLokTask
 
 __all__ = ["HiLokRequest", "release_in_main_process"]
 
@@ -106,7 +107,6 @@ def release_in_main_process(
     handle: the handed-over one, else the fresh one its :class:`HiLokRequest` made.
     Returns that handle and the (path, mode) pairs released, if any.
     """
-    from .task import HiLokTask
 
     def value(key: str) -> Any:
         data = getattr(request, "request_dict", None)

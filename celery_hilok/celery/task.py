@@ -18,7 +18,7 @@ from .config import TASK_OPTIONS, check_task_option, setting
 from .locks import TaskLocks, begin, explicit_handover, locks_of, option
 from .spec import LockSpec, Mode, task_signature
 
-__all__ = ["HiLokTask"]
+__all__ = ["HiLokTask", "keeps"]
 
 log = logging.getLogger("celery_hilok.celery")
 
@@ -196,6 +196,11 @@ class HiLokTask(Task):  # type: ignore[misc]
         """Celery's ``apply`` (eager run); also takes ``hilok_handle=h``."""
         explicit_handover(options)
         return super().apply(args, kwargs, *more, **options)
+
+
+def keeps(task: Any) -> bool:
+    """Does ``task`` hand its locks to the next step? Only a HiLokTask with hilok_keep."""
+    return isinstance(task, HiLokTask) and bool(option(task, "hilok_keep"))
 
 
 def _contention_retries(request: Any) -> int:

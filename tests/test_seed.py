@@ -762,7 +762,7 @@ async def _counter_role(url: str, namespace: str, role: str, node: str) -> None:
 def test_processes_read_modify_write_shared_counters_exactly(
     redis_url: str, redis_client: redis.Redis, namespace: str, tmp_path: Path
 ) -> None:
-    code = "import sys; from tests.test_compat import counter_process as p; p(*sys.argv[1:])"
+    code = "import sys; from tests.test_seed import counter_process as p; p(*sys.argv[1:])"
     roles = [(role, node) for node in TREE for role in ("writer", "reader")]
     logs = [tmp_path / f"{role}-{node.replace('/', '.')}.log" for role, node in roles]
     procs = []
