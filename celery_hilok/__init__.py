@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._engine import AcquireOptions
+from ._version import __version__
 from .aio import AsyncHiLok
 from .errors import (
     HiLokConnectionError,
@@ -27,9 +29,9 @@ from .sync import HiLok
 if TYPE_CHECKING:
     from .celery import HiLokTask, TaskLocks, hilok_lease_lost
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "AcquireOptions",
     "AsyncHiLok",
     "HiLok",
     "HiLokConnectionError",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec
 
 from ._core import Mode, Request
+from ._version import __version__
 
 if TYPE_CHECKING:
     from .errors import LockNotAcquired
@@ -372,7 +373,6 @@ class OpenTelemetryObserver(Observer):
             raise ImportError(
                 f"OpenTelemetryObserver needs opentelemetry-api: {INSTALL_HINT}"
             ) from exc
-        from . import __version__
 
         meter = otel.get_meter("celery_hilok", __version__) if meter is None else meter
         self.wait = meter.create_histogram(

@@ -25,28 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Concatenate,
-    Final,
-    Literal,
-    ParamSpec,
-    TypeAlias,
-    TypeVar,
-    cast,
-)
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, cast
 
 from ._core import Mode, Request, check_handle
 from .aio import AsyncClient, AsyncHiLok, _shielded
 from .errors import HiLokError, InvalidArgument, LockLost
 from .lease import Lease, LockStatus
 from .paths import parse_path
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["RedisHiLok", "RedisHiLokError", "RedisHiLokStatus"]
 
@@ -59,67 +51,17 @@ _ENGINE_MODES: Final[dict[SeedMode, Mode]] = {"read": "read-node", "write": "wri
 contract); its write covers the subtree, exactly like the engine's ``write``."""
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_Acquired = tuple[AsyncHiLok, Lease]
-"""What an acquire (or restore) of a seed lock gives: the engine it is held with, and it."""
+class SeedOptions(TypedDict, total=False):
+    """The keyword arguments of the seed's four lock calls (``acquire_read``,
+    ``acquire_write``, ``read``, ``write``): ``block=True``, ``timeout=None`` (seconds, as in
+    the seed), ``uuid=None`` (restore the lock that uuid holds)."""
 
-if TYPE_CHECKING:
-    # RedisHiLok._acquire, and a method that takes what it takes after the mode.
-    _Acquire: TypeAlias = Callable[Concatenate["RedisHiLok", SeedMode, _P], Awaitable[_Acquired]]
-    _Method: TypeAlias = Callable[Concatenate["RedisHiLok", _P], _R]
-
-
-def _pair(
-    kind: Callable[[_Acquire[_P], SeedMode], _Method[_P, _R]],
-    acquire: _Acquire[_P],
-    name: str,
-    read_doc: str,
-    write_doc: str,
-) -> tuple[_Method[_P, _R], _Method[_P, _R]]:
-    """The read and the write method ``name`` (``{}`` standing for the mode) of one seed
-    call, made by ``kind`` from ``acquire``: each takes what ``acquire`` takes after the mode.
-    """
-    full = inspect.signature(acquire)
-    modes: tuple[tuple[SeedMode, str], ...] = (("read", read_doc), ("write", write_doc))
-    methods = []
-    for mode, doc in modes:
-        method = kind(acquire, mode)
-        method.__name__ = name.format(mode)
-        method.__qualname__ = f"RedisHiLok.{method.__name__}"
-        method.__doc__ = doc
-        method.__signature__ = full.replace(  # type: ignore[attr-defined]
-            parameters=[p for p in full.parameters.values() if p.name != "mode"],
-            return_annotation=inspect.signature(method).return_annotation,
-        )
-        methods.append(method)
-    return methods[0], methods[1]
+    block: bool
+    timeout: float | None
+    uuid: str | None
 
 
-def _returning_uuid(acquire: _Acquire[_P], mode: SeedMode) -> _Method[_P, Coroutine[Any, Any, str]]:
-    """``acquire_read`` / ``acquire_write``: acquire, return the uuid."""
-
-    async def method(self: RedisHiLok, /, *args: _P.args, **kwargs: _P.kwargs) -> str:
-        _, lease = await acquire(self, mode, *args, **kwargs)
-        return lease.handle
-
-    return method
-
-
-def _holding(
-    acquire: _Acquire[_P], mode: SeedMode
-) -> _Method[_P, AbstractAsyncContextManager[str]]:
-    """``read`` / ``write``: acquire on entry, then hold for the block, yielding the uuid."""
-
-    @asynccontextmanager
-    async def method(
-        self: RedisHiLok, /, *args: _P.args, **kwargs: _P.kwargs
-    ) -> AsyncIterator[str]:
-        engine, lease = await acquire(self, mode, *args, **kwargs)
-        async with self._hold(engine, lease, mode) as handle:
-            yield handle
-
-    return method
+_SEED_OPTIONS: Final = frozenset(SeedOptions.__annotations__)
 
 
 class RedisHiLokError(RuntimeError):
@@ -199,49 +141,8 @@ class RedisHiLok:
         return self._engine().redis
 
     # -- locking ------------------------------------------------------------------------
-    #
-    # The seed's calls come in pairs, a read and a write one: _pair makes both from one
-    # function of the mode (_returning_uuid, _holding), taking what _acquire takes after it.
 
-    async def _acquire(
-        self,
-        mode: SeedMode,
-        path: str,
-        *,
-        block: bool = True,
-        timeout: float | None = None,
-        uuid: str | None = None,
-    ) -> _Acquired:
-        engine = self._engine()
-        if uuid:  # restore: renew what that uuid holds, never grant anything new
-            lease = self._lease_of(engine, path, mode, uuid)
-            try:
-                (held,) = await engine.refresh_many([lease])
-            except HiLokError as exc:
-                raise RedisHiLokError(str(exc)) from exc
-            if not held:
-                raise RedisHiLokError(f"cannot restore {_not_held(lease, mode)}")
-            return engine, lease
-        if timeout is not None and timeout < 0:
-            timeout = 0.0  # the seed tried once
-        try:
-            lease = await engine.acquire(
-                path,
-                _ENGINE_MODES[mode],
-                block=block,
-                timeout=timeout,
-                ttl=self.ttl / 1000,
-            )
-        except InvalidArgument:
-            raise
-        except HiLokError as exc:
-            raise RedisHiLokError(str(exc)) from exc
-        return engine, lease
-
-    acquire_read, acquire_write = _pair(
-        _returning_uuid,
-        _acquire,
-        "acquire_{}",
+    async def acquire_read(self, path: str, **options: Unpack[SeedOptions]) -> str:
         """Acquire a read lock on ``path`` (the node only) and return its uuid.
 
         The lock is not refreshed: it runs out after ``ttl`` ms unless renewed by calling
@@ -249,9 +150,14 @@ class RedisHiLok:
         :class:`RedisHiLokError` when the lock is not granted at once (``block=False``) or
         within ``timeout`` seconds, or when ``uuid`` does not hold it; ``ValueError`` for an
         empty path.
-        """,
-        """Acquire a write lock on ``path`` and its subtree; see :meth:`acquire_read`.""",
-    )
+        """
+        _, lease = await self._acquire(path, "read", options)
+        return lease.handle
+
+    async def acquire_write(self, path: str, **options: Unpack[SeedOptions]) -> str:
+        """Acquire a write lock on ``path`` and its subtree; see :meth:`acquire_read`."""
+        _, lease = await self._acquire(path, "write", options)
+        return lease.handle
 
     async def release_read(self, path: str, uuid: str) -> None:
         """Release the read lock ``uuid`` holds on ``path``.
@@ -265,10 +171,8 @@ class RedisHiLok:
         """Release the write lock ``uuid`` holds on ``path``; see :meth:`release_read`."""
         await self._release_uuid(path, "write", uuid)
 
-    read, write = _pair(
-        _holding,
-        _acquire,
-        "{}",
+    @asynccontextmanager
+    async def read(self, path: str, **options: Unpack[SeedOptions]) -> AsyncIterator[str]:
         """Hold a read lock on ``path`` for the block, refreshed in the background; yields
         its uuid.
 
@@ -276,9 +180,15 @@ class RedisHiLok:
         Raises as :meth:`acquire_read` does on entry. On a normal exit, raises
         :class:`RedisHiLokError` if the lock was lost meanwhile; with
         ``cancel_on_lock_failure`` a loss seen by the refresh cancels the task at once.
-        """,
-        """Hold a write lock on ``path`` and its subtree for the block; see :meth:`read`.""",
-    )
+        """
+        async with self._hold(path, "read", options) as handle:
+            yield handle
+
+    @asynccontextmanager
+    async def write(self, path: str, **options: Unpack[SeedOptions]) -> AsyncIterator[str]:
+        """Hold a write lock on ``path`` and its subtree for the block; see :meth:`read`."""
+        async with self._hold(path, "write", options) as handle:
+            yield handle
 
     async def status(self, path: str, uuid: str) -> list[RedisHiLokStatus]:
         """One :class:`RedisHiLokStatus` per level of ``path``, root first, as seen by
@@ -358,6 +268,43 @@ class RedisHiLok:
             if self._loops.get(loop) is entry:
                 del self._loops[loop]
 
+    async def _acquire(
+        self, path: str, mode: SeedMode, options: SeedOptions
+    ) -> tuple[AsyncHiLok, Lease]:
+        unknown = set(options) - _SEED_OPTIONS
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        block, timeout, uuid = (
+            options.get("block", True),
+            options.get("timeout"),
+            options.get("uuid"),
+        )
+        engine = self._engine()
+        if uuid:  # restore: renew what that uuid holds, never grant anything new
+            lease = self._lease_of(engine, path, mode, uuid)
+            try:
+                (held,) = await engine.refresh_many([lease])
+            except HiLokError as exc:
+                raise RedisHiLokError(str(exc)) from exc
+            if not held:
+                raise RedisHiLokError(f"cannot restore {_not_held(lease, mode)}")
+            return engine, lease
+        if timeout is not None and timeout < 0:
+            timeout = 0.0  # the seed tried once
+        try:
+            lease = await engine.acquire(
+                path,
+                _ENGINE_MODES[mode],
+                block=block,
+                timeout=timeout,
+                ttl=self.ttl / 1000,
+            )
+        except InvalidArgument:
+            raise
+        except HiLokError as exc:
+            raise RedisHiLokError(str(exc)) from exc
+        return engine, lease
+
     def _lease_of(self, engine: AsyncHiLok, path: str, mode: SeedMode, uuid: object) -> Lease:
         """A lease naming the grant ``uuid`` would hold; raises ValueError for a bad path."""
         request = Request(parse_path(path, engine.separator), _ENGINE_MODES[mode])
@@ -386,7 +333,8 @@ class RedisHiLok:
             raise RedisHiLokError(str(exc)) from exc
 
     @asynccontextmanager
-    async def _hold(self, engine: AsyncHiLok, lease: Lease, mode: SeedMode) -> AsyncIterator[str]:
+    async def _hold(self, path: str, mode: SeedMode, options: SeedOptions) -> AsyncIterator[str]:
+        engine, lease = await self._acquire(path, mode, options)
         task = asyncio.current_task()
         inside = True
         try:

@@ -33,7 +33,7 @@ def test_version_has_one_source() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'dynamic = ["version"]' in pyproject
     assert not re.search(r"^version\s*=\s*[\"']", pyproject, re.M)  # no second copy
-    assert 'version = { attr = "celery_hilok.__version__" }' in pyproject
+    assert 'version = { attr = "celery_hilok._version.__version__" }' in pyproject
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert f"## {celery_hilok.__version__}" in changelog
 
