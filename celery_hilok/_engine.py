@@ -648,12 +648,14 @@ class Client(Generic[C]):
         for lease in self._refresher.schedule.lost(leases, alive, time.monotonic()):
             report_lost(lease)
 
-    def _release(self, leases: Sequence[Lease]) -> Flow[None]:
+    def _release(self, leases: Sequence[Lease]) -> Flow[list[int]]:
+        """Release ``leases``; the release script's code for each one not released before
+        (1 released, 2 had run out, 0 not held)."""
         todo = [lease for lease in leases if not lease.released]
         for lease in todo:
             self._refresher.schedule.discard(lease)
         if not todo:
-            return
+            return []
         items = [(lease.handle, lease.request) for lease in todo]
         batches = self._protocol.release_batches(items, self._cluster)
         # Once asked for, a release is carried out even if the caller is cancelled meanwhile
@@ -662,16 +664,18 @@ class Client(Generic[C]):
         lost: list[Lease] = []
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
-            if code != 1:
+            # LockLost needs evidence that the lease ran out: Redis saw it expire (2), or
+            # a refresh of this lease found it gone. Otherwise a grant found not held (0)
+            # was released already (through another Lease of the same grant, or by this
+            # very release whose reply was lost and resent) and a release twice is fine.
+            if code == 2 or (code == 0 and lease.lost):
                 found_lost(lease, "release")
                 lost.append(lease)
         if metrics._observers:
             metrics.released(todo, codes)
         if lost:
-            raise LockLost(
-                "released a lease that was no longer held (it ran out or was released "
-                f"elsewhere): {_describe(lost)}"
-            )
+            raise LockLost(f"released a lease that had run out: {_describe(lost)}")
+        return codes
 
     def _release_quietly(self, leases: Sequence[Lease]) -> Flow[None]:
         try:

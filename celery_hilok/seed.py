@@ -325,12 +325,16 @@ class RedisHiLok:
         await self._release(engine, self._lease_of(engine, path, mode, uuid), mode)
 
     async def _release(self, engine: AsyncHiLok, lease: Lease, mode: SeedMode) -> None:
+        # The seed's release is checked: freeing nothing is an error there (the engine's
+        # own release of a grant released already is not), so read the release codes.
         try:
-            await engine.release(lease)
+            codes = await engine._drive(engine._release([lease]))
         except LockLost as exc:
             raise RedisHiLokError(f"cannot release {_not_held(lease, mode)}") from exc
         except HiLokError as exc:
             raise RedisHiLokError(str(exc)) from exc
+        if codes and codes[0] != 1:
+            raise RedisHiLokError(f"cannot release {_not_held(lease, mode)}")
 
     @asynccontextmanager
     async def _hold(self, path: str, mode: SeedMode, options: SeedOptions) -> AsyncIterator[str]:

@@ -5,8 +5,10 @@
 --       path. Scope "" releases the grants; "-" leaves them alone (only the wait queue is
 --       left); any other value is the nonce of an acquire call whose reply was lost, and
 --       releases only grants made by that call (not renewed by it).
--- Reply: per grant 1 (a live grant was released), 2 (its lease had already run out),
---        0 (not held: never granted, or already released).
+-- Reply: per grant 1 (a live grant was released), 2 (its lease had already run out: its
+--        marks or its holder entry say so), 0 (not held: never granted, or already
+--        released, say through another copy of its lease or by a call whose reply was lost
+--        and that redis-py sent again).
 --
 -- Only members carrying the caller's handle are touched, so nobody can release another
 -- holder's lock. Releasing twice is harmless. When anyone waits in the tree, the released
@@ -24,18 +26,23 @@ local notify = {}
 for i, g in ipairs(grants) do
   local member = handle .. '|' .. g.mode .. '|' .. g.path
   local leaf = KEYS[block_of(g, g.depth)]
+  local field = g.mode .. '|' .. g.path
   local score = tonumber(redis.call('ZSCORE', leaf, member))
-  if score == nil then result[i] = 0 elseif score > NOW then result[i] = 1 else result[i] = 2 end
+  if score == nil then
+    -- its marks are gone: released (0), unless its holder entry shows it ran out (2)
+    local entry = redis.call('HGET', g.hkey, field)
+    result[i] = (entry and select(2, split_entry(entry)) <= NOW) and 2 or 0
+  elseif score > NOW then result[i] = 1 else result[i] = 2 end
   local keep = scope == '-'
   if not keep and scope ~= '' then
-    local entry = redis.call('HGET', g.hkey, g.mode .. '|' .. g.path)
+    local entry = redis.call('HGET', g.hkey, field)
     keep = not entry or select(3, split_entry(entry)) ~= scope
   end
   if keep then
     result[i] = 0
   else
     for level = 1, g.depth do redis.call('ZREM', KEYS[block_of(g, level)], member) end
-    redis.call('HDEL', g.hkey, g.mode .. '|' .. g.path)
+    redis.call('HDEL', g.hkey, field)
   end
   local q = tree_key(g.tree, 1)
   if redis.call('EXISTS', q) == 1 then  -- somebody waits in this tree

@@ -1,8 +1,9 @@
 """A small TCP proxy on 127.0.0.1 between clients and Redis, for fault injection.
 
 It forwards bytes both ways and can add latency to every chunk (``delay``), stop
-forwarding without closing anything (``pause`` / ``resume``), and close every open
-connection at once (``cut``). Threads only; standard library only.
+forwarding without closing anything (``pause`` / ``resume``), close every open
+connection at once (``cut``), and lose the next reply (``drop_next_reply``: the server has
+run the command, the client never hears of it). Threads only; standard library only.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class FaultProxy:
         self.port: int = self._listener.getsockname()[1]
         self.accepted = 0
         self.cuts = 0
+        self._drop_reply = threading.Event()
+        self.dropped = threading.Event()  # set once an armed reply was dropped
 
     @property
     def url(self) -> str:
@@ -73,9 +76,9 @@ class FaultProxy:
                 self._conns += [client, upstream]
                 self.accepted += 1
             self._spawn(self._pump, client, upstream)
-            self._spawn(self._pump, upstream, client)
+            self._spawn(self._pump, upstream, client, True)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool = False) -> None:
         try:
             while not self._stopping.is_set():
                 try:
@@ -84,6 +87,10 @@ class FaultProxy:
                     continue
                 if not data:
                     break
+                if replies and self._drop_reply.is_set():
+                    self._drop_reply.clear()
+                    self.dropped.set()
+                    break  # the reply is lost with the connection (closed below)
                 if self.delay > 0:
                     time.sleep(self.delay)  # injected latency, not synchronisation
                 while not self._flowing.wait(POLL):  # paused: hold the bytes back
@@ -114,6 +121,11 @@ class FaultProxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def drop_next_reply(self) -> None:
+        """Lose the next reply any connection gets from Redis, and close that connection."""
+        self.dropped.clear()
+        self._drop_reply.set()
 
     def cut(self) -> int:
         """Close every open connection (both sides); return how many were closed."""
