@@ -11,6 +11,8 @@ Layout:
 - :mod:`benchmarks.seed_bench`: the seed's side, run inside its own virtualenv
   (``benchmarks/.seed-venv``, built by :mod:`benchmarks.seed`) as a subprocess;
 - :mod:`benchmarks.celery_bench`: no-op tasks through a real prefork worker;
+- :mod:`benchmarks.contention`: issue 12's rows, the engine under contention (waiters
+  elsewhere in the tree, drains, hot hand-off, memory, channels, SLOWLOG, big acquires);
 - :mod:`benchmarks.report`: the table, ratios, targets and chart;
 - :mod:`benchmarks.run`: the command line, which runs all of it against one redis-server.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,30 @@ FAIR_SLACK_MS = 10.0
 # "One command per tick": a counting window of 8 ticks can catch one tick more or less.
 REFRESH_PER_TICK = 1.25
 CELERY_LOCKED_SHARE = 0.85
+
+# Targets of issue 12 (the engine under contention).
+ELSEWHERE_RATIO = 1.2
+DRAIN_CALLS_PER_WAITER = 3.0
+DRAIN_TIME_SLACK = 1.25  # 4x the waiters, at most 5x the time
+HOT_SEED_RATIO = 2.0
+# A grant by hand-off: the waiter's one acquire call (refused, queued) and its release,
+# which grants the next holder.
+HOT_CALLS_PER_GRANT = 2.0
+MEMORY_SLACK = 10
+MAX_CHANNELS = 10
+MAX_SCRIPT_MS = 5.0
+HOLDER_MS = 1.0
+#: The "now" column of issue 12's table, as measured when the issue was filed.
+ISSUE12_NOW = {
+    1: "2.75x at 1,000 waiters (10,000 waiters: 18.6 ms a call)",
+    2: "400 waiters: 11.8 s, 196 calls per waiter; 100 waiters: 0.6 s, 31 per waiter",
+    3: "4 script calls per grant",
+    4: "20,002 members left",
+    5: "2,000 channels",
+    6: "one 60 ms script (depth 32: 200-440 ms)",
+    7: "HiLokError ... too many results to unpack",
+    8: "11.7 ms; 10-18 ms each",
+}
 
 
 # -- lookups ----------------------------------------------------------------------------------
@@ -230,6 +255,8 @@ def markdown(results: dict[str, Any]) -> str:
         parts += ["", _refresh_section(results["refresh"])]
     if "celery" in results:
         parts += ["", _celery_section(results["celery"])]
+    if "contention" in results:
+        parts += ["", contention_section(results["contention"])]
     if results.get("targets"):
         rows = [
             [
@@ -545,6 +572,341 @@ def _celery_section(celery: dict[str, Any]) -> str:
             "inside scripts count too, evalsha is the number of script calls):",
             "",
             *commands,
+        ]
+    return "\n".join(lines)
+
+
+def _met(ok: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: DASH}[ok]
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def contention_targets(c: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each row of issue 12's table: what this run measured, the issue's "now", the target
+    and whether it is met (None: not measured, e.g. the seed with --no-seed)."""
+    out: list[dict[str, Any]] = []
+
+    def add(row: int, case: str, measured: str, goal: str, met: bool | None) -> None:
+        out.append(
+            {
+                "row": row,
+                "case": case,
+                "measured": measured,
+                "now": ISSUE12_NOW[row],
+                "goal": goal,
+                "met": met,
+            }
+        )
+
+    rows = c.get("elsewhere", [])
+    if rows:
+        add(
+            1,
+            "free acquire+release, W waiters queued on another path of the tree, vs an idle tree",
+            "; ".join(
+                f"{_n(r['waiters'])}: {r['ratio']:.2f}x ({r['busy']['median_ms']:.2f} vs "
+                f"{r['idle']['median_ms']:.2f} ms)"
+                for r in rows
+            ),
+            f"<= {ELSEWHERE_RATIO:g}x at every W",
+            all(r["ratio"] <= ELSEWHERE_RATIO for r in rows),
+        )
+    rows = c.get("drain", [])
+    if rows:
+        scaling = [
+            (b["seconds"] / a["seconds"], b["waiters"] / a["waiters"])
+            for a, b in itertools.pairwise(rows)
+            if a["seconds"] and b["seconds"]
+        ]
+        text = "; ".join(
+            f"{_n(r['waiters'])}: "
+            + (f"{r['seconds']:.2f} s" if r["seconds"] is not None else "**not drained**")
+            + f", {_n(r['script_calls'])} calls ({r['calls_per_waiter']:.1f} per waiter)"
+            for r in rows
+        )
+        text += "".join(f"; {t:.1f}x the time for {w:g}x the waiters" for t, w in scaling)
+        drained = all(
+            r["seconds"] is not None and r["calls_per_waiter"] <= DRAIN_CALLS_PER_WAITER
+            for r in rows
+        ) and all(t <= DRAIN_TIME_SLACK * w for t, w in scaling)
+        add(
+            2,
+            "W waiters on one write lock, drained by releasing it",
+            text,
+            f"<= {DRAIN_CALLS_PER_WAITER:g} script calls per waiter; 4x the waiters <= 5x the time",
+            drained,
+        )
+    hot = c.get("hot", {})
+    if hot.get("ours"):
+        h, seed = hot["ours"], hot.get("seed")
+        ratio = _div(h["rate"], seed["rate"]) if seed else None
+        fair = 2 * h["min_per_contender"] >= h["max_per_contender"]
+        text = (
+            f"{h['rate']:.0f} grants/s, {h['script_calls_per_grant']:.1f} script calls per grant, "
+            f"min/max per contender {h['min_per_contender']}/{h['max_per_contender']}"
+        )
+        if seed:
+            text += (
+                f"; seed {seed['rate']:.0f} grants/s (min/max {seed['min_per_contender']}/"
+                f"{seed['max_per_contender']}): {ratio:.2f}x the seed"
+            )
+        ok: bool | None = fair and h["script_calls_per_grant"] <= HOT_CALLS_PER_GRANT
+        if ok and ratio is None:
+            ok = None
+        elif ok and ratio is not None:
+            ok = ratio >= HOT_SEED_RATIO
+        add(
+            3,
+            f"hot lock, {len(h['per_client'])} contenders looping on write of one path",
+            text,
+            f"<= {HOT_CALLS_PER_GRANT:g} calls per grant (the release grants the next holder); "
+            f">= {HOT_SEED_RATIO:g}x the seed's grants/s; every contender >= half the luckiest",
+            ok,
+        )
+    m = c.get("memory")
+    if m:
+        add(
+            4,
+            f"{_n(m['grants'])} expired read grants under tenants/<i>/doc, one live reader, "
+            f"then {m['ops']} ordinary ops: sorted-set members left",
+            f"{_n(m['members'])} members left ({m['live_members']} live) in {m['zset_keys']} "
+            f"sorted sets",
+            f"<= live members + {MEMORY_SLACK}",
+            m["members"] <= m["live_members"] + MEMORY_SLACK,
+        )
+    ch = c.get("channels")
+    if ch:
+        add(
+            5,
+            f"{_n(ch['waits'])} contended waits, each on its own tree, one process: "
+            "channels still subscribed",
+            f"{_n(ch['channels'])} channels ({ch['contended']} waits contended)",
+            f"<= {MAX_CHANNELS}",
+            ch["channels"] <= MAX_CHANNELS,
+        )
+    rows = c.get("slowlog", [])
+    if rows:
+        add(
+            6,
+            f"{_n(rows[0]['leases'])} context-manager leases refreshed by one process: "
+            "longest single script call (SLOWLOG)",
+            "; ".join(
+                f"depth {r['depth']}: {_fmt(r['max_script_ms'], '.1f', ' ms')}" for r in rows
+            ),
+            f"<= {MAX_SCRIPT_MS:g} ms",
+            all(
+                r["max_script_ms"] is not None and r["max_script_ms"] <= MAX_SCRIPT_MS for r in rows
+            ),
+        )
+    rows = c.get("acquire_many", [])
+    if rows:
+        add(
+            7,
+            "acquire_many of N depth-2 writes",
+            "; ".join(
+                f"{_n(r['size'])}: " + ("granted" if r["ok"] else f"{r['exception']}") for r in rows
+            ),
+            "a documented limit; beyond it InvalidArgument, up front",
+            all(r["ok"] or str(r["exception"]).endswith("InvalidArgument") for r in rows),
+        )
+    hd = c.get("holder")
+    if hd:
+        add(
+            8,
+            f"a holder of {_n(hd['reads'])} reads under c/n takes write(c/n), then acquires "
+            "more while the tree has waiters",
+            f"write {hd['write_ms']:.1f} ms; next acquires median "
+            f"{hd['holder']['median_ms']:.1f} ms, max {hd['holder']['max_ms']:.1f} ms "
+            f"(a holder of one read: {hd['baseline']['median_ms']:.2f} ms)",
+            f"<= {HOLDER_MS:g} ms",
+            hd["write_ms"] <= HOLDER_MS and hd["holder"]["median_ms"] <= HOLDER_MS,
+        )
+    return out
+
+
+def contention_section(c: dict[str, Any]) -> str:
+    """Issue 12's table as measured, then the details of each row."""
+    summary = [
+        [str(t["row"]), t["case"], t["measured"], t["now"], t["goal"], _met(t["met"])]
+        for t in contention_targets(c)
+    ]
+    lines = [
+        "### 7. Contention (issue 12)",
+        "",
+        "Each row of issue 12's table, measured in this run; 'issue' is the issue's \"now\" "
+        "column, as measured when it was filed.",
+        "",
+        _table(["#", "case", "measured", "issue", "target", ""], summary),
+    ]
+    rows = c.get("elsewhere", [])
+    if rows:
+        table = [
+            [
+                _n(r["waiters"]),
+                " / ".join(_n(q) for q in r["queued_before_after"]),
+                _fmt(r["busy"]["median_ms"], ".2f"),
+                _fmt(r["busy"]["p90_ms"], ".2f"),
+                _fmt(r["idle"]["median_ms"], ".2f"),
+                _fmt(r["idle"]["p90_ms"], ".2f"),
+                f"{r['ratio']:.2f}x",
+                str(r["busy"]["n"]),
+            ]
+            for r in rows
+        ]
+        lines += [
+            "",
+            "1. Free `async with write()` pairs in the tree where W writers wait (on another "
+            "path), interleaved op by op with the same in an idle tree; the waiters are one "
+            f"child process (keep-alive stretched to {rows[0].get('keepalive_s')} s, see "
+            "`benchmarks/contention.py`). Queue length: ZCARD before and after.",
+            "",
+            _table(
+                [
+                    "waiters",
+                    "queued",
+                    "busy tree median ms",
+                    "p90",
+                    "idle tree median ms",
+                    "p90",
+                    "ratio",
+                    "pairs",
+                ],
+                table,
+            ),
+        ]
+    rows = c.get("drain", [])
+    if rows:
+        table = [
+            [
+                _n(r["waiters"]),
+                _fmt(r["seconds"], ".2f"),
+                _n(r["script_calls"]),
+                f"{r['calls_per_waiter']:.1f}",
+                f"{r['drained']} ({r['contended']} contended, {r['timed_out']} not done)",
+            ]
+            for r in rows
+        ]
+        lines += [
+            "",
+            "2. W `async with write(p)` waiters (one instance) queued behind a holder, which "
+            "then releases: time until every waiter has had its turn, and script calls "
+            "(INFO commandstats EVALSHA + EVAL, reset before the release).",
+            "",
+            _table(["waiters", "seconds", "script calls", "per waiter", "drained"], table),
+        ]
+    hot = c.get("hot", {})
+    if hot.get("ours"):
+        table = []
+        for lib, label in (("ours", "AsyncHiLok"), ("seed", "seed")):
+            h = hot.get(lib)
+            if h:
+                table.append(
+                    [
+                        label,
+                        _fmt(h["rate"], ".1f"),
+                        _fmt(h.get("script_calls_per_grant"), ".2f"),
+                        f"{h['min_per_contender']} / {h['max_per_contender']}",
+                        "yes" if 2 * h["min_per_contender"] >= h["max_per_contender"] else "no",
+                    ]
+                )
+        lines += [
+            "",
+            "3. Hot lock: the hand-off workload of part 4, in this part's run.",
+            "",
+            _table(
+                ["lib", "grants/s", "script calls per grant", "min / max per contender", "fair"],
+                table,
+            ),
+        ]
+    m = c.get("memory")
+    if m:
+        biggest = ", ".join(f"`{b['key']}` {_n(b['members'])}" for b in m["biggest"])
+        lines += [
+            "",
+            f"4. {_n(m['grants'])} read grants (ttl {m['grant_ttl_s']:g} s, made in "
+            f"{m['granted_in_s']:.1f} s, never released) ran out; one reader of `tenants/keep` "
+            f"stayed live; then {m['ops']} acquire+release (read and write in turns) of random "
+            f"`tenants/<i>/doc`. Left: {_n(m['members'])} sorted-set members "
+            f"({m['live_members']} live) in {m['zset_keys']} sets; biggest: {biggest}.",
+        ]
+    ch = c.get("channels")
+    if ch:
+        lines += [
+            "",
+            f"5. {_n(ch['waits'])} waits, each on its own tree ({ch['contended']} contended), "
+            f"in {ch['seconds']:.1f} s; afterwards the server had {_n(ch['channels'])} "
+            f"channels of the namespace subscribed ({_n(ch['subscriptions'])} subscriptions, "
+            "PUBSUB CHANNELS / NUMSUB).",
+        ]
+    rows = c.get("slowlog", [])
+    if rows:
+        table = [
+            [
+                str(r["depth"]),
+                _n(r["leases"]),
+                f"{r['interval_s']:g}",
+                str(r["refresh_calls"]),
+                ", ".join(f"{v:.1f}" for v in r["refresh_ms"]),
+                _fmt(r["max_script_ms"], ".1f"),
+                str(r["lost"]),
+            ]
+            for r in rows
+        ]
+        lines += [
+            "",
+            "6. Context-manager write leases held by one instance, each on its own tree, "
+            "renewed every interval; SLOWLOG (slowlog-log-slower-than "
+            f"{rows[0].get('slowlog_log_slower_than_us')}, reset once every lease was held) "
+            "read until the ticks were logged.",
+            "",
+            _table(
+                [
+                    "depth",
+                    "leases",
+                    "interval s",
+                    "refresh calls",
+                    "refresh call ms",
+                    "longest script ms",
+                    "leases lost",
+                ],
+                table,
+            ),
+        ]
+    rows = c.get("acquire_many", [])
+    if rows:
+        lines += ["", "7. `acquire_many` of N depth-2 writes in one tree:", ""]
+        lines += [
+            f"- {_n(r['size'])}: "
+            + ("granted" if r["ok"] else f"`{r['exception']}`: {r['message']}")
+            for r in rows
+        ]
+    hd = c.get("holder")
+    if hd:
+        table = [
+            [
+                label,
+                _fmt(hd[key]["median_ms"], ".2f"),
+                _fmt(hd[key]["p90_ms"], ".2f"),
+                _fmt(hd[key]["max_ms"], ".2f"),
+                str(hd[key]["n"]),
+            ]
+            for key, label in (
+                ("holder", f"holder of {_n(hd['reads'])} reads and write(c/n)"),
+                ("baseline", "holder of one read in the tree"),
+            )
+        ]
+        lines += [
+            "",
+            f"8. One holder takes {_n(hd['reads'])} reads `c/n/r<i>` (in chunks of "
+            f"`acquire_many`), then `write(c/n)` with the same handle: {hd['write_ms']:.1f} ms. "
+            f"Another client then waits on `write(c/n)` ({hd['waiters']} queued); the holder "
+            "acquires more reads in the tree (same handle), interleaved with a holder of one "
+            "read:",
+            "",
+            _table(["acquire by", "median ms", "p90", "max", "n"], table),
         ]
     return "\n".join(lines)
 

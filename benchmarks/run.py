@@ -8,7 +8,8 @@
 (``python3 dev.py bench [ARGS]`` runs the same inside .venv.) Progress goes to stderr, the
 tables to stdout, everything measured to ``benchmarks/results/latest.json`` (``--output``).
 Parts: rate (uncontended acquire+release, with the physical floor), wakeup, fairness,
-handoff, refresh, celery; ``--parts`` picks some. The seed library runs in its own
+handoff, refresh, celery, contention (issue 12: the engine under contention, see
+:mod:`benchmarks.contention`); ``--parts`` picks some. The seed library runs in its own
 virtualenv (built on first use) as a subprocess; its measurements are interleaved with
 ours round by round, so that machine noise hits both alike and the ratios stay meaningful.
 """
@@ -16,6 +17,7 @@ ours round by round, so that machine noise hits both alike and the ratios stay m
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -32,13 +34,13 @@ from typing import Any
 
 import redis
 
-from benchmarks import celery_bench, ours, report
+from benchmarks import celery_bench, contention, ours, report
 from benchmarks.seed import SeedProcess, SeedUnavailable, ensure_venv
 from tests._redis import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
-PARTS = ("rate", "wakeup", "fairness", "handoff", "refresh", "celery")
+PARTS = ("rate", "wakeup", "fairness", "handoff", "refresh", "celery", "contention")
 
 #: (holder mode, holder path, waiter mode, waiter path); each path gets a unique prefix.
 WAKEUP_CASES = (
@@ -81,6 +83,8 @@ class Config:
     celery_tasks: int = 2000
     celery_skip: int = 100
     celery_rounds: int = 2
+    #: sizes of the contention part (issue 12)
+    contention: contention.Sizes = field(default_factory=contention.Sizes)
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,6 +106,7 @@ QUICK = Config(
     celery_tasks=60,
     celery_skip=10,
     celery_rounds=1,
+    contention=contention.QUICK,
 )
 
 
@@ -270,6 +275,12 @@ class Runner:
             say=say,
         )
 
+    # 7 ------------------------------------------------------------------------------------
+
+    def contention(self) -> dict[str, Any]:
+        seed = self.seed.request if self.seed is not None else None
+        return contention.run(self.url, self.cfg.contention, seed, say)
+
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median rate and CPU per op over the rounds of one cell, and each round's values."""
@@ -374,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
         return render(args.render, args.chart)
-    cfg = Config(**asdict(QUICK if args.quick else FULL))
+    cfg = copy.deepcopy(QUICK if args.quick else FULL)
     if args.rounds:
         cfg.rounds = args.rounds
     if args.duration:
@@ -415,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             "handoff": runner.handoff,
             "refresh": runner.refresh,
             "celery": runner.celery,
+            "contention": runner.contention,
         }
         for part in parts:
             t0 = time.perf_counter()

@@ -38,11 +38,17 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = json.loads(output.read_text())
-    for part in ("rate", "wakeup", "fairness", "handoff", "refresh", "celery"):
+    for part in ("rate", "wakeup", "fairness", "handoff", "refresh", "celery", "contention"):
         assert part in results, part
     assert results["rate"]["rates"] and results["rate"]["floors"]
     assert results["meta"]["seed"] is None
     assert results["targets"]
     assert "### 1. Uncontended acquire+release" in done.stdout
+    # every row of issue 12's table was measured (its quick sizes)
+    rows = results["contention"]
+    for row in ("elsewhere", "drain", "hot", "memory", "channels", "slowlog", "acquire_many"):
+        assert rows[row], row
+    assert rows["holder"]["holder"]["n"] > 0
+    assert "### 7. Contention (issue 12)" in done.stdout
     if with_chart:
         assert chart.stat().st_size > 0
