@@ -419,9 +419,9 @@ class Client(Generic[C]):
         lacks: after a restart or ``SCRIPT FLUSH``); their replies. With ``wait``, ``WAIT``
         for ``wait_replicas`` follows on the same connection (it counts that connection's
         writes and cannot run inside a script); the replies then end with its count."""
-        extra = [("WAIT", self.wait_replicas, max(1, round(self.wait_timeout * 1000)))]
-        if not wait:
-            extra = []
+        extra = (
+            [("WAIT", self.wait_replicas, max(1, round(self.wait_timeout * 1000)))] if wait else []
+        )
         commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls]
         name = calls[0].script.name
         try:
