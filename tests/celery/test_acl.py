@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from tests._redis import RedisServer
+from tests._wait import wait_for
 from tests.celery.app import tasks
-from tests.celery.conftest import WorkerProcess, run_keep_chain, wait_for
+from tests.celery.conftest import WorkerProcess, run_keep_chain
 from tests.test_acl import ENGINE_COMMANDS
 
 pytestmark = pytest.mark.celery_worker

@@ -14,9 +14,9 @@ from celery import Celery, chain, group
 from celery.signals import task_retry
 
 from celery_hilok import HiLok, LockNotAcquired
+from tests._wait import wait_for
 from tests.celery import app as test_app
 from tests.celery.app import events, open_gate, tasks
-from tests.celery.conftest import wait_for
 
 RESULT_TIMEOUT = 30.0
 

@@ -25,8 +25,9 @@ from celery_hilok import HiLok, HiLokTask, LockNotAcquired, metrics
 from celery_hilok.celery import hilok_lock_acquired, hilok_lock_refused, hilok_lock_released
 from celery_hilok.celery._runtime import runtime
 from celery_hilok.inspect import leases_of, snapshot
+from tests._wait import wait_for
 from tests.celery.app import events, open_gate, tasks
-from tests.celery.conftest import WorkerProcess, wait_for
+from tests.celery.conftest import WorkerProcess
 
 RESULT_TIMEOUT = 30.0
 EVENT_TIMEOUT = 30.0
