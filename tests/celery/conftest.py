@@ -34,20 +34,6 @@ WORKER_START_TIMEOUT = 60.0
 WORKER_STOP_TIMEOUT = 60.0
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``condition`` until it returns something truthy (bounded); return that."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
 @pytest.fixture(scope="session")
 def hilok_config(celery_config: dict[str, Any]) -> dict[str, Any]:
     """The test app's configuration: the session's databases, its own namespace and queue."""

@@ -19,8 +19,9 @@ import redis
 from celery_hilok import HiLok
 from celery_hilok.inspect import snapshot
 from tests._cluster import RedisClusterServers
+from tests._wait import wait_for
 from tests.celery.app import events, tasks
-from tests.celery.conftest import WorkerProcess, run_keep_chain, wait_for
+from tests.celery.conftest import WorkerProcess, run_keep_chain
 
 pytestmark = pytest.mark.celery_worker
 

@@ -19,8 +19,9 @@ from celery import chain
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 
 from celery_hilok import HiLok
+from tests._wait import wait_for
 from tests.celery.app import events, open_gate, tasks
-from tests.celery.conftest import WorkerProcess, wait_for
+from tests.celery.conftest import WorkerProcess
 
 pytestmark = pytest.mark.celery_worker
 

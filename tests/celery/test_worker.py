@@ -15,8 +15,8 @@ from celery.signals import task_retry
 
 from celery_hilok import HiLok, LockNotAcquired, hilok_lease_lost
 from celery_hilok.inspect import tasks_by_handle
+from tests._wait import wait_for
 from tests.celery.app import events, open_gate, tasks
-from tests.celery.conftest import wait_for
 
 pytestmark = pytest.mark.usefixtures("inproc_worker")
 

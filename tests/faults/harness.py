@@ -8,6 +8,7 @@ so intervals from different processes compare directly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -185,12 +186,22 @@ def victim(cfg: Config, path: str, ready: Any) -> None:
 
 
 @contextmanager
-def workload(cfg: Config, workers: int) -> Iterator[list[Any]]:
+def workload(cfg: Config, workers: int, to_kill: int = 0) -> Iterator[list[Any]]:
     """Start ``workers`` worker processes, release them together, and on exit wait for them
-    (a worker still alive ``WAIT`` seconds after its deadline is a hang: killed, reported)."""
+    (a worker still alive ``WAIT`` seconds after its deadline is a hang: killed, reported).
+
+    The first ``to_kill`` of them work on past ``cfg.duration`` (for up to ``WAIT``), until
+    the test kills them: still at work whenever the test gets to it, however slow it is.
+    """
     start = SPAWN.Barrier(workers + 1)
     seeds = [random.randrange(2**32) for _ in range(workers)]
-    procs = [SPAWN.Process(target=worker, args=(cfg, s, start), daemon=True) for s in seeds]
+    until_killed = dataclasses.replace(cfg, duration=WAIT)
+    procs = [
+        SPAWN.Process(
+            target=worker, args=(until_killed if i < to_kill else cfg, s, start), daemon=True
+        )
+        for i, s in enumerate(seeds)
+    ]
     for proc in procs:
         proc.start()
     hung: list[int] = []
@@ -198,6 +209,9 @@ def workload(cfg: Config, workers: int) -> Iterator[list[Any]]:
         start.wait(WAIT)
         yield procs
     finally:
+        for proc in procs[:to_kill]:  # not killed: the test failed before it got to it
+            if proc.is_alive():
+                proc.kill()
         deadline = time.monotonic() + cfg.duration + WAIT
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
