@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from celery.signals import task_retry
+from celery.signals import task_postrun, task_retry
 
 from celery_hilok import HiLok, LockNotAcquired, hilok_lease_lost
 from celery_hilok.inspect import tasks_by_handle
@@ -231,7 +231,7 @@ def test_fail_policy_fails_at_once(run: str, hl: HiLok) -> None:
     hl.release(outside)
 
 
-def test_skip_policy_ignores_the_task_and_logs_the_blocking_path(
+def test_skip_policy_skips_the_body_logs_the_blocking_path_and_stores_a_result(
     run: str, lab: redis.Redis, hl: HiLok, caplog: pytest.LogCaptureFixture
 ) -> None:
     outside = hl.acquire(path(run, "t1"), "write")
@@ -248,7 +248,31 @@ def test_skip_policy_ignores_the_task_and_logs_the_blocking_path(
     message = line[0].getMessage()
     assert "skipped" in message and f"write lock on '{path(run, 't1')}' held by" in message
     assert started(lab, run, "write a1") is None  # the body never ran
-    assert result.state == "PENDING"  # IGNORED stores no result
+    # The caller's AsyncResult is ready (not PENDING forever), and says what blocked it.
+    skipped = result.get(timeout=RESULT_TIMEOUT)
+    assert result.state == "SUCCESS"
+    assert skipped["hilok_skipped"] is True
+    assert skipped["path"] == path(run, "t1", "a1") and skipped["mode"] == "write"
+    assert skipped["blocker"].startswith(f"write lock on '{path(run, 't1')}' held by")
+    assert skipped["reason"] == str(message.split("skipped: ", 1)[1])
+    hl.release(outside)
+
+
+def test_skip_policy_stores_nothing_when_the_call_ignores_its_result(run: str, hl: HiLok) -> None:
+    outside = hl.acquire(path(run, "t1"), "write")
+    ended: dict[str, str | None] = {}
+
+    def on_postrun(task_id: str = "", state: str | None = None, **_: Any) -> None:
+        ended[task_id] = state  # the in-process worker's task ended (in this process)
+
+    task_postrun.connect(on_postrun, weak=False)
+    try:
+        result = tasks.write_skip.apply_async((run, "t1", "a1"), ignore_result=True)
+        wait_for(lambda: result.id in ended, what="the task to end")
+    finally:
+        task_postrun.disconnect(on_postrun)
+    assert ended[result.id] == "IGNORED"
+    assert result.state == "PENDING"  # the call asked for no result: none was stored
     hl.release(outside)
 
 
