@@ -202,8 +202,9 @@ def test_retry_policy_retries_until_free_without_using_max_retries(
 def test_retry_policy_gives_up_after_its_own_budget(run: str, hl: HiLok) -> None:
     outside = hl.acquire(path(run, "t1", "a1"), "write")
     result = tasks.write_budget.delay(run, "t1", "a1")  # hilok_max_retries=2
-    with pytest.raises(LockNotAcquired, match=r"gave up after 2 contention retries"):
+    with pytest.raises(LockNotAcquired, match=r"gave up after 2 contention retries") as info:
         result.get(timeout=RESULT_TIMEOUT)
+    assert (info.value.path, info.value.mode) == (path(run, "t1", "a1"), "write")
     hl.release(outside)
 
 
@@ -221,13 +222,19 @@ def test_wait_policy_waits_and_gives_up_after_its_timeout(run: str, hl: HiLok) -
     hl.release(outside)
 
 
-def test_fail_policy_fails_at_once(run: str, hl: HiLok) -> None:
+def test_fail_policy_fails_at_once(run: str, hl: HiLok, app: Celery) -> None:
     outside = hl.acquire(path(run, "t1"), "read")
     result = tasks.write_fail.delay(run, "t1", "a1")
     with pytest.raises(LockNotAcquired) as info:
         result.get(timeout=RESULT_TIMEOUT)
     assert "at once" in str(info.value) and f"read lock on '{path(run, 't1')}'" in str(info.value)
     assert result.state == "FAILURE"
+    # The error came through the (JSON) result backend with what it says about the lock.
+    assert app.conf.result_serializer == "json"
+    assert info.value.path == path(run, "t1", "a1") and info.value.mode == "write"
+    assert info.value.blocker is not None
+    assert info.value.blocker.startswith(f"read lock on '{path(run, 't1')}' held by")
+    assert str(info.value).endswith(info.value.blocker)
     hl.release(outside)
 
 
