@@ -12,8 +12,10 @@ import pytest
 import redis
 from celery import Celery
 from celery.signals import task_postrun, task_retry
+from click.testing import CliRunner
 
 from celery_hilok import HiLok, LockNotAcquired, hilok_lease_lost
+from celery_hilok.cli import hilok as hilok_command
 from celery_hilok.inspect import tasks_by_handle
 from tests.celery.app import events, open_gate, tasks
 from tests.celery.conftest import wait_for
@@ -335,8 +337,10 @@ def test_a_lost_lease_is_signalled_and_visible_to_the_task(
 ) -> None:
     seen: list[Any] = []
 
-    def on_lost(sender: Any = None, task_id: str = "", lease: Any = None, **_: Any) -> None:
-        seen.append((sender.name, task_id, lease.path))
+    def on_lost(
+        sender: Any = None, task_id: str = "", lease: Any = None, why: str = "", **_: Any
+    ) -> None:
+        seen.append((sender.name, task_id, lease.path, why))
 
     hilok_lease_lost.connect(on_lost)
     try:
@@ -350,11 +354,63 @@ def test_a_lost_lease_is_signalled_and_visible_to_the_task(
         for lease in leases_of(hl, grants):
             hl.release(lease)
         wait_for(lambda: seen, timeout=60, what="hilok_lease_lost")
-        assert seen == [("hilok_tests.lose", result.id, path(run, "t1", "a1"))]
+        ran_out = "its lease ran out before it was refreshed"
+        assert seen == [("hilok_tests.lose", result.id, path(run, "t1", "a1"), ran_out)]
         open_gate(lab, run, "lost")
         assert result.get(timeout=RESULT_TIMEOUT) == "lose"
         after = [e for e in events(lab, run) if e["kind"] == "lost?"]
         assert after[0]["lost"] is True
-        assert after[0]["check"].startswith("lock lost while the task ran")
+        assert after[0]["check"] == (
+            f"lock lost while the task ran ({ran_out}): write '{path(run, 't1', 'a1')}'"
+        )
+    finally:
+        hilok_lease_lost.disconnect(on_lost)
+
+
+def test_a_force_release_from_the_command_line_is_reported_as_such(
+    run: str,
+    lab: redis.Redis,
+    hl: HiLok,
+    hilok_config: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+
+    def on_lost(why: str = "", **_: Any) -> None:
+        seen.append(why)
+
+    hilok_lease_lost.connect(on_lost)
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_hilok.celery"):
+            result = tasks.lose.delay(run, "t1", "a1")
+            wait_for(lambda: started(lab, run, "lose"), what="the task to start")
+            command = CliRunner().invoke(
+                hilok_command,
+                [
+                    "--url",
+                    hilok_config["hilok_redis_url"],
+                    "--namespace",
+                    hilok_config["hilok_namespace"],
+                    "release",
+                    path(run, "t1"),
+                    "--force",
+                    "--yes",
+                ],
+            )
+            assert command.exit_code == 0, command.output
+            assert "released 1 grant(s)" in command.output
+            wait_for(lambda: seen, timeout=60, what="hilok_lease_lost")
+        forced = "released by force from the command line (celery hilok release --force by "
+        assert seen[0].startswith(forced)
+        logged = [r.getMessage() for r in caplog.records if result.id in r.getMessage()]
+        assert any(
+            f"lost its write lock on '{path(run, 't1', 'a1')}' ({forced}" in m for m in logged
+        )
+        open_gate(lab, run, "lost")
+        assert result.get(timeout=RESULT_TIMEOUT) == "lose"
+        after = [e for e in events(lab, run) if e["kind"] == "lost?"]
+        assert after[0]["check"].startswith(
+            f"lock lost while the task ran: write '{path(run, 't1', 'a1')}' ({forced}"
+        )
     finally:
         hilok_lease_lost.disconnect(on_lost)
