@@ -337,3 +337,30 @@ def test_when_gone_calls_back_once_the_process_exited(
     child.stdin.close()  # now it exits
     child.wait()
     assert gone.wait(RESULT_TIMEOUT)
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_threads_and_solo_pools_have_no_terminate_nor_time_limits(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok, pool: str
+) -> None:
+    # What docs/celery.md's failure table says of these pools: revoke(terminate=True) does
+    # not stop a running task there, and time limits are not enforced, so the task keeps
+    # its lock until it ends, and releases it then itself.
+    worker = worker_factory(2 if pool == "threads" else 1, pool=pool)
+    result = tasks.write_fail.apply_async(
+        (run, "t1", "a1", "busy", None, 1.5),  # 1.5 s of work, past both limits
+        queue=worker.queue,
+        soft_time_limit=0.3,
+        time_limit=0.6,
+    )
+    entry = wait_for(start_of(lab, run, "busy"), what="the task to start")
+    replies = result.app.control.revoke(
+        result.id, terminate=True, reply=True, timeout=1.0, destination=[worker.node]
+    )
+    if pool == "threads":  # the worker answers at once, but cannot terminate a thread
+        assert "does not implement kill_job" in str(replies)
+        assert holder_handles(hl, account(run)) == [entry["handle"]]
+    # (The solo worker runs the task in its only thread: it reads the revoke after it.)
+    assert result.get(timeout=RESULT_TIMEOUT) == "busy"  # neither limit stopped it
+    assert [e["kind"] for e in events(lab, run)] == ["start", "end"]
+    released(hl, account(run), "the task's own release")
