@@ -22,13 +22,12 @@ Connected once, when :mod:`celery_hilok.celery` is imported. Where each one runs
 from __future__ import annotations
 
 import logging
-import signal
 from typing import Any
 
 from celery import signals
 from celery._state import get_current_app, get_current_task
 
-from ._runtime import ATTEMPT_HEADER, EXEC_HEADER, HEADER, Handover, close_runtimes, runtime
+from ._runtime import ATTEMPT_HEADER, HEADER, Handover, close_runtimes, runtime
 from .locks import STATE_ATTR, begin, locks_of
 from .request import release_in_main_process
 from .task import HiLokTask, keeps
@@ -101,44 +100,17 @@ def on_postrun(task: Any = None, state: str | None = None, **_: Any) -> None:
         held.finish(state, keep=keeps(task))
 
 
-def on_revoked(
-    sender: Any = None,
-    request: Any = None,
-    terminated: bool = False,
-    signum: Any = None,
-    **_: Any,
-) -> None:
-    if request is None or sender is None:
+def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
+    if request is None or sender is None or terminated:
+        # Terminated while it runs: the signal was just sent, and the pool process may still
+        # run the body (SIGTERM runs its finally blocks; SIGUSR1, Celery's graceful cancel,
+        # is a SoftTimeLimitExceeded the body may catch and clean up after). A HiLokTask's
+        # HiLokRequest releases once billiard reports the process gone; a process that
+        # survives the signal releases itself when the task returns (task_postrun).
         return
-    if not terminated:
-        # Revoked before it ran: nobody runs under what was handed to it; release it now.
-        if Handover.of_request(request) is not None:
-            release_in_main_process(sender, request, "revoked before it ran")
-        return
-    # Terminated while it runs: the signal was just sent, the pool process may still run
-    # the body (SIGTERM runs its finally blocks; SIGUSR1, Celery's graceful cancel, is a
-    # SoftTimeLimitExceeded the body may catch and clean up after). Its HiLokRequest
-    # releases once billiard reports the process gone; a process that survives releases
-    # itself when the task returns (task_postrun).
-    if getattr(request, EXEC_HEADER, None) is not None:
-        return
-    # A task without a HiLokRequest (not a HiLokTask, handed locks by a chain): nothing
-    # reports its process gone here. Only SIGKILL leaves it no code to run; any other
-    # signal leaves the release to its own task_postrun, and to the ttl.
-    if _signal_number(signum) == signal.SIGKILL and (
-        Handover.of_request(request) is not None or isinstance(sender, HiLokTask)
-    ):
-        release_in_main_process(sender, request, "terminated by SIGKILL (revoked)")
-
-
-def _signal_number(signum: Any) -> int | None:
-    if isinstance(signum, int):
-        return signum
-    if isinstance(signum, str):
-        name = signum.upper()
-        value = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
-        return int(value) if value is not None else None
-    return None
+    # Revoked before it ran: nobody runs under what was handed to it; release it now.
+    if Handover.of_request(request) is not None:
+        release_in_main_process(sender, request, "revoked before it ran")
 
 
 def on_process_init(**_: Any) -> None:
