@@ -18,7 +18,16 @@ from typing import Any
 import click
 
 from .errors import HiLokConnectionError, HiLokError, LockLost
-from .inspect import Grant, QueuedGrant, Snapshot, TaskInfo, leases_of, snapshot, tasks_by_handle
+from .inspect import (
+    Grant,
+    QueuedGrant,
+    Snapshot,
+    TaskInfo,
+    leases_of,
+    note_release,
+    snapshot,
+    tasks_by_handle,
+)
 from .paths import parse_path
 from .sync import HiLok
 
@@ -35,6 +44,7 @@ class _Settings:
     url: str
     namespace: str
     separator: str
+    url_from: str  # "--url", "the app", "HILOK_REDIS_URL" or "the default"
 
 
 def _settings(
@@ -50,15 +60,22 @@ def _settings(
             conf_url = broker
         conf_ns = conf.get("hilok_namespace")
         conf_sep = conf.get("hilok_separator")
+    env_url = os.environ.get("HILOK_REDIS_URL")
+    sources = [(url, "--url"), (conf_url, "the app"), (env_url, "HILOK_REDIS_URL")]
+    chosen, url_from = next(((u, f) for u, f in sources if u), (DEFAULT_URL, "the default"))
     return _Settings(
-        url=url or conf_url or os.environ.get("HILOK_REDIS_URL") or DEFAULT_URL,
+        url=chosen,
         namespace=namespace or conf_ns or "hilok",
         separator=sep or conf_sep or "/",
+        url_from=url_from,
     )
 
 
 @click.group(name="hilok")
-@click.option("--url", help="Redis URL (default: the app's hilok_redis_url, HILOK_REDIS_URL).")
+@click.option(
+    "--url",
+    help=f"Redis URL (default: the app's hilok_redis_url, HILOK_REDIS_URL, else {DEFAULT_URL}).",
+)
 @click.option("--namespace", help="Key namespace (default: hilok_namespace or 'hilok').")
 @click.option("--separator", help="Path separator (default: hilok_separator or '/').")
 @click.pass_context
@@ -71,6 +88,13 @@ def hilok(
         engine = HiLok(settings.url, namespace=settings.namespace, separator=settings.separator)
     except HiLokError as exc:
         raise click.ClickException(str(exc)) from exc
+    if settings.url_from == "the default" and not ctx.resilient_parsing:
+        # Nothing named a server: say which one this is (on stderr, so --json stays clean).
+        click.echo(
+            f"using Redis at {engine.server}, namespace {engine.namespace!r} (the default: "
+            "no --url, HILOK_REDIS_URL or Celery app named one)",
+            err=True,
+        )
     ctx.call_on_close(engine.close)
     ctx.meta["hilok"] = engine
 
@@ -161,7 +185,7 @@ def _tasks(engine: HiLok) -> dict[str, TaskInfo]:
 
 @hilok.command()
 @click.argument("path")
-@click.option("--handle", help="Release what this holder holds on PATH (owner-checked).")
+@click.option("--handle", help="Release what this holder holds on PATH and below (owner-checked).")
 @click.option("--force", is_flag=True, help="Release every grant on PATH and below it.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation with --force.")
 @click.pass_context
@@ -172,21 +196,41 @@ def release(ctx: click.Context, path: str, handle: str | None, force: bool, yes:
     engine = _engine(ctx)
     target = parse_path(path, engine.separator)
     snap = _snapshot(engine, path)
-    if handle is not None:
-        grants = [g for g in snap.grants if g.handle == handle and g.path == target.text]
-    else:
-        grants = [
-            g
-            for g in snap.grants
-            if target.is_ancestor_or_self_of(parse_path(g.path, engine.separator))
-        ]
+    grants = [
+        g
+        for g in snap.grants
+        if (handle is None or g.handle == handle)
+        and target.is_ancestor_or_self_of(parse_path(g.path, engine.separator))
+    ]
     if not grants:
-        click.echo(f"nothing to release on {target.text!r}")
-        return
+        if handle is None:
+            click.echo(f"nothing to release on {target.text!r} (no grant on it or below it)")
+            return
+        # A wrong (or mistyped) handle, or one whose locks are gone already: say so, and
+        # fail, so that a script does not take "nothing happened" for a release.
+        above = sorted({g.path for g in snap.grants if g.handle == handle})
+        where = (
+            f"; it holds {', '.join(map(repr, above))} above it: name that path"
+            if above
+            else " (a wrong handle, or its locks were released or ran out already)"
+        )
+        raise click.ClickException(
+            f"nothing released: holder {handle} holds no lock on {target.text!r} or below it{where}"
+        )
     for g in grants:
         click.echo(f"  {g.mode:9} {g.path}  holder {g.handle}  ttl {g.ttl:.1f}s")
     if force and not yes:
-        click.confirm(f"force-release these {len(grants)} grant(s)?", abort=True)
+        click.confirm(
+            f"force-release these {len(grants)} grant(s) (Redis at {engine.server}, "
+            f"namespace {engine.namespace!r})?",
+            abort=True,
+        )
+    how = "force" if force else "handle"
+    for holder in sorted({g.handle for g in grants}):
+        try:  # tell the holder's worker why its lease is gone (see celery_hilok.inspect)
+            note_release(engine, holder, [g.path for g in grants if g.handle == holder], how)
+        except Exception as exc:
+            log.warning("could not leave a release note for %s: %s", holder, exc)
     released = 0
     for lease in leases_of(engine, grants):
         try:
@@ -197,6 +241,10 @@ def release(ctx: click.Context, path: str, handle: str | None, force: bool, yes:
             pass
         except HiLokError as exc:
             raise click.ClickException(str(exc)) from exc
+    if handle is not None and not released:
+        raise click.ClickException(
+            f"nothing released: the locks of holder {handle} ran out or were released meanwhile"
+        )
     click.echo(f"released {released} grant(s)")
 
 

@@ -2,6 +2,11 @@
 
 Every error is a :class:`HiLokError` (a :class:`RuntimeError`) except bad arguments, which
 raise :class:`InvalidArgument`, a :class:`ValueError`.
+
+Every error survives a trip through a Celery result backend with its attributes: its
+``args`` are exactly the arguments of its constructor, which is how both pickle and
+Celery's JSON results (``exc_type``, ``exc_module``, ``exc_message`` = the args) make it
+again. ``str()`` of an error is its message alone.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ class LockNotAcquired(HiLokError):
     """
 
     def __init__(
-        self, message: str, *, path: str = "", mode: str = "", blocker: str | None = None
+        self, message: str = "", path: str = "", mode: str = "", blocker: str | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, path, mode, blocker)
         self.path = path
         self.mode = mode
         self.blocker = blocker
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class LockNotReplicated(LockNotAcquired):
@@ -45,14 +53,14 @@ class LockNotReplicated(LockNotAcquired):
 
     def __init__(
         self,
-        message: str,
-        *,
+        message: str = "",
         path: str = "",
         mode: str = "",
         replicas: int = 0,
         acknowledged: int = 0,
     ) -> None:
-        super().__init__(message, path=path, mode=mode)
+        super().__init__(message, path, mode)
+        self.args = (message, path, mode, replicas, acknowledged)
         self.replicas = replicas
         self.acknowledged = acknowledged
 

@@ -6,9 +6,14 @@ administration tool, not something to call on a hot path (use ``HiLok.status`` t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import getpass
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 from ._core import MODE_CODES, Request, parse_member, related
 from .lease import Lease
@@ -16,14 +21,23 @@ from .paths import decode_canonical, parse_path
 from .sync import HiLok
 
 __all__ = [
+    "RELEASE_NOTE_TTL",
     "Grant",
     "QueuedGrant",
+    "ReleaseNote",
     "Snapshot",
     "TaskInfo",
     "leases_of",
+    "note_release",
+    "release_note",
+    "release_note_key",
     "snapshot",
     "tasks_by_handle",
 ]
+
+RELEASE_NOTE_TTL: Final = 300.0
+"""Seconds a release note lives: far longer than a lease takes to be found lost by its
+holder's refresher (a third of its ttl), short enough to leave nothing behind for long."""
 
 # Mark-set suffixes that hold a grant's *own* mark (an "is" member is a grant of its own node
 # only for node-only reads; every other "is"/"ix" member is an intention mark from below).
@@ -151,8 +165,6 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
 def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
     """The Celery task of each handle, from the directories worker processes publish
     (``<namespace>:celery:holders:<worker>:<pid>``, see ``celery_hilok.celery``)."""
-    import json
-
     client = hl.redis
     keys = list(client.scan_iter(match=f"{hl.namespace}:celery:holders:*", count=1000))
     if not keys:
@@ -174,6 +186,60 @@ def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
         except (ValueError, KeyError, TypeError):  # not ours, or from another version
             continue
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseNote:
+    """Who released a holder's grants from outside it (``celery hilok release``), so that
+    the holder, finding its lease gone, can say why instead of "it ran out"."""
+
+    how: str  # "force" (release --force) or "handle" (release --handle)
+    by: str  # user@host (pid) of the command
+    at: float  # Unix time of the release
+    paths: tuple[str, ...]
+
+    def describe(self) -> str:
+        what = "released by force" if self.how == "force" else "released"
+        command = f"celery hilok release --{self.how}"
+        ago = max(0.0, time.time() - self.at)
+        return f"{what} from the command line ({command} by {self.by}, {ago:.0f}s ago)"
+
+
+def release_note_key(namespace: str, handle: str) -> str:
+    """Key of the release note of ``handle``: ``<namespace>:released:<handle>``."""
+    return f"{namespace}:released:{handle}"
+
+
+def note_release(hl: HiLok, handle: str, paths: Iterable[str], how: str) -> None:
+    """Leave a note (one ``SET`` with a ttl of :data:`RELEASE_NOTE_TTL`) that ``handle``'s
+    grants on ``paths`` are being released from outside, before releasing them."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment (a container without passwd)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "?"
+    document = {
+        "how": how,
+        "by": f"{user}@{socket.gethostname()} (pid {os.getpid()})",
+        "at": time.time(),
+        "paths": sorted(set(paths)),
+    }
+    hl.redis.set(
+        release_note_key(hl.namespace, handle), json.dumps(document), ex=int(RELEASE_NOTE_TTL)
+    )
+
+
+def release_note(hl: HiLok, handle: str) -> ReleaseNote | None:
+    """The note left by :func:`note_release` for ``handle``, if one is still there."""
+    raw = hl.redis.get(release_note_key(hl.namespace, handle))
+    if not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+        return ReleaseNote(
+            str(doc["how"]), str(doc["by"]), float(doc["at"]), tuple(map(str, doc["paths"]))
+        )
+    except (ValueError, KeyError, TypeError):  # not ours, or from another version
+        return None
 
 
 def leases_of(hl: HiLok, grants: list[Grant]) -> Iterator[Lease]:

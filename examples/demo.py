@@ -229,9 +229,10 @@ def submit(url: str) -> Run:
     for label, result in run.results.items():
         value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=False)
         run.results[label] = value
-    # A skipped task ends IGNORED, which stores no result: its journal entry tells.
+    # A skipped audit's result is {"hilok_skipped": True, ...}; the report reads the journal,
+    # whose entry is written when the task ends (after its result was stored).
+    audit.get(timeout=max(1.0, deadline - time.monotonic()))
     wait_for_journal(data, ("skipped", "end"), "audit acme")
-    del audit
     run.journal = [json.loads(e) for e in data.lrange("bank:journal", 0, -1)]
     for tenant in ACCOUNTS:
         for account, value in data.hgetall(f"bank:balances:{tenant}").items():

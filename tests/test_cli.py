@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from celery_hilok import HiLok
 from celery_hilok.cli import hilok
+from celery_hilok.inspect import RELEASE_NOTE_TTL, release_note, release_note_key
 
 
 @pytest.fixture
@@ -76,11 +77,18 @@ def test_show_lists_holders_relative_to_the_path(hl: HiLok, redis_url: str, name
     assert sorted(h["relation"] for h in data["holders"]) == ["above", "below"]
 
 
+def fails(redis_url: str, namespace: str, *args: str) -> str:
+    result = CliRunner().invoke(hilok, ["--url", redis_url, "--namespace", namespace, *args])
+    assert result.exit_code == 1, result.output
+    return result.output
+
+
 def test_release_by_handle_is_owner_checked(hl: HiLok, redis_url: str, namespace: str) -> None:
     mine = hl.acquire("p/q", "write")
     other = hl.acquire("p/r", "write")
-    out = run(redis_url, namespace, "release", "p/q", "--handle", other.handle)
-    assert "nothing to release" in out
+    out = fails(redis_url, namespace, "release", "p/q", "--handle", other.handle)
+    assert f"nothing released: holder {other.handle} holds no lock on 'p/q' or below it" in out
+    assert "a wrong handle" in out
     assert hl.status("p/q").held
     out = run(redis_url, namespace, "release", "p/q", "--handle", mine.handle)
     assert "released 1 grant(s)" in out
@@ -88,12 +96,40 @@ def test_release_by_handle_is_owner_checked(hl: HiLok, redis_url: str, namespace
     assert hl.status("p/r").held
 
 
+def test_release_by_handle_covers_the_subtree_and_names_a_lock_above(
+    hl: HiLok, redis_url: str, namespace: str
+) -> None:
+    below = hl.acquire_many([("s/t/u", "write"), ("s/t/v", "read")])
+    out = run(redis_url, namespace, "release", "s/t", "--handle", below[0].handle)
+    assert "released 2 grant(s)" in out
+    assert not hl.status("s").holders
+    above = hl.acquire("s", "read")
+    out = fails(redis_url, namespace, "release", "s/t", "--handle", above.handle)
+    assert "it holds 's' above it: name that path" in out
+    assert hl.status("s").held
+
+
+def test_without_a_url_it_says_which_server_it_uses(
+    hl: HiLok, redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hl.acquire("d/e", "write")
+    monkeypatch.delenv("HILOK_REDIS_URL", raising=False)
+    monkeypatch.setattr("celery_hilok.cli.DEFAULT_URL", redis_url)  # the session's server
+    result = CliRunner().invoke(hilok, ["--namespace", namespace, "tree", "--json"])
+    assert result.exit_code == 0, result.output
+    server = redis_url.split("://", 1)[1]
+    assert f"using Redis at {server}, namespace {namespace!r} (the default" in result.stderr
+    assert json.loads(result.stdout)["grants"][0]["path"] == "d/e"  # stdout stays JSON
+    named = CliRunner().invoke(hilok, ["--url", redis_url, "--namespace", namespace, "tree"])
+    assert named.exit_code == 0 and "using Redis" not in named.stderr
+
+
 def test_force_release_asks_and_frees_the_subtree(
     hl: HiLok, redis_url: str, namespace: str
 ) -> None:
-    hl.acquire("f/a", "write")
+    a = hl.acquire("f/a", "write")
     hl.acquire("f/b/c", "read")
-    hl.acquire("g", "write")
+    g = hl.acquire("g", "write")
     result = CliRunner().invoke(
         hilok,
         ["--url", redis_url, "--namespace", namespace, "release", "f", "--force"],
@@ -106,6 +142,13 @@ def test_force_release_asks_and_frees_the_subtree(
     assert not hl.status("f").holders
     assert hl.status("g").held
     hl.acquire("f", "write", block=False)
+    # Each holder finds a note saying who released its locks, for a while only.
+    note = release_note(hl, a.handle)
+    assert note is not None and note.how == "force" and note.paths == ("f/a",)
+    assert note.describe().startswith("released by force from the command line")
+    ttl = hl.redis.ttl(release_note_key(namespace, a.handle))
+    assert 0 < ttl <= RELEASE_NOTE_TTL
+    assert release_note(hl, g.handle) is None  # not released: no note
 
 
 def test_release_needs_handle_or_force(redis_url: str, namespace: str) -> None:

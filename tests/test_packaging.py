@@ -6,9 +6,12 @@ these tests look at the installed distribution through importlib.resources/metad
 
 from __future__ import annotations
 
+import importlib
 import re
 from importlib import metadata, resources
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 import celery_hilok
 
@@ -63,3 +66,20 @@ def test_distribution_metadata() -> None:
     requires = metadata.requires("celery-hilok") or []
     assert any(r.startswith("redis") for r in requires)
     assert any(r.startswith("celery") and "extra" not in r for r in requires)
+
+
+def test_a_redis_broker_needs_nothing_more() -> None:
+    # A Celery worker on a Redis broker imports kombu's Redis transport, whose own needs
+    # kombu lists under its "redis" extra (celery[redis]); celery-hilok, or kombu itself,
+    # must bring each of them (`pip install celery-hilok`, then `celery worker`).
+    ours = {Requirement(r).name.lower() for r in metadata.requires("celery-hilok") or []}
+    kombu = [Requirement(r) for r in metadata.requires("kombu") or []]
+    base = {r.name.lower() for r in kombu if r.marker is None}
+    transport = {
+        r.name.lower()
+        for r in kombu
+        if r.marker is not None and 'extra == "redis"' in str(r.marker)
+    }
+    assert transport, "kombu lists no redis extra: has the Redis transport moved?"
+    assert transport <= ours | base
+    importlib.import_module("kombu.transport.redis")  # and it imports

@@ -10,8 +10,11 @@ Connected once, when :mod:`celery_hilok.celery` is imported. Where each one runs
   a ``HiLokTask`` but was handed locks (a chain step) adopts them, and every task that
   holds locks gives them up on its way out (success, failure, retry, Reject, Ignore,
   a terminated or timed-out pool process that still runs its postrun).
-- ``task_revoked`` (the worker's main process): releases the locks of a revoked task,
-  including ones handed to a chain step that was revoked while it waited in the queue.
+- ``task_revoked`` (the worker's main process): releases the locks handed to a chain
+  step that was revoked while it waited in the queue. A task terminated while it runs is
+  not released here (its pool process may still be running the body): its
+  :class:`~celery_hilok.celery.HiLokRequest` releases once the process is gone, and a
+  process that survives the signal releases when the task returns.
 - ``worker_process_init`` / ``worker_process_shutdown`` (each prefork pool process): makes
   the process's lock client after fork, and closes it.
 """
@@ -98,11 +101,16 @@ def on_postrun(task: Any = None, state: str | None = None, **_: Any) -> None:
 
 
 def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
-    if request is None or sender is None:
+    if request is None or sender is None or terminated:
+        # Terminated while it runs: the signal was just sent, and the pool process may still
+        # run the body (SIGTERM runs its finally blocks; SIGUSR1, Celery's graceful cancel,
+        # is a SoftTimeLimitExceeded the body may catch and clean up after). A HiLokTask's
+        # HiLokRequest releases once billiard reports the process gone; a process that
+        # survives the signal releases itself when the task returns (task_postrun).
         return
-    if Handover.of_request(request) is not None or (terminated and isinstance(sender, HiLokTask)):
-        why = "terminated (revoked)" if terminated else "revoked before it ran"
-        release_in_main_process(sender, request, why)
+    # Revoked before it ran: nobody runs under what was handed to it; release it now.
+    if Handover.of_request(request) is not None:
+        release_in_main_process(sender, request, "revoked before it ran")
 
 
 def on_process_init(**_: Any) -> None:
@@ -128,5 +136,5 @@ def connect() -> None:
         (signals.worker_process_init, on_process_init),
         (signals.worker_process_shutdown, on_process_shutdown),
     ]
-    for signal, receiver in pairs:
-        signal.connect(receiver, weak=False, dispatch_uid=f"celery_hilok.{receiver.__name__}")
+    for sig, receiver in pairs:
+        sig.connect(receiver, weak=False, dispatch_uid=f"celery_hilok.{receiver.__name__}")

@@ -22,6 +22,7 @@ from celery.utils.dispatch import Signal
 
 from .._core import check_handle, new_handle
 from ..errors import LockLost, LockNotAcquired
+from ..inspect import release_note
 from ..lease import Lease
 from ._events import EVENTS_FLAG, lock_fields, send_task_event, worker_name
 from ._runtime import HEADER, Handover, Runtime, runtime
@@ -37,6 +38,7 @@ __all__ = ["TaskLocks", "locks_of"]
 
 log = logging.getLogger("celery_hilok.celery")
 
+RAN_OUT: Final = "its lease ran out before it was refreshed"
 STATE_ATTR: Final = "_hilok_locks"
 """Attribute of the task request (a Celery ``Context``) that holds its :class:`TaskLocks`."""
 
@@ -62,6 +64,7 @@ class TaskLocks:
         "_events_from",
         "_finished",
         "_handed_over",
+        "_lost_why",
         "_rt",
         "_task",
         "duplicate_of",
@@ -92,6 +95,8 @@ class TaskLocks:
         # (task id, name) of the next step of the chain, as the message had it at the start
         # (Celery 5.5 pops it off request.chain before publishing it, later versions not).
         self.next_step: tuple[str | None, str | None] | None = None
+        # Why each lost lease (by id) was lost, as found when the refresher reported it.
+        self._lost_why: dict[int, str] = {}
 
     @property
     def leases(self) -> list[Lease]:
@@ -110,11 +115,21 @@ class TaskLocks:
     def check(self) -> None:
         """Raise :class:`~celery_hilok.LockLost` if a lease was lost (a step boundary check)."""
         lost = [lease for lease in self.leases if lease.lost]
-        if lost:
+        if not lost:
+            return
+        whys = [self._lost_why.get(id(lease), RAN_OUT) for lease in lost]
+        if set(whys) == {RAN_OUT}:
             raise LockLost(
-                "lock lost while the task ran (its lease ran out before it was refreshed): "
+                f"lock lost while the task ran ({RAN_OUT}): "
                 + ", ".join(f"{lease.mode} {lease.path!r}" for lease in lost)
             )
+        raise LockLost(
+            "lock lost while the task ran: "
+            + ", ".join(
+                f"{lease.mode} {lease.path!r} ({why})"
+                for lease, why in zip(lost, whys, strict=True)
+            )
+        )
 
     def __repr__(self) -> str:
         held = ", ".join(f"{lease.mode} {lease.path!r}" for lease in self.leases) or "nothing"
@@ -197,14 +212,35 @@ class TaskLocks:
 
     def _on_lost(self, lease: Lease) -> None:
         task = self._task
+        why = self._why_lost(lease)
+        self._lost_why[id(lease)] = why
         log.warning(
-            "%s[%s]: lost its %s lock on %r (the lease ran out before it was refreshed)",
+            "%s[%s]: lost its %s lock on %r (%s)",
             getattr(task, "name", task),
             self.task_id,
             lease.mode,
             lease.path,
+            why,
         )
-        self._tell(hilok_lease_lost, {"lease": lease}, "lost", hilok_locks=lock_fields([lease]))
+        self._tell(
+            hilok_lease_lost,
+            {"lease": lease, "why": why},
+            "lost",
+            hilok_locks=lock_fields([lease]),
+            hilok_why=why,
+        )
+
+    def _why_lost(self, lease: Lease) -> str:
+        """Why ``lease`` is gone: released from the command line (it left a note), or it ran
+        out. One GET, only when a lease is found lost (in the refresher thread)."""
+        try:
+            note = release_note(self.rt.hilok, lease.handle)
+        except Exception as exc:
+            log.debug("could not read the release note of %s...: %s", lease.handle[:6], exc)
+            return RAN_OUT
+        if note is None or lease.path not in note.paths:
+            return RAN_OUT
+        return note.describe()
 
     def _adopt(self, handover: Handover, request: Any) -> None:
         """Run as ``handover.handle`` and take over the locks it lists, renewed at once.

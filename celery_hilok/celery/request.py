@@ -7,30 +7,48 @@ hard time limit) the main process knows exactly which holder to release: the tas
 spec is evaluated again from the message's arguments, and only that holder's grants are
 released (owner-checked, so a duplicate delivery running elsewhere keeps its locks).
 
+The main process releases for a pool process only once that process is gone (a lost or
+terminated process is reported after it exited) or its task has returned (then the pool
+process itself released, or handed the locks on): a pool process that is still running
+might still be running the body. So ``revoke(terminate=True)`` releases when billiard
+reports the terminated process gone, and never for a signal the process survives (Celery's
+graceful ``signal="SIGUSR1"``: the body gets ``SoftTimeLimitExceeded``, runs its cleanup
+under its locks, and the pool process releases them when it returns). A hard time limit is
+reported before the process is killed: its release waits for the process to exit.
+
 A task with its own ``Request`` class must derive it from :class:`HiLokRequest`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
-from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
+from kombu.asynchronous import get_event_loop
 
 from .._core import new_handle
 from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX, WORKER_KEY
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
 from .task import HiLokTask
 
-__all__ = ["HiLokRequest", "release_in_main_process"]
+__all__ = ["HiLokRequest", "release_in_main_process", "when_gone"]
 
 log = logging.getLogger("celery_hilok.celery")
 
-# What a pool process that died mid-task reports to the main process. (A terminated task,
-# revoke(terminate=True), is released by the task_revoked receiver instead.)
-_LOST = (WorkerLostError, TimeLimitExceeded, SystemExit, KeyboardInterrupt)
+# What a pool process that died mid-task reports to the main process (billiard reports
+# these once the process exited; SystemExit / KeyboardInterrupt after the task returned).
+_LOST = (WorkerLostError, SystemExit, KeyboardInterrupt)
 RELEASED = "hilok_released"
+GONE_TIMEOUT = 60.0
+"""Seconds the main process waits for a pool process past its hard time limit to exit
+before it gives up releasing for it (billiard kills it within a fraction of a second)."""
 
 
 class HiLokRequest(Request):  # type: ignore[misc]
@@ -58,7 +76,7 @@ class HiLokRequest(Request):  # type: ignore[misc]
             super().on_timeout(soft, timeout)
         finally:
             if not soft:
-                self._release(f"hard time limit ({timeout}s) exceeded")
+                self._release_once_gone(f"hard time limit ({timeout}s) exceeded")
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -70,21 +88,48 @@ class HiLokRequest(Request):  # type: ignore[misc]
                 exc_info, send_failed_event=send_failed_event, return_ok=return_ok
             )
         finally:
-            if isinstance(exc, _LOST) and not self._completed_before_loss():
+            if isinstance(exc, TimeLimitExceeded):
+                # Reported before billiard kills the process (SIGTERM, then SIGKILL): the
+                # body, or its finally blocks, may still run. Release once it exited.
+                self._release_once_gone("worker process lost (TimeLimitExceeded)")
+            elif isinstance(exc, Terminated) and not self._completed_before_loss():
+                # revoke(terminate=True) or a cancel: billiard reports the job Terminated
+                # once the process it ran in exited.
+                self._release("terminated (revoked); its process exited")
+            elif isinstance(exc, _LOST) and not self._completed_before_loss():
                 self._release(f"worker process lost ({type(exc).__name__})")
 
     def _release(self, why: str) -> None:
         # Billiard reports a hard time limit twice (as a failure and as a timeout).
         if not self._request_dict.get(RELEASED):
             self._request_dict[RELEASED] = True
-            released = release_in_main_process(self.task, self, why)
-            if released is not None:
-                handle, locks = released
-                held = [
-                    {"path": path, "mode": mode, "token": None, "handle": handle[:HANDLE_PREFIX]}
-                    for path, mode in locks
-                ]
-                self.send_event(EVENT_TYPE, hilok="released", hilok_locks=held, hilok_why=why)
+            self._release_now(why)
+
+    def _release_now(self, why: str) -> None:
+        released = release_in_main_process(self.task, self, why)
+        if released is not None:
+            handle, locks = released
+            held = [
+                {"path": path, "mode": mode, "token": None, "handle": handle[:HANDLE_PREFIX]}
+                for path, mode in locks
+            ]
+            self.send_event(EVENT_TYPE, hilok="released", hilok_locks=held, hilok_why=why)
+
+    def _release_once_gone(self, why: str) -> None:
+        """Release (once) when the pool process that ran the task has exited."""
+        if self._request_dict.get(RELEASED):
+            return
+        self._request_dict[RELEASED] = True
+        pid = self.worker_pid
+        if not isinstance(pid, int) or pid == os.getpid():
+            self._release_now(why)  # no pool process of its own (never started, or solo)
+            return
+
+        def release() -> None:
+            if not self._completed_before_loss():
+                self._release_now(why)
+
+        when_gone(pid, release, f"{self.task.name}[{self.id}]")
 
     def _completed_before_loss(self) -> bool:
         """Did the task succeed (and so release or hand over its locks) before dying?"""
@@ -95,6 +140,77 @@ class HiLokRequest(Request):  # type: ignore[misc]
             return bool(stored())
         except Exception:
             return False
+
+
+def when_gone(pid: int, then: Callable[[], None], what: str) -> None:
+    """Call ``then`` once process ``pid`` (a pool process of this worker) has exited.
+
+    Event driven where Linux gives a pidfd (readable once the process exited, zombie or
+    reaped): in the worker's event loop when called from it, else in a thread. Elsewhere a
+    thread polls for the pid. Gives up, with a warning, after :data:`GONE_TIMEOUT`: the
+    locks then run out by their ttl once nobody refreshes them.
+    """
+
+    def run() -> None:
+        try:
+            then()
+        except Exception:  # never into the worker's event loop
+            log.exception("%s: releasing after process %d exited failed", what, pid)
+
+    try:
+        fd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        run()  # gone already
+        return
+    except (AttributeError, OSError):
+        fd = None  # no pidfd here (not Linux, or Linux < 5.3)
+    hub: Any = get_event_loop()  # kombu's Hub (untyped): the worker's event loop
+    in_loop = hub is not None and getattr(hub, "_loop_thread", None) == threading.get_ident()
+    if fd is not None and in_loop:
+
+        def on_exit() -> None:
+            hub.remove_reader(fd)
+            os.close(fd)
+            run()
+
+        hub.add_reader(fd, on_exit)
+        return
+
+    def wait() -> None:
+        if _wait_exit(pid, fd):
+            run()
+        else:
+            log.warning(
+                "%s: process %d did not exit within %ss; its locks are left to run out "
+                "by their ttl",
+                what,
+                pid,
+                GONE_TIMEOUT,
+            )
+
+    threading.Thread(target=wait, name="hilok-release-when-gone", daemon=True).start()
+
+
+def _wait_exit(pid: int, fd: int | None) -> bool:
+    if fd is not None:
+        try:
+            ready, _, _ = select.select([fd], [], [], GONE_TIMEOUT)
+            return bool(ready)
+        finally:
+            os.close(fd)
+    deadline = time.monotonic() + GONE_TIMEOUT
+    delay = 0.01
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return True  # the pid belongs to another user's process now: ours is gone
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)  # no exit notification without a pidfd: poll, bounded
+        delay = min(delay * 2, 0.2)
 
 
 def release_in_main_process(

@@ -23,8 +23,10 @@ one has ``sender`` (the task), ``task_id`` and ``locks`` (the task's ``self.hilo
 ``hilok_lease_lost``
     Sent (from the worker process's refresher thread) when a lease a running task holds
     could not be renewed: it ran out, e.g. because Redis was unreachable for longer than the
-    ttl. Arguments: ``sender`` (the task), ``task_id``, ``lease`` (the lost
-    :class:`~celery_hilok.Lease`) and ``locks`` (the task's ``self.hilok``). The task sees
+    ttl, or someone released it with ``celery hilok release``. Arguments: ``sender`` (the
+    task), ``task_id``, ``lease`` (the lost :class:`~celery_hilok.Lease`), ``why`` (e.g.
+    "its lease ran out before it was refreshed", or "released by force from the command
+    line (...)") and ``locks`` (the task's ``self.hilok``). The task sees
     it as ``self.hilok.lost`` and can stop at its next step (``self.hilok.check()``).
 """
 
@@ -34,7 +36,9 @@ from celery.utils.dispatch import Signal
 
 __all__ = ["hilok_lease_lost", "hilok_lock_acquired", "hilok_lock_refused", "hilok_lock_released"]
 
-hilok_lease_lost = Signal(name="hilok_lease_lost", providing_args={"task_id", "lease", "locks"})
+hilok_lease_lost = Signal(
+    name="hilok_lease_lost", providing_args={"task_id", "lease", "why", "locks"}
+)
 hilok_lock_acquired = Signal(
     name="hilok_lock_acquired",
     providing_args={"task_id", "leases", "wait", "contended", "locks"},

@@ -5,10 +5,15 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, Reject, Retry
+
+try:
+    from celery.app.task import get_actual_ignore_result
+except ImportError:  # older Celery: the task's and the call's ignore_result, by hand
+    get_actual_ignore_result = None
 
 from ..errors import LockNotAcquired
 from ..lease import Lease
@@ -21,6 +26,10 @@ from .spec import LockSpec, Mode, task_signature
 __all__ = ["HiLokTask", "keeps"]
 
 log = logging.getLogger("celery_hilok.celery")
+
+SKIPPED: Final = "hilok_skipped"
+"""Key that marks the result of a task the ``skip`` policy did not run (see
+:func:`skipped_result`)."""
 
 
 class HiLokTask(Task):  # type: ignore[misc]
@@ -42,8 +51,9 @@ class HiLokTask(Task):  # type: ignore[misc]
       ``hilok_max_retries`` times, counted apart from the task's own ``max_retries``;
     - ``"wait"``: wait for them, up to ``hilok_timeout`` seconds (None: no limit);
     - ``"fail"``: fail at once with :class:`~celery_hilok.LockNotAcquired`;
-    - ``"skip"``: do not run the body; the task ends IGNORED, with a log line naming the
-      path that blocked it.
+    - ``"skip"``: do not run the body; the task ends with a log line naming the path that
+      blocked it, and its result (state SUCCESS) is :func:`skipped_result`, a dict with
+      ``hilok_skipped: True`` and the blocking lock; the chain it is in stops there.
 
     ``hilok_keep=True`` hands the locks, when the body succeeds, to the next task of the
     chain. See docs/celery.md for every option and setting.
@@ -124,6 +134,7 @@ class HiLokTask(Task):  # type: ignore[misc]
             if policy == "skip":
                 state._refused(exc, "skip", attempt)
                 log.info("%s[%s] skipped: %s", self.name, task_id, exc)
+                self._store_skipped(task_id, exc)
                 raise Ignore(str(exc)) from None
             if policy == "retry" and not self.request.is_eager:
                 self._retry_on_contention(exc, state)
@@ -132,6 +143,20 @@ class HiLokTask(Task):  # type: ignore[misc]
         state.own = leases
         state._hold(leases)
         state._acquired(leases, time.monotonic() - started, attempt)
+
+    def _store_skipped(self, task_id: str, exc: LockNotAcquired) -> None:
+        """Store the ``skip`` policy's result, so that the caller's ``AsyncResult`` is
+        ready (SUCCESS, :func:`skipped_result`) instead of PENDING forever: the task ends
+        with ``Ignore`` (no callbacks, the chain stops), which stores nothing itself."""
+        request = self.request
+        if _ignores_result(self, request):
+            return
+        if request.is_eager and not getattr(self, "store_eager_result", False):
+            return  # an eager call's EagerResult is its result (state IGNORED)
+        try:
+            self.backend.store_result(task_id, skipped_result(exc), states.SUCCESS, request=request)
+        except Exception as error:  # no result backend, or it is down: the log line stays
+            log.warning("%s[%s]: could not store its skipped result: %s", self.name, task_id, error)
 
     def _acquire_in_place(
         self, hl: HiLok, wanted: list[tuple[str, Mode]], ttl: float, handle: str
@@ -196,6 +221,26 @@ class HiLokTask(Task):  # type: ignore[misc]
         """Celery's ``apply`` (eager run); also takes ``hilok_handle=h``."""
         explicit_handover(options)
         return super().apply(args, kwargs, *more, **options)
+
+
+def skipped_result(exc: LockNotAcquired) -> dict[str, Any]:
+    """The result of a task the ``skip`` policy did not run: ``{"hilok_skipped": True,
+    "path", "mode"}`` of the lock it asked for, ``"blocker"`` (who held it, as in
+    :attr:`LockNotAcquired.blocker`) and ``"reason"`` (the refusal's message)."""
+    return {
+        SKIPPED: True,
+        "path": exc.path,
+        "mode": exc.mode,
+        "blocker": exc.blocker,
+        "reason": str(exc),
+    }
+
+
+def _ignores_result(task: Any, request: Any) -> bool:
+    """Does this call store no result (``ignore_result`` of the task or of the call)?"""
+    if get_actual_ignore_result is not None:
+        return bool(get_actual_ignore_result(task, request))
+    return bool(task.ignore_result or getattr(request, "ignore_result", False))
 
 
 def keeps(task: Any) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.signals import worker_ready
 
 from celery_hilok import HiLokTask, LockLost
@@ -214,6 +215,29 @@ def register(app: Celery) -> SimpleNamespace:
         record(self, run, "lost?", "lose", check=checked)
         return "lose"
 
+    @task("graceful", base=HiLokTask, hilok_write=ACCOUNT)
+    def graceful(self: Task, run: str, tenant: str, account: str, cleanup: float) -> str:
+        """Blocks on a gate until cancelled gracefully (SIGUSR1: SoftTimeLimitExceeded), then
+        runs a cleanup of ``cleanup`` seconds, still under its lock."""
+        record(self, run, "start", "graceful")
+        try:
+            wait_gate(self, run, "never")
+        except SoftTimeLimitExceeded:
+            record(self, run, "cleanup", "graceful")
+            time.sleep(cleanup)  # the cleanup's work, not synchronisation
+        record(self, run, "end", "graceful")
+        return "cleaned up"
+
+    @task("stubborn", base=HiLokTask, hilok_write=ACCOUNT)
+    def stubborn(self: Task, run: str, tenant: str, account: str) -> str:
+        """Ignores SIGTERM and keeps working (a record every 2 ms) until it is killed."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        record(self, run, "start", "stubborn")
+        for _ in range(GATE_TIMEOUT * 500):
+            time.sleep(0.002)  # the task's work, not synchronisation
+            record(self, run, "tick", "stubborn")
+        return "not killed"
+
     @task(
         "multi",
         base=HiLokTask,
@@ -230,6 +254,7 @@ def register(app: Celery) -> SimpleNamespace:
         plain_step,
     )
     t.flaky, t.exit, t.multi, t.lose = flaky, exit_task, multi, lose
+    t.graceful, t.stubborn = graceful, stubborn
     return t
 
 

@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,11 @@ class WorkerProcess:
                 raise AssertionError(f"worker not ready in {WORKER_START_TIMEOUT}s:\n{self.log()}")
             time.sleep(0.05)
         return self
+
+    @property
+    def node(self) -> str:
+        """The worker's node name (``-n <queue>@%h``), e.g. for control commands."""
+        return f"{self.queue}@{socket.gethostname()}"
 
     @property
     def pid(self) -> int:

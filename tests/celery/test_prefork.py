@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
+from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -19,6 +23,7 @@ from celery import chain
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 
 from celery_hilok import HiLok
+from celery_hilok.celery.request import when_gone
 from tests._wait import wait_for
 from tests.celery.app import events, open_gate, tasks
 from tests.celery.conftest import WorkerProcess
@@ -181,7 +186,36 @@ def test_hard_time_limit_is_released_by_the_main_process(
     with pytest.raises(TimeLimitExceeded):
         result.get(timeout=RESULT_TIMEOUT)
     released(hl, account(run), "the release after the hard time limit")
-    assert main_process_released(prefork_worker, result.id, "TimeLimitExceeded")
+    # The main process releases too (the process may die before its own release), once
+    # the process is gone: after it was killed, so perhaps after the lock was seen free.
+    wait_for(
+        lambda: main_process_released(prefork_worker, result.id, "TimeLimitExceeded"),
+        timeout=RELEASE_TIMEOUT,
+        what="the main process to release for the killed process",
+    )
+
+
+def test_hard_time_limit_releases_only_once_the_process_is_gone(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    # Billiard reports a hard time limit before it kills the process (SIGTERM, which this
+    # task ignores, then SIGKILL), so the body still runs for a while: the lock must stay
+    # held until the process is gone, and only the main process can release it. (A worker
+    # of its own: after a kill, billiard may take a while to replace the dead process.)
+    worker = worker_factory(2)
+    q = worker.queue
+    result = tasks.stubborn.apply_async((run, "t1", "a1"), queue=q, time_limit=1)
+    wait_for(start_of(lab, run, "stubborn"), what="the task to start")
+    waiter = tasks.write_wait.apply_async((run, "t1", "a1", "outsider"), queue=q)
+    wait_for(lambda: hl.status(account(run)).waiters, what="the conflicting task to queue")
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=RESULT_TIMEOUT)
+    assert waiter.get(timeout=RESULT_TIMEOUT) == "outsider"
+    records = [(e["kind"], e["name"]) for e in events(lab, run)]
+    first_outsider = records.index(("start", "outsider"))
+    assert {name for _, name in records[:first_outsider]} == {"stubborn"}
+    assert {name for _, name in records[first_outsider:]} == {"outsider"}
+    assert main_process_released(worker, result.id, "TimeLimitExceeded")
 
 
 def test_soft_time_limit_is_released_by_the_task(
@@ -195,14 +229,49 @@ def test_soft_time_limit_is_released_by_the_task(
     released(hl, account(run), "the release after the soft time limit")
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL"])
 def test_terminated_task_is_released(
-    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
+    prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok, signum: str
 ) -> None:
     result = tasks.exit.apply_async((run, "t1", "a1", "block"), queue=prefork_worker.queue)
     wait_for(start_of(lab, run, "block"), what="the task to start")
-    result.revoke(terminate=True)
+    result.revoke(terminate=True, signal=signum)
     released(hl, account(run), "the release of the terminated task")
     wait_for(lambda: result.state == "REVOKED", what="the REVOKED state")
+    # The main process releases once billiard reports the terminated process gone (SIGKILL
+    # leaves the pool process no postrun: only the main process can release then).
+    wait_for(
+        lambda: main_process_released(prefork_worker, result.id, "its process exited"),
+        timeout=RELEASE_TIMEOUT,
+        what="the main process to release for the terminated process",
+    )
+
+
+def test_graceful_terminate_keeps_the_lock_until_the_cleanup_ends(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    # revoke(terminate=True, signal="SIGUSR1") is Celery's graceful cancel: the pool process
+    # survives, the body gets SoftTimeLimitExceeded and runs its cleanup, still under its lock.
+    worker = worker_factory(2)
+    q = worker.queue
+    result = tasks.graceful.apply_async((run, "t1", "a1", 0.5), queue=q)
+    entry = wait_for(start_of(lab, run, "graceful"), what="the task to start")
+    waiter = tasks.write_wait.apply_async((run, "t1", "a1", "outsider"), queue=q)
+    wait_for(lambda: hl.status(account(run)).waiters, what="the conflicting task to queue")
+    result.revoke(terminate=True, signal="SIGUSR1")
+    assert waiter.get(timeout=RESULT_TIMEOUT) == "outsider"
+    # The records are pushed in the order things happened: the conflicting body starts only
+    # after the cancelled one, cleanup included, has ended.
+    records = [(e["kind"], e["name"]) for e in events(lab, run)]
+    assert records == [
+        ("start", "graceful"),
+        ("cleanup", "graceful"),
+        ("end", "graceful"),
+        ("start", "outsider"),
+        ("end", "outsider"),
+    ]
+    os.kill(entry["pid"], 0)  # the pool process survived the signal
+    released(hl, account(run), "the release")
 
 
 def test_chain_step_revoked_in_the_queue_releases_what_was_handed_to_it(
@@ -251,3 +320,48 @@ def test_solo_pool_runs_a_chain_under_one_holder(
     assert [e["pid"] for e in starts] == [worker.pid, worker.pid]
     assert starts[0]["handle"] == starts[1]["handle"]
     released(hl, account(run), "the release")
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_when_gone_calls_back_once_the_process_exited(
+    pidfd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The main process's wait for a pool process to exit, outside a worker (no event loop:
+    # a thread waits), with a pidfd and, as on systems without one, by polling the pid.
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=PIPE)
+    gone = threading.Event()
+    when_gone(child.pid, gone.set, "test")
+    assert not gone.is_set()  # it is still running
+    assert child.stdin is not None
+    child.stdin.close()  # now it exits
+    child.wait()
+    assert gone.wait(RESULT_TIMEOUT)
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_threads_and_solo_pools_have_no_terminate_nor_time_limits(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok, pool: str
+) -> None:
+    # What docs/celery.md's failure table says of these pools: revoke(terminate=True) does
+    # not stop a running task there, and time limits are not enforced, so the task keeps
+    # its lock until it ends, and releases it then itself.
+    worker = worker_factory(2 if pool == "threads" else 1, pool=pool)
+    result = tasks.write_fail.apply_async(
+        (run, "t1", "a1", "busy", None, 1.5),  # 1.5 s of work, past both limits
+        queue=worker.queue,
+        soft_time_limit=0.3,
+        time_limit=0.6,
+    )
+    entry = wait_for(start_of(lab, run, "busy"), what="the task to start")
+    replies = result.app.control.revoke(
+        result.id, terminate=True, reply=True, timeout=1.0, destination=[worker.node]
+    )
+    if pool == "threads":  # the worker answers at once, but cannot terminate a thread
+        assert "does not implement kill_job" in str(replies)
+        assert holder_handles(hl, account(run)) == [entry["handle"]]
+    # (The solo worker runs the task in its only thread: it reads the revoke after it.)
+    assert result.get(timeout=RESULT_TIMEOUT) == "busy"  # neither limit stopped it
+    assert [e["kind"] for e in events(lab, run)] == ["start", "end"]
+    released(hl, account(run), "the task's own release")

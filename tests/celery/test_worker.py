@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from celery.signals import task_retry
+from celery.signals import task_postrun, task_retry
+from click.testing import CliRunner
 
 from celery_hilok import HiLok, LockNotAcquired, hilok_lease_lost
+from celery_hilok.cli import hilok as hilok_command
 from celery_hilok.inspect import tasks_by_handle
 from tests._wait import wait_for
 from tests.celery.app import events, open_gate, tasks
@@ -202,8 +204,9 @@ def test_retry_policy_retries_until_free_without_using_max_retries(
 def test_retry_policy_gives_up_after_its_own_budget(run: str, hl: HiLok) -> None:
     outside = hl.acquire(path(run, "t1", "a1"), "write")
     result = tasks.write_budget.delay(run, "t1", "a1")  # hilok_max_retries=2
-    with pytest.raises(LockNotAcquired, match=r"gave up after 2 contention retries"):
+    with pytest.raises(LockNotAcquired, match=r"gave up after 2 contention retries") as info:
         result.get(timeout=RESULT_TIMEOUT)
+    assert (info.value.path, info.value.mode) == (path(run, "t1", "a1"), "write")
     hl.release(outside)
 
 
@@ -221,17 +224,23 @@ def test_wait_policy_waits_and_gives_up_after_its_timeout(run: str, hl: HiLok) -
     hl.release(outside)
 
 
-def test_fail_policy_fails_at_once(run: str, hl: HiLok) -> None:
+def test_fail_policy_fails_at_once(run: str, hl: HiLok, app: Celery) -> None:
     outside = hl.acquire(path(run, "t1"), "read")
     result = tasks.write_fail.delay(run, "t1", "a1")
     with pytest.raises(LockNotAcquired) as info:
         result.get(timeout=RESULT_TIMEOUT)
     assert "at once" in str(info.value) and f"read lock on '{path(run, 't1')}'" in str(info.value)
     assert result.state == "FAILURE"
+    # The error came through the (JSON) result backend with what it says about the lock.
+    assert app.conf.result_serializer == "json"
+    assert info.value.path == path(run, "t1", "a1") and info.value.mode == "write"
+    assert info.value.blocker is not None
+    assert info.value.blocker.startswith(f"read lock on '{path(run, 't1')}' held by")
+    assert str(info.value).endswith(info.value.blocker)
     hl.release(outside)
 
 
-def test_skip_policy_ignores_the_task_and_logs_the_blocking_path(
+def test_skip_policy_skips_the_body_logs_the_blocking_path_and_stores_a_result(
     run: str, lab: redis.Redis, hl: HiLok, caplog: pytest.LogCaptureFixture
 ) -> None:
     outside = hl.acquire(path(run, "t1"), "write")
@@ -248,7 +257,31 @@ def test_skip_policy_ignores_the_task_and_logs_the_blocking_path(
     message = line[0].getMessage()
     assert "skipped" in message and f"write lock on '{path(run, 't1')}' held by" in message
     assert started(lab, run, "write a1") is None  # the body never ran
-    assert result.state == "PENDING"  # IGNORED stores no result
+    # The caller's AsyncResult is ready (not PENDING forever), and says what blocked it.
+    skipped = result.get(timeout=RESULT_TIMEOUT)
+    assert result.state == "SUCCESS"
+    assert skipped["hilok_skipped"] is True
+    assert skipped["path"] == path(run, "t1", "a1") and skipped["mode"] == "write"
+    assert skipped["blocker"].startswith(f"write lock on '{path(run, 't1')}' held by")
+    assert skipped["reason"] == str(message.split("skipped: ", 1)[1])
+    hl.release(outside)
+
+
+def test_skip_policy_stores_nothing_when_the_call_ignores_its_result(run: str, hl: HiLok) -> None:
+    outside = hl.acquire(path(run, "t1"), "write")
+    ended: dict[str, str | None] = {}
+
+    def on_postrun(task_id: str = "", state: str | None = None, **_: Any) -> None:
+        ended[task_id] = state  # the in-process worker's task ended (in this process)
+
+    task_postrun.connect(on_postrun, weak=False)
+    try:
+        result = tasks.write_skip.apply_async((run, "t1", "a1"), ignore_result=True)
+        wait_for(lambda: result.id in ended, what="the task to end")
+    finally:
+        task_postrun.disconnect(on_postrun)
+    assert ended[result.id] == "IGNORED"
+    assert result.state == "PENDING"  # the call asked for no result: none was stored
     hl.release(outside)
 
 
@@ -304,8 +337,10 @@ def test_a_lost_lease_is_signalled_and_visible_to_the_task(
 ) -> None:
     seen: list[Any] = []
 
-    def on_lost(sender: Any = None, task_id: str = "", lease: Any = None, **_: Any) -> None:
-        seen.append((sender.name, task_id, lease.path))
+    def on_lost(
+        sender: Any = None, task_id: str = "", lease: Any = None, why: str = "", **_: Any
+    ) -> None:
+        seen.append((sender.name, task_id, lease.path, why))
 
     hilok_lease_lost.connect(on_lost)
     try:
@@ -319,11 +354,63 @@ def test_a_lost_lease_is_signalled_and_visible_to_the_task(
         for lease in leases_of(hl, grants):
             hl.release(lease)
         wait_for(lambda: seen, timeout=60, what="hilok_lease_lost")
-        assert seen == [("hilok_tests.lose", result.id, path(run, "t1", "a1"))]
+        ran_out = "its lease ran out before it was refreshed"
+        assert seen == [("hilok_tests.lose", result.id, path(run, "t1", "a1"), ran_out)]
         open_gate(lab, run, "lost")
         assert result.get(timeout=RESULT_TIMEOUT) == "lose"
         after = [e for e in events(lab, run) if e["kind"] == "lost?"]
         assert after[0]["lost"] is True
-        assert after[0]["check"].startswith("lock lost while the task ran")
+        assert after[0]["check"] == (
+            f"lock lost while the task ran ({ran_out}): write '{path(run, 't1', 'a1')}'"
+        )
+    finally:
+        hilok_lease_lost.disconnect(on_lost)
+
+
+def test_a_force_release_from_the_command_line_is_reported_as_such(
+    run: str,
+    lab: redis.Redis,
+    hl: HiLok,
+    hilok_config: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+
+    def on_lost(why: str = "", **_: Any) -> None:
+        seen.append(why)
+
+    hilok_lease_lost.connect(on_lost)
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_hilok.celery"):
+            result = tasks.lose.delay(run, "t1", "a1")
+            wait_for(lambda: started(lab, run, "lose"), what="the task to start")
+            command = CliRunner().invoke(
+                hilok_command,
+                [
+                    "--url",
+                    hilok_config["hilok_redis_url"],
+                    "--namespace",
+                    hilok_config["hilok_namespace"],
+                    "release",
+                    path(run, "t1"),
+                    "--force",
+                    "--yes",
+                ],
+            )
+            assert command.exit_code == 0, command.output
+            assert "released 1 grant(s)" in command.output
+            wait_for(lambda: seen, timeout=60, what="hilok_lease_lost")
+        forced = "released by force from the command line (celery hilok release --force by "
+        assert seen[0].startswith(forced)
+        logged = [r.getMessage() for r in caplog.records if result.id in r.getMessage()]
+        assert any(
+            f"lost its write lock on '{path(run, 't1', 'a1')}' ({forced}" in m for m in logged
+        )
+        open_gate(lab, run, "lost")
+        assert result.get(timeout=RESULT_TIMEOUT) == "lose"
+        after = [e for e in events(lab, run) if e["kind"] == "lost?"]
+        assert after[0]["check"].startswith(
+            f"lock lost while the task ran: write '{path(run, 't1', 'a1')}' ({forced}"
+        )
     finally:
         hilok_lease_lost.disconnect(on_lost)
