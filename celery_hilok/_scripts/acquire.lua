@@ -167,7 +167,7 @@ for i, g in ipairs(grants) do
   if try('HSET', g.hkey, field, holder_entry(token, exp, made_by)) == 1 then
     added_entries[#added_entries + 1] = { g.hkey, field }
   end
-  bump(g.hkey, 2 * ttl)  -- outlives the lease by one ttl: evidence for release (see there)
+  bump(g.hkey, holder_ttl(ttl))
   if queued[g.tree] > 0 and redis.call('ZREM', tree_key(g.tree, 2), g.member) == 1 then
     try('ZREM', tree_key(g.tree, 3), g.member)
   end

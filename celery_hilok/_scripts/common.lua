@@ -67,6 +67,13 @@ local function holds_live(hkey)
   return live
 end
 
+-- how long a holder hash outlives the lease it was last bumped for: while it is there, a
+-- release can tell a lease that ran out (its entry is there, expired) from one that was
+-- released already (its entry is gone)
+local function holder_ttl(ttl)
+  return ttl + math.max(ttl, 10000)
+end
+
 -- make key live at least ms more milliseconds (never shorter than it already lives: every
 -- key outlives the longest lease it holds)
 local function bump(key, ms)

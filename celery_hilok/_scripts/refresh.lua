@@ -27,7 +27,7 @@ for i, g in ipairs(grants) do
       local token, _, nonce = split_entry(entry)
       redis.call('HSET', g.hkey, field, holder_entry(token, exp, nonce))
     end
-    bump(g.hkey, 2 * g.ttl)
+    bump(g.hkey, holder_ttl(g.ttl))
     result[i] = 1
   else
     for level = 1, g.depth do redis.call('ZREM', KEYS[block_of(g, level)], member) end
