@@ -174,6 +174,13 @@ class WakeTable:
         self._lock = threading.Lock()
         self._waits: dict[str, set[Wait]] = {}
         self._confirmed: dict[str, Any] = {}
+        self.on_idle: Callable[[], None] | None = None
+        """Called when the last waiter leaves (the asyncio waker ends a while later)."""
+
+    def idle(self) -> bool:
+        """Nobody waits."""
+        with self._lock:
+            return not self._waits
 
     def add(self, attempt: Acquisition, channels: set[str]) -> tuple[Wait, list[str], list[Any]]:
         """Register ``attempt``; returns its wait, the channels nobody subscribed to yet,
@@ -204,6 +211,9 @@ class WakeTable:
                     waits.discard(wait)
                     if not waits:
                         del self._waits[channel]
+            idle = not self._waits
+        if idle and self.on_idle is not None:
+            self.on_idle()
 
     def reset(self) -> None:
         """A new connection: nothing is subscribed on it yet."""
@@ -271,9 +281,11 @@ class RefreshSchedule:
                 return True
             return False
 
-    def discard(self, lease: Lease) -> None:
+    def discard(self, lease: Lease) -> bool:
+        """Stop keeping ``lease``; True if nothing is kept any more (the refresher may end)."""
         with self._lock:
             self.leases.pop(id(lease), None)
+            return not self.leases
 
     def delay(self, now: float) -> float | None:
         """Seconds until the next tick (<= 0: now), or None while nothing is kept."""
@@ -321,6 +333,7 @@ class _Refresher(Protocol):
     schedule: RefreshSchedule
 
     def add(self, lease: Lease) -> None: ...
+    def discard(self, lease: Lease) -> None: ...
     def settle(self) -> Any: ...  # awaitable in the asyncio driver
     def stop(self) -> Any: ...
 
@@ -651,7 +664,7 @@ class Client(Generic[C]):
     def _release(self, leases: Sequence[Lease]) -> Flow[None]:
         todo = [lease for lease in leases if not lease.released]
         for lease in todo:
-            self._refresher.schedule.discard(lease)
+            self._refresher.discard(lease)
         if not todo:
             return
         items = [(lease.handle, lease.request) for lease in todo]

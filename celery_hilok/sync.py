@@ -129,6 +129,9 @@ class _Refresher:
         if wake:
             self._changed.set()
 
+    def discard(self, lease: Lease) -> None:
+        self.schedule.discard(lease)
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._changed.clear()
@@ -233,7 +236,7 @@ class HiLok(_engine.Client[SyncClient]):
         them is in flight, so a refresh that follows (say, to a longer ttl) is the last.
         """
         for lease in leases:
-            self._refresher.schedule.discard(lease)
+            self._refresher.discard(lease)
         self._refresher.settle()
 
     def release(self, *leases: Lease) -> None:
