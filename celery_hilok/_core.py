@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple
@@ -455,12 +455,26 @@ def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:
     return max(wait, 0.0)
 
 
+_PAIRS: Final = "locks must be an iterable of (path, mode) pairs, such as [('a/b', 'write')]"
+
+
 def normalise_requests(spec: Iterable[tuple[object, object]], separator: str) -> list[Request]:
-    """Parse (path, mode) pairs; the same lock asked twice is kept once."""
+    """Parse (path, mode) pairs; the same lock asked twice is kept once.
+
+    Raises :class:`InvalidArgument` for anything but an iterable of pairs (a str, a mapping,
+    None), for more than :data:`MAX_LOCKS` distinct locks, and for a bad path or mode.
+    """
+    if isinstance(spec, (str, bytes, Mapping)) or not isinstance(spec, Iterable):
+        hint = "; for a mapping, pass its .items()" if isinstance(spec, Mapping) else ""
+        raise InvalidArgument(f"{_PAIRS}, got {type(spec).__name__}: {spec!r:.80}{hint}")
     out: list[Request] = []
-    for path, mode in spec:
-        req = Request.parse(path, mode, separator)
-        if req not in out:
+    seen: set[Request] = set()
+    for pair in spec:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InvalidArgument(f"{_PAIRS}; one of them is {type(pair).__name__}: {pair!r:.80}")
+        req = Request.parse(pair[0], pair[1], separator)
+        if req not in seen:
+            seen.add(req)
             out.append(req)
     if not out:
         raise InvalidArgument("at least one lock must be requested")

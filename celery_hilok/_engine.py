@@ -45,7 +45,7 @@ from ._redis import (
 )
 from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
-from .paths import parse_path, validate_namespace
+from .paths import parse_path, validate_namespace, validate_separator
 
 __all__ = ["AcquireOptions", "Client", "RefreshSchedule", "WakeTable"]
 
@@ -389,9 +389,7 @@ class Client(Generic[C]):
         wait_timeout: float = 1.0,
     ) -> None:
         self.namespace = validate_namespace(namespace)
-        if not isinstance(separator, str) or not separator:
-            raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
-        self.separator = separator
+        self.separator = validate_separator(separator)
         self.ttl = check_ttl(ttl)
         self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
         self._protocol = Calls(namespace, separator)
@@ -416,9 +414,26 @@ class Client(Generic[C]):
         one round trip per tick (a third of the shortest ttl, or ``interval`` if shorter). A
         lease found lost gets ``lease.lost = True`` and its ``on_lost`` callbacks are called.
         """
+        self._check_leases([lease], "keep alive")
         if interval is not None:
             lease.refresh_interval = check_ttl(interval, "interval")
         self._refresher.add(lease)
+
+    def _check_leases(self, leases: Iterable[object], what: str) -> None:
+        """Refuse what is not a lease, and a lease granted in another namespace: there its
+        grant does not exist, so a release would report it lost (and mark it released
+        while its holder goes on renewing it), a refresh would find it gone."""
+        for lease in leases:
+            if not isinstance(lease, Lease):
+                raise InvalidArgument(
+                    f"cannot {what} {lease!r:.80}: expected a Lease, got {type(lease).__name__}"
+                )
+            if lease.namespace is not None and lease.namespace != self.namespace:
+                raise InvalidArgument(
+                    f"cannot {what} {lease!r}: it was granted in namespace "
+                    f"{lease.namespace!r}, and this client works in namespace "
+                    f"{self.namespace!r}; use a client of namespace {lease.namespace!r}"
+                )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server} namespace={self.namespace!r}>"
@@ -637,6 +652,7 @@ class Client(Generic[C]):
 
     def _renew(self, leases: Sequence[Lease], ttl: float | None) -> Flow[list[bool]]:
         """Renew ``leases`` in one round trip, without marking them found lost."""
+        self._check_leases(leases, "refresh")
         if not leases:
             return []
         new_ttl = None if ttl is None else check_ttl(ttl)
@@ -662,6 +678,7 @@ class Client(Generic[C]):
             report_lost(lease)
 
     def _release(self, leases: Sequence[Lease]) -> Flow[None]:
+        self._check_leases(leases, "release")
         todo = [lease for lease in leases if not lease.released]
         for lease in todo:
             self._refresher.discard(lease)

@@ -14,6 +14,7 @@ import asyncio
 import math
 import pickle
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -30,6 +31,7 @@ from celery_hilok import (
     HiLokError,
     HiLokTask,
     InvalidArgument,
+    Lease,
     LockLost,
     LockNotAcquired,
     RedisHiLok,
@@ -262,6 +264,167 @@ def test_acquire_many_with_nothing_to_lock(
     with pytest.raises(InvalidArgument, match="at least one lock"):
         hl.acquire_many([])
     assert_nothing_locked(hl, redis_client, namespace)
+
+
+@pytest.mark.parametrize(
+    ("locks", "phrase"),
+    [
+        pytest.param(["a/b"], "one of them is str: 'a/b'", id="list-of-str"),
+        pytest.param("a/b", "got str: 'a/b'", id="str"),
+        pytest.param(None, "got NoneType: None", id="none"),
+        pytest.param(42, "got int: 42", id="int"),
+        pytest.param({"a/b": "write"}, "for a mapping, pass its .items()", id="dict"),
+        pytest.param([("a/b",)], "one of them is tuple: ('a/b',)", id="1-tuple"),
+        pytest.param([("a/b", "write", 5)], "one of them is tuple", id="3-tuple"),
+        pytest.param([("a/b", "write"), None], "one of them is NoneType", id="pair-then-none"),
+        pytest.param([b"ab"], "one of them is bytes", id="list-of-bytes"),
+    ],
+)
+def test_acquire_many_with_something_else_than_pairs(
+    hl: HiLok, redis_client: redis.Redis, namespace: str, held: Any, locks: object, phrase: str
+) -> None:
+    for call in (hl.acquire_many, partial(hl.acquire_many, block=False)):
+        with pytest.raises(
+            InvalidArgument, match="must be an iterable of \\(path, mode\\) pairs"
+        ) as info:
+            call(locks)  # type: ignore[arg-type]
+        assert phrase in str(info.value)
+    assert_nothing_locked(hl, redis_client, namespace, "a")
+
+
+def test_acquire_many_with_something_else_than_pairs_async(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    async def main() -> None:
+        async with AsyncHiLok(redis_url, namespace=namespace) as ahl:
+            for locks in (["a/b"], None):
+                with pytest.raises(InvalidArgument, match="pairs"):
+                    await ahl.acquire_many(locks)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert lock_keys(redis_client, namespace) == []
+
+
+SURROGATE = b"t/caf\xe9".decode("utf-8", "surrogateescape")  # 't/caf\udce9', from a file name
+
+
+@pytest.mark.parametrize("path", [SURROGATE, "t/\udcff", "\ud800", "t/a\udfffb/c"])
+def test_path_with_a_lone_surrogate(
+    hl: HiLok, redis_url: str, redis_client: redis.Redis, namespace: str, held: Any, path: str
+) -> None:
+    phrase = "is not valid Unicode text: it holds the lone surrogate"
+    calls: list[Callable[[], Any]] = [
+        partial(hl.acquire, path, "write"),
+        partial(hl.acquire, path, "read", block=False),
+        partial(hl.acquire_many, [("t/ok", "write"), (path, "read")]),
+        partial(hl.status, path),
+        partial(hl.status_chain, path),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument, match=phrase):
+            bounded(call)
+    with pytest.raises(InvalidArgument, match=phrase):
+        HiLok(redis_url, namespace=namespace, separator="\udcff")
+    assert_nothing_locked(hl, redis_client, namespace, "t")
+
+
+def test_path_with_a_lone_surrogate_seed(redis_url: str, namespace: str) -> None:
+    async def main() -> None:
+        async with RedisHiLok(redis_url, namespace=namespace) as seed:
+            with pytest.raises(ValueError, match="lone surrogate"):
+                await seed.acquire_write(SURROGATE)
+            with pytest.raises(ValueError, match="lone surrogate"):
+                await seed.status(SURROGATE, "")
+
+    asyncio.run(main())
+
+
+NFC = "caf\u00e9/na\u00efve"  # precomposed: U+00E9, U+00EF
+NFD = "cafe\u0301/nai\u0308ve"  # the same text, decomposed: e + U+0301, i + U+0308
+
+
+def test_nfc_and_nfd_spellings_of_a_path_are_one_lock(
+    hl: HiLok, redis_client: redis.Redis, namespace: str
+) -> None:
+    assert NFC != NFD and unicodedata.normalize("NFC", NFD) == NFC
+    lease = hl.acquire(NFD, "write")
+    assert lease.path == NFC  # normalised, as every path is
+    for spelling in (NFC, NFD):
+        with pytest.raises(LockNotAcquired):
+            hl.acquire(spelling, "write", block=False)
+        with pytest.raises(LockNotAcquired):
+            hl.acquire(spelling.split("/")[0], "read", block=False)  # the ancestor too
+        assert [(h.handle, h.path) for h in hl.status(spelling).holders] == [(lease.handle, NFC)]
+    # One key space: every key names the NFC form, percent-encoded.
+    keys = lock_keys(redis_client, namespace)
+    assert keys and all("caf%C3%A9" in k and "e%CC%81" not in k for k in keys)
+    # The same grant through the other spelling: a renewal, not a second lock.
+    again = hl.acquire(NFC, "write", handle=lease.handle)
+    assert again.token == lease.token
+    copy = pickle.loads(pickle.dumps(lease))
+    assert copy.path == NFC and copy.request == lease.request
+    hl.release(lease)
+    assert_nothing_locked(hl, redis_client, namespace, "caf\u00e9")
+
+
+def test_release_or_refresh_through_another_namespace_is_refused(
+    hl: HiLok, redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    lease = hl.acquire("ns/x", "write")
+    reader = hl.acquire("ns/y", "read")
+    other_ns = namespace + "-other"
+    phrase = (
+        f"it was granted in namespace '{namespace}', and this client works in "
+        f"namespace '{other_ns}'"
+    )
+    with HiLok(redis_url, namespace=other_ns) as other:
+        copies = [lease, pickle.loads(pickle.dumps(lease))]  # the namespace travels
+        for copy in copies:
+            assert copy.namespace == namespace
+            calls: list[Callable[[], Any]] = [
+                partial(other.release, copy),
+                partial(other.refresh, copy),
+                partial(other.refresh_many, [copy]),
+                partial(other.keep_alive, copy),
+                partial(other.release, reader, copy),  # one of them is ours
+            ]
+            for call in calls:
+                with pytest.raises(InvalidArgument, match=phrase):
+                    call()
+            assert not copy.released and not copy.lost
+        assert reader.namespace == namespace and not reader.released
+        assert_still_held(hl, lease)
+        # Not a lease at all
+        with pytest.raises(InvalidArgument, match="expected a Lease, got str"):
+            other.release("ns/x")  # type: ignore[arg-type]
+        # A lease built by name without a namespace is taken by any client, as before:
+        # there it holds nothing.
+        unnamed = Lease(lease.request, lease.handle, lease.token, lease.ttl)
+        assert unnamed.namespace is None
+        with pytest.raises(LockLost):
+            other.release(unnamed)
+    assert_still_held(hl, lease)
+    hl.release(lease, reader)
+    assert_nothing_locked(hl, redis_client, namespace, "ns")
+
+
+def test_release_through_another_namespace_is_refused_async(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    async def main() -> None:
+        async with (
+            AsyncHiLok(redis_url, namespace=namespace) as ahl,
+            AsyncHiLok(redis_url, namespace=namespace + "-b") as other,
+        ):
+            lease = await ahl.acquire("ns/x", "write")
+            with pytest.raises(InvalidArgument, match="granted in namespace"):
+                await other.release(lease)
+            assert not lease.released
+            await ahl.refresh(lease)
+            await lease.release()
+
+    asyncio.run(main())
+    assert lock_keys(redis_client, namespace) == []
 
 
 @pytest.mark.parametrize("handle", ["short", "has space", "x" * 129, "a|S|b/c", "", 12345678])
