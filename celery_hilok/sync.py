@@ -193,7 +193,10 @@ class HiLok(_engine.Client[SyncClient]):
     ) -> list[Lease]:
         """Acquire several locks for one holder atomically: all of them or none.
 
-        Same options and errors as :meth:`acquire`; the leases share one handle.
+        ``locks`` is an iterable of (path, mode) pairs, at most 256 distinct ones
+        (:class:`InvalidArgument` beyond: one atomic acquire is one script call, which Redis
+        runs alone). Same options and errors as :meth:`acquire`; the leases share one
+        handle, in the order asked (a repeated pair gives one lease).
         """
         return self._drive(self._acquire(locks, options))
 

@@ -36,6 +36,7 @@ from celery_hilok import (
     LockNotAcquired,
     RedisHiLok,
 )
+from celery_hilok._core import MAX_LOCKS, Mode
 from celery_hilok.celery.config import redis_url as celery_redis_url
 from celery_hilok.paths import MAX_DEPTH, MAX_PATH_LENGTH
 from tests._redis import RedisServer, free_port
@@ -303,6 +304,41 @@ def test_acquire_many_with_something_else_than_pairs_async(
 
     asyncio.run(main())
     assert lock_keys(redis_client, namespace) == []
+
+
+def deep(i: int, depth: int) -> str:
+    return "/".join(["m", *(f"l{j}" for j in range(depth - 2)), f"n{i}"])
+
+
+def test_acquire_many_takes_at_most_max_locks(
+    hl: HiLok, redis_client: redis.Redis, namespace: str, held: Any
+) -> None:
+    # Just below: MAX_LOCKS writes at the deepest depth (66 keys to check each: past Lua's
+    # unpack limit of about 8000 values in one call, which the script now slices).
+    assert MAX_LOCKS * (2 * MAX_DEPTH + 2) > 8000
+    locks: list[tuple[str, Mode]] = [(deep(i, MAX_DEPTH), "write") for i in range(MAX_LOCKS)]
+    leases = bounded(lambda: hl.acquire_many(locks))
+    assert len(leases) == MAX_LOCKS
+    hl.release(*leases)
+    # A repeated pair counts once.
+    leases = hl.acquire_many([*locks[:-1], locks[0], locks[-1]])
+    assert len(leases) == MAX_LOCKS
+    hl.release(*leases)
+    # Just above, and the 1,334 depth-2 writes of issue 12 (Lua's limit, before).
+    too_many: list[list[tuple[str, Mode]]] = [
+        [*locks, ("m/one-more", "write")],
+        [(deep(i, 2), "write") for i in range(1334)],
+    ]
+    for many in too_many:
+        with pytest.raises(InvalidArgument) as info:
+            hl.acquire_many(many)
+        assert f"at most {MAX_LOCKS} distinct locks" in str(info.value)
+        assert f"got {len(many)} pairs" in str(info.value)
+    with pytest.raises(
+        InvalidArgument, match=f"at most {MAX_LOCKS} distinct locks in one atomic acquire, got more"
+    ):
+        hl.acquire_many((deep(i, 2), "read") for i in range(MAX_LOCKS + 1))
+    assert_nothing_locked(hl, redis_client, namespace, "m")
 
 
 SURROGATE = b"t/caf\xe9".decode("utf-8", "surrogateescape")  # 't/caf\udce9', from a file name
