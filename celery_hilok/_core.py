@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple
@@ -320,9 +320,9 @@ class Protocol:
         self, items: Sequence[tuple[str, Request, float]], per_tree: bool
     ) -> list[tuple[list[int], Call]]:
         """Refresh calls for any number of (handle, request, ttl) items, each with the
-        indices of the items it covers, to be sent in one pipeline: a single call (up to
-        :data:`MAX_BATCH` grants), or with ``per_tree`` (Redis Cluster: one slot per script)
-        one call per tree."""
+        indices of the items it covers, to be sent in one pipeline: calls of at most
+        :data:`MAX_CALL_KEYS` keys, and with ``per_tree`` (Redis Cluster: one slot per
+        script) each of one tree only."""
 
         def key(item: tuple[str, Request, float]) -> object:
             return item[1].path.tree if per_tree else None
@@ -332,14 +332,15 @@ class Protocol:
     def release_batches(
         self, items: Sequence[tuple[str, Request]], per_tree: bool
     ) -> list[tuple[list[int], Call]]:
-        """Release calls for (handle, request) items: one per holder (and per tree with
-        ``per_tree``), like :meth:`refresh_batches`."""
+        """Release calls for (handle, request) items: one holder per call (and one tree with
+        ``per_tree``), at most :data:`MAX_CALL_KEYS` keys each (its trees' queue keys
+        included), like :meth:`refresh_batches`."""
 
         def key(item: tuple[str, Request]) -> object:
             return (item[0], item[1].path.tree) if per_tree else item[0]
 
         out = []
-        for part in _batches(items, key):
+        for part in _batches(items, key, tree_keys=_Q_QX_C.stop - _Q_QX_C.start):
             handle = items[part[0]][0]
             call = self.release(handle, [items[i][1] for i in part])
             out.append((part, call))
@@ -396,19 +397,42 @@ class Protocol:
         return nodes, waiters
 
 
-MAX_BATCH: Final = 1000
-"""Most grants one refresh or release script call handles (a call renewing 1000 grants at
-depth 3 runs for some tens of milliseconds in Redis)."""
+MAX_CALL_KEYS: Final = 256
+"""Most keys one refresh or release script call touches; more are split into several calls,
+sent in one pipeline (one round trip). Redis runs nothing else while a script runs, and a
+refresh costs a few microseconds per key: 256 keys (28 grants at depth 8, 7 at depth 32)
+keep each call to about a millisecond, where one call for 1,000 grants at depth 8 took
+some 60 ms."""
 
 
-def _batches(items: Sequence[Any], key: Callable[[Any], object]) -> list[list[int]]:
-    """Indices of ``items`` grouped by ``key`` (in first-seen order), cut into MAX_BATCH."""
+def _batches(
+    items: Sequence[tuple[Any, ...]], key: Callable[[Any], object], tree_keys: int = 0
+) -> list[list[int]]:
+    """Indices of ``items`` (tuples whose second element is a :class:`Request`) grouped by
+    ``key`` (in first-seen order), each group cut into calls of at most
+    :data:`MAX_CALL_KEYS` keys: per item its holder hash and one key per chain node, plus
+    ``tree_keys`` for each tree of a call. One item alone always fits (depth <= 32)."""
     groups: dict[object, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(key(item), []).append(i)
-    return [
-        idxs[k : k + MAX_BATCH] for idxs in groups.values() for k in range(0, len(idxs), MAX_BATCH)
-    ]
+    out: list[list[int]] = []
+    for idxs in groups.values():
+        part: list[int] = []
+        size = 0
+        trees: set[str] = set()
+        for i in idxs:
+            path = items[i][1].path
+            need = 1 + path.depth + (0 if path.tree in trees else tree_keys)
+            if part and size + need > MAX_CALL_KEYS:
+                out.append(part)
+                part, size, trees = [], 0, set()
+                need = 1 + path.depth + tree_keys
+            part.append(i)
+            size += need
+            trees.add(path.tree)
+        if part:
+            out.append(part)
+    return out
 
 
 def by_tree(requests: Sequence[Request]) -> list[list[Request]]:
@@ -455,12 +479,42 @@ def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:
     return max(wait, 0.0)
 
 
+_PAIRS: Final = "locks must be an iterable of (path, mode) pairs, such as [('a/b', 'write')]"
+
+MAX_LOCKS: Final = 256
+"""Most distinct locks one ``acquire_many`` may ask for.
+
+An atomic acquire is one script call, and Redis runs nothing else meanwhile; its work grows
+with locks x depth (256 writes at depth 32 take some 70 ms of Redis time, at depth 2 some
+5 ms). Without a limit, Lua's ``unpack`` (at most about 8000 values) failed the call past
+1,333 depth-2 or 121 depth-32 writes; the script now takes its keys in slices, so this
+limit, not Lua, is what refuses."""
+
+
 def normalise_requests(spec: Iterable[tuple[object, object]], separator: str) -> list[Request]:
-    """Parse (path, mode) pairs; the same lock asked twice is kept once."""
+    """Parse (path, mode) pairs; the same lock asked twice is kept once.
+
+    Raises :class:`InvalidArgument` for anything but an iterable of pairs (a str, a mapping,
+    None), for more than :data:`MAX_LOCKS` distinct locks, and for a bad path or mode.
+    """
+    if isinstance(spec, (str, bytes, Mapping)) or not isinstance(spec, Iterable):
+        hint = "; for a mapping, pass its .items()" if isinstance(spec, Mapping) else ""
+        raise InvalidArgument(f"{_PAIRS}, got {type(spec).__name__}: {spec!r:.80}{hint}")
     out: list[Request] = []
-    for path, mode in spec:
-        req = Request.parse(path, mode, separator)
-        if req not in out:
+    seen: set[Request] = set()
+    for pair in spec:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InvalidArgument(f"{_PAIRS}; one of them is {type(pair).__name__}: {pair!r:.80}")
+        req = Request.parse(pair[0], pair[1], separator)
+        if req not in seen:
+            if len(out) == MAX_LOCKS:
+                asked = f"{len(spec)} pairs" if isinstance(spec, Sized) else "more"
+                raise InvalidArgument(
+                    f"acquire_many takes at most {MAX_LOCKS} distinct locks in one atomic "
+                    f"acquire, got {asked}: split them into several acquires (with "
+                    "handle= to keep one holder), or lock a common ancestor instead"
+                )
+            seen.add(req)
             out.append(req)
     if not out:
         raise InvalidArgument("at least one lock must be requested")

@@ -28,6 +28,7 @@ from ._core import (
     Mode,
     Request,
     by_tree,
+    check_handle,
     check_timeout,
     check_ttl,
     check_wait_replicas,
@@ -45,7 +46,7 @@ from ._redis import (
 )
 from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
-from .paths import parse_path, validate_namespace
+from .paths import parse_path, validate_namespace, validate_separator
 
 __all__ = ["AcquireOptions", "Client", "RefreshSchedule", "WakeTable"]
 
@@ -174,6 +175,13 @@ class WakeTable:
         self._lock = threading.Lock()
         self._waits: dict[str, set[Wait]] = {}
         self._confirmed: dict[str, Any] = {}
+        self.on_idle: Callable[[], None] | None = None
+        """Called when the last waiter leaves (the asyncio waker ends a while later)."""
+
+    def idle(self) -> bool:
+        """Nobody waits."""
+        with self._lock:
+            return not self._waits
 
     def add(self, attempt: Acquisition, channels: set[str]) -> tuple[Wait, list[str], list[Any]]:
         """Register ``attempt``; returns its wait, the channels nobody subscribed to yet,
@@ -204,6 +212,9 @@ class WakeTable:
                     waits.discard(wait)
                     if not waits:
                         del self._waits[channel]
+            idle = not self._waits
+        if idle and self.on_idle is not None:
+            self.on_idle()
 
     def reset(self) -> None:
         """A new connection: nothing is subscribed on it yet."""
@@ -271,9 +282,11 @@ class RefreshSchedule:
                 return True
             return False
 
-    def discard(self, lease: Lease) -> None:
+    def discard(self, lease: Lease) -> bool:
+        """Stop keeping ``lease``; True if nothing is kept any more (the refresher may end)."""
         with self._lock:
             self.leases.pop(id(lease), None)
+            return not self.leases
 
     def delay(self, now: float) -> float | None:
         """Seconds until the next tick (<= 0: now), or None while nothing is kept."""
@@ -321,6 +334,7 @@ class _Refresher(Protocol):
     schedule: RefreshSchedule
 
     def add(self, lease: Lease) -> None: ...
+    def discard(self, lease: Lease) -> None: ...
     def settle(self) -> Any: ...  # awaitable in the asyncio driver
     def stop(self) -> Any: ...
 
@@ -376,9 +390,7 @@ class Client(Generic[C]):
         wait_timeout: float = 1.0,
     ) -> None:
         self.namespace = validate_namespace(namespace)
-        if not isinstance(separator, str) or not separator:
-            raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
-        self.separator = separator
+        self.separator = validate_separator(separator)
         self.ttl = check_ttl(ttl)
         self.wait_replicas, self.wait_timeout = check_wait_replicas(wait_replicas, wait_timeout)
         self._protocol = Calls(namespace, separator)
@@ -403,9 +415,27 @@ class Client(Generic[C]):
         one round trip per tick (a third of the shortest ttl, or ``interval`` if shorter). A
         lease found lost gets ``lease.lost = True`` and its ``on_lost`` callbacks are called.
         """
+        self._check_leases([lease], "keep alive")
         if interval is not None:
             lease.refresh_interval = check_ttl(interval, "interval")
         self._refresher.add(lease)
+
+    def _check_leases(self, leases: Iterable[object], what: str) -> None:
+        """Refuse what is not a lease, and a lease granted in another namespace: there its
+        grant does not exist, so a release would report it lost (and mark it released
+        while its holder goes on renewing it), a refresh would find it gone."""
+        for lease in leases:
+            if not isinstance(lease, Lease):
+                raise InvalidArgument(
+                    f"cannot {what} {lease!r:.80}: expected a Lease, got {type(lease).__name__}"
+                )
+            check_handle(lease.handle)  # a forged one: not a handle this library hands out
+            if lease.namespace is not None and lease.namespace != self.namespace:
+                raise InvalidArgument(
+                    f"cannot {what} {lease!r}: it was granted in namespace "
+                    f"{lease.namespace!r}, and this client works in namespace "
+                    f"{self.namespace!r}; use a client of namespace {lease.namespace!r}"
+                )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server} namespace={self.namespace!r}>"
@@ -624,6 +654,7 @@ class Client(Generic[C]):
 
     def _renew(self, leases: Sequence[Lease], ttl: float | None) -> Flow[list[bool]]:
         """Renew ``leases`` in one round trip, without marking them found lost."""
+        self._check_leases(leases, "refresh")
         if not leases:
             return []
         new_ttl = None if ttl is None else check_ttl(ttl)
@@ -651,9 +682,10 @@ class Client(Generic[C]):
     def _release(self, leases: Sequence[Lease]) -> Flow[list[int]]:
         """Release ``leases``; the release script's code for each one not released before
         (1 released, 2 had run out, 0 not held)."""
+        self._check_leases(leases, "release")
         todo = [lease for lease in leases if not lease.released]
         for lease in todo:
-            self._refresher.schedule.discard(lease)
+            self._refresher.discard(lease)
         if not todo:
             return []
         items = [(lease.handle, lease.request) for lease in todo]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -32,17 +32,57 @@ log = logging.getLogger("celery_hilok")
 AsyncClient = aredis.Redis | aredis.RedisCluster
 
 
+WAKER_LINGER = 0.25
+"""Seconds the waker task stays after the last waiter left (so that a lock handed from one
+waiter to the next keeps its subscriptions) before it ends and gives its connection back to
+the pool; the next waiter starts a new one."""
+
+
+class _Background(asyncio.Task[None]):
+    """A background task that remembers being asked to stop.
+
+    redis-py may swallow a cancellation that lands inside one of its calls, and before
+    Python 3.11 a task cannot tell that it was cancelled once the ``CancelledError`` is
+    gone. So the request is recorded here, by whoever cancels the task (``close()``, or
+    ``asyncio.run()`` cancelling every task at its end), and the task's loop checks it on
+    every turn: a cancellation always ends the task, swallowed or not.
+    """
+
+    stopping = False
+    retired = False  # ended by its owner because it is no longer needed (see _Waker)
+
+    def cancel(self, msg: Any = None) -> bool:
+        self.stopping = True
+        return super().cancel(msg)
+
+
+def _start(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], name: str
+) -> _Background:
+    return _Background(coro, loop=loop, name=name)
+
+
+def _stopping(task: asyncio.Task[None] | None) -> bool:
+    """Must the running background task end: dropped by its owner (``task`` is not the
+    current task any more), or cancelled, even if the cancellation was swallowed?"""
+    current = asyncio.current_task()
+    return task is not current or getattr(current, "stopping", False)
+
+
 class _Waker:
     """One pub/sub connection per ``AsyncHiLok`` and a task on its loop reading it, feeding
-    every message to the :class:`_engine.WakeTable`."""
+    every message to the :class:`_engine.WakeTable`. The task runs while anyone waits, and
+    :data:`WAKER_LINGER` seconds more; the next waiter starts it again."""
 
     def __init__(self, owner: AsyncHiLok) -> None:
         self._owner = owner
         self.table = _engine.WakeTable(asyncio.Event)
+        self.table.on_idle = self._idle
         self._pubsub: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: _Background | None = None
         self._subscribing: asyncio.Lock | None = None
         self._node_client: Any = None  # see _new_pubsub
+        self._retiring: asyncio.TimerHandle | None = None
 
     def ensure(self) -> None:
         """Start the task on the running loop if it is not running there."""
@@ -52,8 +92,9 @@ class _Waker:
             return
         self.table.reset()
         self._subscribing = asyncio.Lock()
+        self._node_client = None
         self._pubsub = self._new_pubsub()
-        self._task = loop.create_task(self._run(self._pubsub), name="hilok-waker")
+        self._task = _start(loop, self._run(self._pubsub, self._node_client), "hilok-waker")
 
     async def subscribe(self, channels: list[str]) -> None:
         # One task at a time: redis-py's PubSub opens its connection on first use, and
@@ -76,36 +117,67 @@ class _Waker:
         self._node_client = aredis.Redis(connection_pool=pool)
         return self._node_client.pubsub()
 
-    async def _run(self, pubsub: Any) -> None:
+    def _idle(self) -> None:
+        """The last waiter left: end the task in :data:`WAKER_LINGER` seconds, unless
+        someone waits again by then."""
+        task = self._task
+        if task is None or task.done():
+            return
+        if self._retiring is not None:
+            self._retiring.cancel()
+        self._retiring = task.get_loop().call_later(WAKER_LINGER, self._retire, task)
+
+    def _retire(self, task: _Background) -> None:
+        self._retiring = None
+        if task is self._task and not task.done() and self.table.idle():
+            # Dropped first, so that the next waiter starts a new task and connection
+            # rather than use this closing one.
+            self._task = None
+            task.retired = True
+            task.cancel()
+
+    async def _run(self, pubsub: Any, node_client: Any) -> None:
         backoff = 0.05
-        # Until stop() drops this task: redis-py may swallow the cancellation it sends.
-        while self._task is asyncio.current_task():
-            try:
-                if not pubsub.subscribed:
-                    await asyncio.sleep(0.01)
+        try:
+            while not _stopping(self._task):
+                try:
+                    if not pubsub.subscribed:
+                        await asyncio.sleep(0.01)
+                        continue
+                    message = await pubsub.get_message(timeout=1.0)
+                    backoff = 0.05
+                except (RedisError, OSError) as exc:
+                    log.log(waker_log_level(exc), "waker connection failed: %s", exc)
+                    self.table.wake_all()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
                     continue
-                message = await pubsub.get_message(timeout=1.0)
-                backoff = 0.05
-            except (RedisError, OSError) as exc:
-                log.log(waker_log_level(exc), "waker connection failed: %s", exc)
-                self.table.wake_all()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            if message is not None:
-                self.table.deliver(message)
+                if message is not None:
+                    self.table.deliver(message)
+        finally:
+            if getattr(asyncio.current_task(), "retired", False):
+                # no longer needed (not stopped by close() or by the loop's end, which
+                # close the connection themselves or drop it): give the connection back
+                await _close(pubsub, node_client)
 
     async def stop(self) -> None:
-        task, pubsub = self._task, self._pubsub
+        task, pubsub, node_client = self._task, self._pubsub, self._node_client
         self._task = None
-        await _cancelled(task)
-        for closing in (pubsub, self._node_client):
-            if closing is not None:
-                try:
-                    await closing.aclose()
-                except (RedisError, RuntimeError):
-                    pass
         self._node_client = None
+        if self._retiring is not None:
+            self._retiring.cancel()
+            self._retiring = None
+        await _cancelled(task)
+        await _close(pubsub, node_client)
+
+
+async def _close(*connections: Any) -> None:
+    for closing in connections:
+        if closing is not None:
+            try:
+                await closing.aclose()
+            except (RedisError, RuntimeError):
+                pass
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
@@ -119,7 +191,8 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
 
 
 class _Refresher:
-    """One task per ``AsyncHiLok`` running the ticks of its :class:`_engine.RefreshSchedule`."""
+    """One task per ``AsyncHiLok`` running the ticks of its :class:`_engine.RefreshSchedule`,
+    while any lease is kept (the next :meth:`add` starts it again)."""
 
     def __init__(self, owner: AsyncHiLok) -> None:
         self._owner = owner
@@ -133,17 +206,23 @@ class _Refresher:
         task = self._task
         if task is None or task.done() or task.get_loop() is not loop:
             self._changed = asyncio.Event()
-            self._task = loop.create_task(self._run(self._changed), name="hilok-refresher")
+            self._task = _start(loop, self._run(self._changed), "hilok-refresher")
         if self.schedule.add(lease, time.monotonic()):  # the next tick must come sooner
             assert self._changed is not None
             self._changed.set()
 
+    def discard(self, lease: Lease) -> None:
+        if self.schedule.discard(lease) and self._changed is not None:
+            self._changed.set()  # nothing kept any more: the task ends
+
     async def _run(self, changed: asyncio.Event) -> None:
-        # Until stop() drops this task: redis-py may swallow the cancellation it sends.
-        while self._task is asyncio.current_task():
+        while not _stopping(self._task):
             changed.clear()
             delay = self.schedule.delay(time.monotonic())
-            if delay is None or delay > 0:
+            if delay is None:  # nothing kept: end (add() starts a new task)
+                self._task = None
+                return
+            if delay > 0:
                 try:
                     await asyncio.wait_for(changed.wait(), delay)
                 except asyncio.TimeoutError:
@@ -178,6 +257,13 @@ class AsyncHiLok(_engine.Client[AsyncClient]):
     Cancelling a call leaves nothing behind: an acquire whose reply was cut off releases
     what that call granted and withdraws its queue entry, and a release, once started, is
     carried out (the cancellation is raised when it is done).
+
+    The background tasks run only while needed: the wake-up task (and its pub/sub
+    connection, taken from the client's pool) while a call waits, and a quarter of a
+    second more; the refresh task while a lease is kept alive. So short-lived instances
+    leave no task behind, and an instance that is never closed does not keep
+    ``asyncio.run()`` from ending: its tasks end when cancelled, even when redis-py loses
+    the cancellation. :meth:`close` is still the clean way out.
     """
 
     async def acquire(
@@ -219,7 +305,7 @@ class AsyncHiLok(_engine.Client[AsyncClient]):
         """Stop refreshing leases given to :meth:`keep_alive`, without releasing them; see
         :meth:`HiLok.stop_keep_alive`."""
         for lease in leases:
-            self._refresher.schedule.discard(lease)
+            self._refresher.discard(lease)
         await self._refresher.settle()
 
     async def release(self, *leases: Lease) -> None:

@@ -28,6 +28,11 @@ class Lease:
 
     A lease can be pickled and sent to another process, where ``HiLok.refresh`` and
     ``HiLok.release`` accept it (the handle is the holder's only credential: keep it secret).
+
+    ``namespace`` is the key namespace of the client that granted it (kept when pickled): a
+    client of another namespace refuses to release, refresh or keep it alive
+    (:class:`InvalidArgument`), since there the grant does not exist. A lease built by name
+    without a namespace (``namespace=None``) is accepted by any client.
     """
 
     __slots__ = (
@@ -38,6 +43,7 @@ class Lease:
         "granted_at",
         "handle",
         "lost",
+        "namespace",
         "refresh_interval",
         "released",
         "renewed_at",
@@ -53,12 +59,16 @@ class Lease:
         token: int,
         ttl: float,
         owner: _Client | None = None,
+        namespace: str | None = None,
     ) -> None:
         self._request = request
         self.handle = handle
         self.token = token
         self.ttl = ttl
         self._owner = owner
+        if namespace is None and owner is not None:
+            namespace = owner.namespace
+        self.namespace = namespace
         self.released = False
         self.lost = False
         self.refresh_interval: float | None = None
@@ -108,7 +118,8 @@ class Lease:
 
     def __reduce__(self) -> tuple[Any, ...]:
         p = self._request.path
-        return (_restore, (p.text, p.separator, self.mode, self.handle, self.token, self.ttl))
+        args = (p.text, p.separator, self.mode, self.handle, self.token, self.ttl, self.namespace)
+        return (_restore, args)
 
     def __repr__(self) -> str:
         state = " released" if self.released else " lost" if self.lost else ""
@@ -121,11 +132,21 @@ class Lease:
 class _Client(Protocol):
     """What a lease needs of the client that granted it (``HiLok`` or ``AsyncHiLok``)."""
 
+    namespace: str
+
     def release(self, *leases: Lease) -> Any: ...
 
 
-def _restore(path: str, separator: str, mode: Mode, handle: str, token: int, ttl: float) -> Lease:
-    return Lease(Request(parse_path(path, separator), mode), handle, token, ttl)
+def _restore(
+    path: str,
+    separator: str,
+    mode: Mode,
+    handle: str,
+    token: int,
+    ttl: float,
+    namespace: str | None = None,  # absent from leases pickled by 0.1.0 before it
+) -> Lease:
+    return Lease(Request(parse_path(path, separator), mode), handle, token, ttl, None, namespace)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 """Lock paths: parse, validate, normalise, and name their Redis keys.
 
 A path such as ``"tenants/42/invoices/7"`` is split on the separator and empty segments are
-dropped, so ``"/a/b"``, ``"a/b/"`` and ``"a//b"`` are the same path. Its first segment names
-the *tree*: every key of a tree carries the tree's Redis Cluster hash tag, so one script can
-touch the whole ancestor chain atomically.
+dropped, so ``"/a/b"``, ``"a/b/"`` and ``"a//b"`` are the same path; each segment is put in
+Unicode normal form C, so canonically equivalent spellings of a name are the same path too.
+Its first segment names the *tree*: every key of a tree carries the tree's Redis Cluster
+hash tag, so one script can touch the whole ancestor chain atomically.
 
 Keys are built here, on the client, from percent-encoded segments, and always reach Redis as
 ``KEYS``; scripts never build key names from user strings. Key layout under namespace ``ns``
@@ -19,6 +20,7 @@ Keys are built here, on the client, from percent-encoded segments, and always re
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
@@ -26,7 +28,14 @@ from urllib.parse import quote, unquote
 
 from .errors import InvalidArgument
 
-__all__ = ["MAX_DEPTH", "MAX_PATH_LENGTH", "KeySpace", "LockPath", "parse_path"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_PATH_LENGTH",
+    "KeySpace",
+    "LockPath",
+    "parse_path",
+    "validate_separator",
+]
 
 MAX_DEPTH: Final = 32
 """Most segments a path may have."""
@@ -74,34 +83,81 @@ class LockPath:
 def parse_path(path: object, separator: str = "/") -> LockPath:
     """Return the normalised :class:`LockPath` of ``path``.
 
-    Raises :class:`InvalidArgument` when ``path`` is not a string, has no segment left after
-    dropping empty ones, has more than :data:`MAX_DEPTH` segments or more than
-    :data:`MAX_PATH_LENGTH` characters, or when ``separator`` is empty.
+    Each segment is put in Unicode normal form C (NFC), so canonically equivalent
+    spellings of a name (``"caf\u00e9"`` and ``"cafe\u0301"``) are one lock.
+
+    Raises :class:`InvalidArgument` when ``path`` is not a string, holds a lone surrogate
+    (it cannot be encoded as UTF-8), has no segment left after dropping empty ones, has
+    more than :data:`MAX_DEPTH` segments or more than :data:`MAX_PATH_LENGTH` characters
+    (before or after normalisation), or when ``separator`` is not a valid one.
     """
     if not isinstance(path, str):
         raise InvalidArgument(f"lock path must be a str, got {type(path).__name__}: {path!r}")
     if not isinstance(separator, str) or not separator:
-        raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
+        validate_separator(separator)  # raises
     return _parse(path, separator)
+
+
+def validate_separator(separator: object) -> str:
+    if not isinstance(separator, str) or not separator:
+        raise InvalidArgument(f"separator must be a non-empty str, got {separator!r}")
+    _check_text(separator, "separator")
+    return separator
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse a string that is not valid Unicode text: one holding a lone surrogate, as
+    ``os.fsdecode`` makes of a file name that is not valid UTF-8 (``surrogateescape``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{what} {text[:40]!r} is not valid Unicode text: it holds the lone surrogate "
+            f"{text[exc.start]!r} at position {exc.start} (a file name decoded with "
+            "'surrogateescape'?); decode it with its real encoding, or name the lock by "
+            "something printable, such as the name's bytes in hex"
+        ) from None
+
+
+def _too_long(path: str, length: int, when: str = "") -> InvalidArgument:
+    return InvalidArgument(
+        f"lock path is {length} characters long{when}, more than {MAX_PATH_LENGTH}: "
+        f"{path[:40]!r}..."
+    )
 
 
 @lru_cache(maxsize=4096)
 def _parse(path: str, separator: str) -> LockPath:
     if len(path) > MAX_PATH_LENGTH:
-        raise InvalidArgument(
-            f"lock path is {len(path)} characters long, more than {MAX_PATH_LENGTH}: "
-            f"{path[:40]!r}..."
-        )
-    segments = tuple(s for s in path.split(separator) if s)
+        raise _too_long(path, len(path))
+    _check_text(separator, "separator")
+    _check_text(path, "lock path")
+    segments = tuple(_nfc(s) for s in path.split(separator) if s)
     if not segments:
         raise InvalidArgument(f"lock path {path!r} has no segment (separator {separator!r})")
     if len(segments) > MAX_DEPTH:
         raise InvalidArgument(
             f"lock path {path[:80]!r} has {len(segments)} segments, more than {MAX_DEPTH}"
         )
+    text = separator.join(segments)
+    if len(text) > MAX_PATH_LENGTH:
+        raise _too_long(path, len(text), " once normalised (NFC)")
+    if any(separator in s for s in segments):
+        # only with a separator that a segment's normal form composes into: the text
+        # would split differently when parsed again (a lease unpickled, a status line)
+        raise InvalidArgument(
+            f"lock path {path[:80]!r} has a segment that holds the separator "
+            f"{separator!r} once normalised (NFC)"
+        )
     encoded = [quote(s, safe=_SAFE) for s in segments]
     chain = tuple("/".join(encoded[: i + 1]) for i in range(len(encoded)))
-    return LockPath(segments, separator, separator.join(segments), chain[-1], chain)
+    return LockPath(segments, separator, text, chain[-1], chain)
+
+
+def _nfc(segment: str) -> str:
+    if segment.isascii():  # the common case, already in every normal form
+        return segment
+    return unicodedata.normalize("NFC", segment)
 
 
 def decode_canonical(canonical: str, separator: str = "/") -> str:

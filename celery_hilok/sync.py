@@ -129,6 +129,9 @@ class _Refresher:
         if wake:
             self._changed.set()
 
+    def discard(self, lease: Lease) -> None:
+        self.schedule.discard(lease)
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._changed.clear()
@@ -190,7 +193,10 @@ class HiLok(_engine.Client[SyncClient]):
     ) -> list[Lease]:
         """Acquire several locks for one holder atomically: all of them or none.
 
-        Same options and errors as :meth:`acquire`; the leases share one handle.
+        ``locks`` is an iterable of (path, mode) pairs, at most 256 distinct ones
+        (:class:`InvalidArgument` beyond: one atomic acquire is one script call, which Redis
+        runs alone). Same options and errors as :meth:`acquire`; the leases share one
+        handle, in the order asked (a repeated pair gives one lease).
         """
         return self._drive(self._acquire(locks, options))
 
@@ -233,7 +239,7 @@ class HiLok(_engine.Client[SyncClient]):
         them is in flight, so a refresh that follows (say, to a longer ttl) is the last.
         """
         for lease in leases:
-            self._refresher.schedule.discard(lease)
+            self._refresher.discard(lease)
         self._refresher.settle()
 
     def release(self, *leases: Lease) -> None:

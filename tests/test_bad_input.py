@@ -14,6 +14,7 @@ import asyncio
 import math
 import pickle
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -30,10 +31,12 @@ from celery_hilok import (
     HiLokError,
     HiLokTask,
     InvalidArgument,
+    Lease,
     LockLost,
     LockNotAcquired,
     RedisHiLok,
 )
+from celery_hilok._core import MAX_LOCKS, Mode
 from celery_hilok.celery.config import redis_url as celery_redis_url
 from celery_hilok.paths import MAX_DEPTH, MAX_PATH_LENGTH
 from tests._redis import RedisServer, free_port
@@ -264,6 +267,202 @@ def test_acquire_many_with_nothing_to_lock(
     assert_nothing_locked(hl, redis_client, namespace)
 
 
+@pytest.mark.parametrize(
+    ("locks", "phrase"),
+    [
+        pytest.param(["a/b"], "one of them is str: 'a/b'", id="list-of-str"),
+        pytest.param("a/b", "got str: 'a/b'", id="str"),
+        pytest.param(None, "got NoneType: None", id="none"),
+        pytest.param(42, "got int: 42", id="int"),
+        pytest.param({"a/b": "write"}, "for a mapping, pass its .items()", id="dict"),
+        pytest.param([("a/b",)], "one of them is tuple: ('a/b',)", id="1-tuple"),
+        pytest.param([("a/b", "write", 5)], "one of them is tuple", id="3-tuple"),
+        pytest.param([("a/b", "write"), None], "one of them is NoneType", id="pair-then-none"),
+        pytest.param([b"ab"], "one of them is bytes", id="list-of-bytes"),
+    ],
+)
+def test_acquire_many_with_something_else_than_pairs(
+    hl: HiLok, redis_client: redis.Redis, namespace: str, held: Any, locks: object, phrase: str
+) -> None:
+    for call in (hl.acquire_many, partial(hl.acquire_many, block=False)):
+        with pytest.raises(
+            InvalidArgument, match="must be an iterable of \\(path, mode\\) pairs"
+        ) as info:
+            call(locks)  # type: ignore[arg-type]
+        assert phrase in str(info.value)
+    assert_nothing_locked(hl, redis_client, namespace, "a")
+
+
+def test_acquire_many_with_something_else_than_pairs_async(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    async def main() -> None:
+        async with AsyncHiLok(redis_url, namespace=namespace) as ahl:
+            for locks in (["a/b"], None):
+                with pytest.raises(InvalidArgument, match="pairs"):
+                    await ahl.acquire_many(locks)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert lock_keys(redis_client, namespace) == []
+
+
+def deep(i: int, depth: int) -> str:
+    return "/".join(["m", *(f"l{j}" for j in range(depth - 2)), f"n{i}"])
+
+
+def test_acquire_many_takes_at_most_max_locks(
+    hl: HiLok, redis_client: redis.Redis, namespace: str, held: Any
+) -> None:
+    # Just below: MAX_LOCKS writes at the deepest depth (66 keys to check each: past Lua's
+    # unpack limit of about 8000 values in one call, which the script now slices).
+    assert MAX_LOCKS * (2 * MAX_DEPTH + 2) > 8000
+    locks: list[tuple[str, Mode]] = [(deep(i, MAX_DEPTH), "write") for i in range(MAX_LOCKS)]
+    leases = bounded(lambda: hl.acquire_many(locks))
+    assert len(leases) == MAX_LOCKS
+    hl.release(*leases)
+    # A repeated pair counts once.
+    leases = hl.acquire_many([*locks[:-1], locks[0], locks[-1]])
+    assert len(leases) == MAX_LOCKS
+    hl.release(*leases)
+    # Just above, and the 1,334 depth-2 writes of issue 12 (Lua's limit, before).
+    too_many: list[list[tuple[str, Mode]]] = [
+        [*locks, ("m/one-more", "write")],
+        [(deep(i, 2), "write") for i in range(1334)],
+    ]
+    for many in too_many:
+        with pytest.raises(InvalidArgument) as info:
+            hl.acquire_many(many)
+        assert f"at most {MAX_LOCKS} distinct locks" in str(info.value)
+        assert f"got {len(many)} pairs" in str(info.value)
+    with pytest.raises(
+        InvalidArgument, match=f"at most {MAX_LOCKS} distinct locks in one atomic acquire, got more"
+    ):
+        hl.acquire_many((deep(i, 2), "read") for i in range(MAX_LOCKS + 1))
+    assert_nothing_locked(hl, redis_client, namespace, "m")
+
+
+SURROGATE = b"t/caf\xe9".decode("utf-8", "surrogateescape")  # 't/caf\udce9', from a file name
+
+
+@pytest.mark.parametrize("path", [SURROGATE, "t/\udcff", "\ud800", "t/a\udfffb/c"])
+def test_path_with_a_lone_surrogate(
+    hl: HiLok, redis_url: str, redis_client: redis.Redis, namespace: str, held: Any, path: str
+) -> None:
+    phrase = "is not valid Unicode text: it holds the lone surrogate"
+    calls: list[Callable[[], Any]] = [
+        partial(hl.acquire, path, "write"),
+        partial(hl.acquire, path, "read", block=False),
+        partial(hl.acquire_many, [("t/ok", "write"), (path, "read")]),
+        partial(hl.status, path),
+        partial(hl.status_chain, path),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument, match=phrase):
+            bounded(call)
+    with pytest.raises(InvalidArgument, match=phrase):
+        HiLok(redis_url, namespace=namespace, separator="\udcff")
+    assert_nothing_locked(hl, redis_client, namespace, "t")
+
+
+def test_path_with_a_lone_surrogate_seed(redis_url: str, namespace: str) -> None:
+    async def main() -> None:
+        async with RedisHiLok(redis_url, namespace=namespace) as seed:
+            with pytest.raises(ValueError, match="lone surrogate"):
+                await seed.acquire_write(SURROGATE)
+            with pytest.raises(ValueError, match="lone surrogate"):
+                await seed.status(SURROGATE, "")
+
+    asyncio.run(main())
+
+
+NFC = "caf\u00e9/na\u00efve"  # precomposed: U+00E9, U+00EF
+NFD = "cafe\u0301/nai\u0308ve"  # the same text, decomposed: e + U+0301, i + U+0308
+
+
+def test_nfc_and_nfd_spellings_of_a_path_are_one_lock(
+    hl: HiLok, redis_client: redis.Redis, namespace: str
+) -> None:
+    assert NFC != NFD and unicodedata.normalize("NFC", NFD) == NFC
+    lease = hl.acquire(NFD, "write")
+    assert lease.path == NFC  # normalised, as every path is
+    for spelling in (NFC, NFD):
+        with pytest.raises(LockNotAcquired):
+            hl.acquire(spelling, "write", block=False)
+        with pytest.raises(LockNotAcquired):
+            hl.acquire(spelling.split("/")[0], "read", block=False)  # the ancestor too
+        assert [(h.handle, h.path) for h in hl.status(spelling).holders] == [(lease.handle, NFC)]
+    # One key space: every key names the NFC form, percent-encoded.
+    keys = lock_keys(redis_client, namespace)
+    assert keys and all("caf%C3%A9" in k and "e%CC%81" not in k for k in keys)
+    # The same grant through the other spelling: a renewal, not a second lock.
+    again = hl.acquire(NFC, "write", handle=lease.handle)
+    assert again.token == lease.token
+    copy = pickle.loads(pickle.dumps(lease))
+    assert copy.path == NFC and copy.request == lease.request
+    hl.release(lease)
+    assert_nothing_locked(hl, redis_client, namespace, "caf\u00e9")
+
+
+def test_release_or_refresh_through_another_namespace_is_refused(
+    hl: HiLok, redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    lease = hl.acquire("ns/x", "write")
+    reader = hl.acquire("ns/y", "read")
+    other_ns = namespace + "-other"
+    phrase = (
+        f"it was granted in namespace '{namespace}', and this client works in "
+        f"namespace '{other_ns}'"
+    )
+    with HiLok(redis_url, namespace=other_ns) as other:
+        copies = [lease, pickle.loads(pickle.dumps(lease))]  # the namespace travels
+        for copy in copies:
+            assert copy.namespace == namespace
+            calls: list[Callable[[], Any]] = [
+                partial(other.release, copy),
+                partial(other.refresh, copy),
+                partial(other.refresh_many, [copy]),
+                partial(other.keep_alive, copy),
+                partial(other.release, reader, copy),  # one of them is ours
+            ]
+            for call in calls:
+                with pytest.raises(InvalidArgument, match=phrase):
+                    call()
+            assert not copy.released and not copy.lost
+        assert reader.namespace == namespace and not reader.released
+        assert_still_held(hl, lease)
+        # Not a lease at all
+        with pytest.raises(InvalidArgument, match="expected a Lease, got str"):
+            other.release("ns/x")  # type: ignore[arg-type]
+        # A lease built by name without a namespace is taken by any client, as before:
+        # there it holds nothing.
+        unnamed = Lease(lease.request, lease.handle, lease.token, lease.ttl)
+        assert unnamed.namespace is None
+        with pytest.raises(LockLost):
+            other.release(unnamed)
+    assert_still_held(hl, lease)
+    hl.release(lease, reader)
+    assert_nothing_locked(hl, redis_client, namespace, "ns")
+
+
+def test_release_through_another_namespace_is_refused_async(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    async def main() -> None:
+        async with (
+            AsyncHiLok(redis_url, namespace=namespace) as ahl,
+            AsyncHiLok(redis_url, namespace=namespace + "-b") as other,
+        ):
+            lease = await ahl.acquire("ns/x", "write")
+            with pytest.raises(InvalidArgument, match="granted in namespace"):
+                await other.release(lease)
+            assert not lease.released
+            await ahl.refresh(lease)
+            await lease.release()
+
+    asyncio.run(main())
+    assert lock_keys(redis_client, namespace) == []
+
+
 @pytest.mark.parametrize("handle", ["short", "has space", "x" * 129, "a|S|b/c", "", 12345678])
 def test_garbage_handle_to_acquire(
     hl: HiLok, redis_client: redis.Redis, namespace: str, held: Any, handle: object
@@ -453,13 +652,23 @@ def test_forged_handle_in_a_lease_cannot_release_or_refresh_a_holder(
     hl: HiLok, redis_client: redis.Redis, namespace: str
 ) -> None:
     real = hl.acquire("r/x", "write")
-    for handle in ("", "*", "not-a-real-handle", real.handle[:-1], real.handle + "|X|r/x",
-                   "a|X|r", "x" * 100_000):  # fmt: skip
+    # Not a handle at all: refused before anything is sent.
+    for handle in ("", "*", real.handle + "|X|r/x", "a|X|r", "x" * 100_000):
         for action in (hl.release, hl.refresh):
             forged = pickle.loads(pickle.dumps(real))
             forged.handle = handle
-            with pytest.raises(LockLost, match="lease"):
+            with pytest.raises(InvalidArgument, match="handle"):
                 bounded(partial(action, forged))
+            assert not forged.released
+    # A handle that holds nothing: a release frees nothing (quietly), a refresh is refused.
+    for handle in ("not-a-real-handle", real.handle[:-1]):
+        forged = pickle.loads(pickle.dumps(real))
+        forged.handle = handle
+        bounded(partial(hl.release, forged))
+        forged = pickle.loads(pickle.dumps(real))
+        forged.handle = handle
+        with pytest.raises(LockLost, match="lease"):
+            bounded(partial(hl.refresh, forged))
     assert_still_held(hl, real)
     hl.release(real)
     assert_nothing_locked(hl, redis_client, namespace, "r")

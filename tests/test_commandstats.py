@@ -13,12 +13,14 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import redis
 
-from celery_hilok import AsyncHiLok, HiLok, LockNotAcquired
-from tests._redis import RedisServer
+from celery_hilok import AsyncHiLok, HiLok, Lease, LockNotAcquired
+from celery_hilok._core import MAX_CALL_KEYS
+from tests._redis import HOST, RedisServer
 
 DEEP = "l1/l2/l3/l4/l5/l6/l7/l8"
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
@@ -83,16 +85,108 @@ def test_context_manager_at_depth_8_costs_two_calls(hl: HiLok, stats: redis.Redi
     assert script_calls(stats) == 2
 
 
-def test_refresh_many_of_100_leases_costs_one_call(hl: HiLok, stats: redis.Redis) -> None:
-    # Many holders, many trees, mixed depths and modes.
-    leases = [hl.acquire(f"tree{i % 7}/n{i}/x/y", "write", ttl=20.0) for i in range(50)]
-    leases += hl.acquire_many([(f"other{i}/{DEEP}", "read") for i in range(50)], ttl=20.0)
-    assert len(leases) == 100
+def test_refresh_many_of_a_few_leases_costs_one_call(hl: HiLok, stats: redis.Redis) -> None:
+    # Several holders, trees, depths and modes: 10 x 5 + 10 x 10 keys, under MAX_CALL_KEYS.
+    leases = [hl.acquire(f"tree{i % 7}/n{i}/x/y", "write", ttl=20.0) for i in range(10)]
+    leases += hl.acquire_many([(f"other{i}/{DEEP}", "read") for i in range(10)], ttl=20.0)
+    assert len(leases) == 20
     reset(stats)
-    assert hl.refresh_many(leases) == [True] * 100
+    assert hl.refresh_many(leases) == [True] * 20
     assert script_calls(stats) == 1
     hl.refresh(*leases)
     assert script_calls(stats) == 2
+
+
+class CountingConnection(redis.Connection):
+    """A connection that counts what it writes to its socket: one write per round trip
+    (a pipeline goes out in one)."""
+
+    writes = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).writes += 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def counted(
+    server: RedisServer, namespace: str
+) -> Iterator[tuple[HiLok, type[CountingConnection]]]:
+    connection_class = type("Counting", (CountingConnection,), {"writes": 0})
+    pool = redis.ConnectionPool(host=HOST, port=server.port, connection_class=connection_class)
+    client = redis.Redis(connection_pool=pool)
+    locks = HiLok(client, namespace=namespace)
+    lease = locks.acquire("warm/up", "write")  # load every script before counting
+    locks.refresh(lease)
+    locks.release(lease)
+    try:
+        yield locks, connection_class
+    finally:
+        locks.close()
+        pool.disconnect()
+
+
+def expiries(stats: redis.Redis, hl: HiLok, leases: list[Lease]) -> list[float]:
+    """Server-side expiry (ms) of each lease's leaf mark, read from Redis."""
+    pipe = stats.pipeline(transaction=False)
+    for lease in leases:
+        path = lease.request.path
+        leaf = hl._protocol.keys.node_keys(path.tree, path.canonical)[3]  # a write: x
+        pipe.zscore(leaf, f"{lease.handle}|X|{path.canonical}")
+    return [float(score) for score in pipe.execute()]
+
+
+def test_refresh_of_1000_deep_leases_is_cut_into_small_calls_in_one_round_trip(
+    counted: tuple[HiLok, type[CountingConnection]], stats: redis.Redis
+) -> None:
+    hl, connection = counted
+    leases: list[Lease] = []
+    for h in range(4):  # four holders, ten trees, depth 8: 9 keys a grant
+        paths = [f"t{i % 10}/l2/l3/l4/l5/l6/l7/h{h}n{i}" for i in range(250)]
+        leases += hl.acquire_many([(p, "write") for p in paths], ttl=20.0)
+    items = [(lease.handle, lease.request, 60.0) for lease in leases]
+    batches = hl._protocol.refresh_batches(items, False)
+    assert all(len(call.keys) <= MAX_CALL_KEYS for _, call in batches)
+    assert len(batches) == -(-9000 // MAX_CALL_KEYS) == 36  # as few as the limit allows
+    before = expiries(stats, hl, leases)
+    reset(stats)
+    writes = connection.writes
+    assert hl.refresh_many(leases, ttl=60.0) == [True] * 1000
+    assert connection.writes - writes == 1  # one round trip
+    assert script_calls(stats) == len(batches)  # of 36 calls
+    after = expiries(stats, hl, leases)
+    assert all(a > b + 30_000 for a, b in zip(after, before, strict=True))  # all renewed
+    # The background refresher's ticks: one round trip each, of the same calls.
+    reset(stats)
+    writes = connection.writes
+    for lease in leases:
+        hl.keep_alive(lease, interval=0.05)
+    start = leases[-1].renewed_at
+    deadline = time.monotonic() + 30
+    while not all(lease.renewed_at > start for lease in leases):
+        assert time.monotonic() < deadline, "the refresher did not renew every lease"
+        time.sleep(0.01)
+    hl.stop_keep_alive(*leases)
+    ticks = connection.writes - writes
+    assert ticks >= 1 and script_calls(stats) == ticks * len(batches)
+    hl.release(*leases)
+
+
+def test_release_of_one_holders_many_leases_is_cut_into_small_calls_in_one_round_trip(
+    counted: tuple[HiLok, type[CountingConnection]], stats: redis.Redis
+) -> None:
+    hl, connection = counted
+    leases = hl.acquire_many([(f"r/l2/l3/l4/l5/l6/l7/n{i}", "write") for i in range(250)])
+    batches = hl._protocol.release_batches([(x.handle, x.request) for x in leases], False)
+    assert all(len(call.keys) <= MAX_CALL_KEYS for _, call in batches)
+    assert len(batches) > 1
+    reset(stats)
+    writes = connection.writes
+    hl.release(*leases)
+    assert connection.writes - writes == 1
+    assert script_calls(stats) == len(batches)
+    assert all(lease.released and not lease.lost for lease in leases)
+    assert hl.status("r").holders == []
 
 
 def test_multi_lock_acquire_and_one_holders_release_cost_one_call(

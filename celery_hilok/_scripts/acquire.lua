@@ -76,7 +76,14 @@ for _, g in ipairs(grants) do
     end
   end
 end
-if redis.call('EXISTS', unpack(suspects)) > 0 then
+-- (in slices: Lua's unpack() returns at most about 8000 values, LUAI_MAXCSTACK)
+local function any_exists(keys)
+  for i = 1, #keys, 1000 do
+    if redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) > 0 then return true end
+  end
+  return false
+end
+if any_exists(suspects) then
   for _, key in ipairs(suspects) do
     local m, exp = foreign(key)
     if m then
