@@ -694,17 +694,21 @@ class Client(Generic[C]):
         # (else the locks would stay held until their ttl): see Execute.shield.
         codes = yield from self._send_batches(batches, len(todo), shield=True)
         lost: list[Lease] = []
+        freed: list[tuple[Lease, bool]] = []  # what this call released, and if it ran out
         for lease, code in zip(todo, codes, strict=True):
             lease.released = True
             # LockLost needs evidence that the lease ran out: Redis saw it expire (2), or
             # a refresh of this lease found it gone. Otherwise a grant found not held (0)
             # was released already (through another Lease of the same grant, or by this
             # very release whose reply was lost and resent) and a release twice is fine.
-            if code == 2 or (code == 0 and lease.lost):
+            ran_out = code == 2 or (code == 0 and lease.lost)
+            if ran_out:
                 found_lost(lease, "release")
                 lost.append(lease)
-        if metrics._observers:
-            metrics.released(todo, codes)
+            if code or ran_out:
+                freed.append((lease, ran_out))
+        if metrics._observers and freed:
+            metrics.released([lease for lease, _ in freed], [ran_out for _, ran_out in freed])
         if lost:
             raise LockLost(f"released a lease that had run out: {_describe(lost)}")
         return codes

@@ -103,8 +103,9 @@ class Released:
 
     ``hold`` is the seconds from its grant to its release, None when unknown (a lease
     rebuilt in another process, e.g. from a pickle or a Celery message, has no grant time
-    there). ``lost`` is true when it was no longer held at release time (its lease ran out,
-    or it was released elsewhere).
+    there). ``lost`` is true when its lease had run out by the time of the release (the
+    release then raised :class:`~celery_hilok.LockLost`). A release of a grant released
+    already (through another copy of its lease) sends no event: that grant's release did.
     """
 
     path: str
@@ -260,11 +261,11 @@ def refused(
 
 
 @_quiet
-def released(leases: Sequence[Lease], codes: Sequence[int]) -> None:
+def released(leases: Sequence[Lease], lost: Sequence[bool]) -> None:
     now = time.monotonic()
-    for lease, code in zip(leases, codes, strict=True):
+    for lease, ran_out in zip(leases, lost, strict=True):
         p = lease.request.path
-        event = Released(p.text, lease.mode, prefix_of(p), _hold(lease, now), code != 1, lease)
+        event = Released(p.text, lease.mode, prefix_of(p), _hold(lease, now), ran_out, lease)
         _dispatch("on_released", event)
 
 

@@ -434,11 +434,13 @@ def test_release_or_refresh_through_another_namespace_is_refused(
         with pytest.raises(InvalidArgument, match="expected a Lease, got str"):
             other.release("ns/x")  # type: ignore[arg-type]
         # A lease built by name without a namespace is taken by any client, as before:
-        # there it holds nothing.
+        # there it holds nothing, so a release frees nothing and a refresh finds it gone.
         unnamed = Lease(lease.request, lease.handle, lease.token, lease.ttl)
         assert unnamed.namespace is None
+        other.release(unnamed)
+        assert unnamed.released and not unnamed.lost
         with pytest.raises(LockLost):
-            other.release(unnamed)
+            other.refresh(unnamed)
     assert_still_held(hl, lease)
     hl.release(lease, reader)
     assert_nothing_locked(hl, redis_client, namespace, "ns")

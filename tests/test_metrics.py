@@ -198,16 +198,26 @@ def test_lease_lost_under_keep_alive(hl: HiLok, recorder: Recorder, root: str) -
     assert len(recorder.of(Lost)) == 1  # found once, reported once
 
 
+def run_out(hl: HiLok, path: str) -> Lease:
+    """A lease of ``path`` whose (tiny) lease has run out on the server, unreleased."""
+    lease = hl.acquire(path, "read", ttl=0.05)
+    wait_until(lambda: not hl.status(path).holders, "the lease to run out")
+    return lease
+
+
 def test_release_of_a_gone_lease_reports_it_lost(hl: HiLok, recorder: Recorder, root: str) -> None:
     lease = hl.acquire(f"{root}/a", "read")
     copy = pickle.loads(pickle.dumps(lease))
     hl.release(copy)  # released elsewhere (another copy): no grant time known for it
     [released_copy] = recorder.of(Released)
     assert released_copy.lease is copy and released_copy.hold is None and not released_copy.lost
+    hl.release(lease)  # the grant was released already: no second event, nothing lost
+    assert len(recorder.of(Released)) == 1 and not recorder.of(Lost)
+    gone = run_out(hl, f"{root}/b")
     with pytest.raises(LockLost):
-        hl.release(lease)
+        hl.release(gone)
     [lost] = recorder.of(Lost)
-    assert lost.lease is lease and lost.found_by == "release"
+    assert lost.lease is gone and lost.found_by == "release"
     assert recorder.of(Released)[1].lost
 
 
@@ -306,8 +316,8 @@ async def test_async_events(ahl: AsyncHiLok, recorder: Recorder, root: str) -> N
     assert [e.lease for e in released] == [holder, lease]
     assert all(e.hold is not None and 0.0 <= e.hold < LIMIT and not e.lost for e in released)
 
-    gone = await ahl.acquire(f"{root}/b", "read")
-    await ahl.release(pickle.loads(pickle.dumps(gone)))
+    gone = await ahl.acquire(f"{root}/b", "read", ttl=0.05)
+    await asyncio.sleep(0.1)  # let the lease run out: time itself is what is awaited
     with pytest.raises(LockLost):
         await ahl.release(gone)
     [lost] = recorder.of(Lost)
@@ -350,8 +360,10 @@ def test_prometheus_observer(hl: HiLok, root: str) -> None:
             hl.release(holder)
             second = waiting.result(timeout=LIMIT)
         hl.release(second)
-        gone = hl.acquire(f"{root}/b", "read")
-        hl.release(pickle.loads(pickle.dumps(gone)))
+        copy = hl.acquire(f"{root}/c", "read")
+        hl.release(pickle.loads(pickle.dumps(copy)))  # released through a copy
+        hl.release(copy)  # released already: not counted again
+        gone = run_out(hl, f"{root}/b")
         with pytest.raises(LockLost):
             hl.release(gone)
     finally:
@@ -362,7 +374,7 @@ def test_prometheus_observer(hl: HiLok, root: str) -> None:
         return sample
 
     assert value("hilok_acquired_total", "write") == 2
-    assert value("hilok_acquired_total", "read") == 1
+    assert value("hilok_acquired_total", "read") == 2  # the copied one and the one run out
     assert value("hilok_refused_total", "read") == 1
     assert value("hilok_contended_total", "read") == 1  # the refusal
     assert value("hilok_contended_total", "write") == 1  # the waiting writer
