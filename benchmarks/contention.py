@@ -533,7 +533,9 @@ async def _slowlog(
                 if _command(entry).upper().startswith("EVAL"):
                     seen[int(entry["id"])] = entry
             entries[:] = list(seen.values())
-            return sum(1 for e in entries if _numkeys(e) >= refresh_keys) >= ticks
+            # A tick renews every lease, in one call or in chunks of one pipeline: count
+            # ticks by the keys the refresh calls covered.
+            return sum(_numkeys(e) for e in entries) >= ticks * refresh_keys
 
         waited = await _until(ticked, max(cap, 10 * interval), "refresh ticks", poll=interval / 4)
         lost = sum(1 for task in tasks if task.done())
@@ -545,7 +547,7 @@ async def _slowlog(
         await hl.close()
         await raw.aclose()
     scripts = entries
-    refreshes = [e for e in scripts if _numkeys(e) >= refresh_keys]
+    refreshes = [e for e in scripts if _numkeys(e) > 0]
     longest = max(scripts, key=lambda e: int(e["duration"]), default=None)
     return {
         "leases": leases,
@@ -616,8 +618,9 @@ async def _holder(url: str, reads: int, acquires: int, cap: float) -> dict[str, 
         first = await hl.acquire(f"{tree}/n/r0", "read")
         handle = first.handle
         t0 = time.perf_counter()
-        for start in range(1, reads, 500):
-            chunk = [(f"{tree}/n/r{i}", "read") for i in range(start, min(reads, start + 500))]
+        step = 250  # within acquire_many's limit (MAX_LOCKS)
+        for start in range(1, reads, step):
+            chunk = [(f"{tree}/n/r{i}", "read") for i in range(start, min(reads, start + step))]
             await hl.acquire_many(chunk, handle=handle)  # type: ignore[arg-type]
             if time.perf_counter() - t0 > cap:
                 raise RuntimeError(f"the {reads} reads were not granted within {cap} s")
