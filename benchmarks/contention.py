@@ -86,7 +86,10 @@ class Sizes:
     refresh_ticks: int = 2
     #: SLOWLOG threshold while counting (0: every command; Redis 7.0 then logs the commands
     #: run inside a script too, which makes a big script slower than it is otherwise)
-    slowlog_slower_than_us: int = 0
+    # Log script calls, not the commands inside them (Redis 7.0 logs those too, and a tick
+    # of chunked calls at depth 32 would push the calls out of the log): every refresh call
+    # takes longer than this, the commands in it much less.
+    slowlog_slower_than_us: int = 100
     #: 7. acquire_many of this many depth-2 writes (one tree)
     many_sizes: tuple[int, ...] = (1333, 1334)
     #: 8. reads one holder has under c/n; its acquires measured afterwards
@@ -489,8 +492,7 @@ async def _slowlog(
     held = 0
     all_held, release = asyncio.Event(), asyncio.Event()
     first: list[Lease] = []
-    # A refresh call names each grant's holder hash and one key per chain node.
-    refresh_keys = leases * (1 + depth)
+    kept: list[Lease] = []
 
     async def hold(i: int) -> None:
         nonlocal held
@@ -499,6 +501,7 @@ async def _slowlog(
             lease = await stack.enter_async_context(hl.write(chain_path(f"{tag}c{i}", depth)))
         try:
             first[:] = first or [lease]
+            kept.append(lease)
             held += 1
             if held == leases:
                 all_held.set()
@@ -524,8 +527,13 @@ async def _slowlog(
         await raw.config_set("slowlog-log-slower-than", slower_than)
         await raw.slowlog_reset()
         seen: dict[int, dict[str, Any]] = {}
+        # A tick renews every kept lease (in one call, or in chunks of one pipeline): one
+        # has passed when the least recently renewed lease is newer than the last tick.
+        marks = [max(lease.renewed_at for lease in kept)]
 
         async def ticked() -> bool:
+            if min(lease.renewed_at for lease in kept) > marks[-1]:
+                marks.append(max(lease.renewed_at for lease in kept))
             # Commands run inside scripts are logged too (from "?:0"), before the script
             # itself: polled often, a script's own entry is read before the next one's
             # commands push it out of the log.
@@ -533,9 +541,7 @@ async def _slowlog(
                 if _command(entry).upper().startswith("EVAL"):
                     seen[int(entry["id"])] = entry
             entries[:] = list(seen.values())
-            # A tick renews every lease, in one call or in chunks of one pipeline: count
-            # ticks by the keys the refresh calls covered.
-            return sum(_numkeys(e) for e in entries) >= ticks * refresh_keys
+            return len(marks) - 1 >= ticks
 
         waited = await _until(ticked, max(cap, 10 * interval), "refresh ticks", poll=interval / 4)
         lost = sum(1 for task in tasks if task.done())
