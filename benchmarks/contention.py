@@ -45,6 +45,7 @@ import redis
 import redis.asyncio as aredis
 
 from benchmarks.ours import OursBackend
+from benchmarks.seed import end_process
 from benchmarks.workloads import chain_path, handoff, summarize
 from celery_hilok import AsyncHiLok, Lease, _core
 from celery_hilok.paths import KeySpace
@@ -188,16 +189,7 @@ class _WaiterProcess:
         return self._proc.poll() is None
 
     def stop(self) -> None:
-        if self._proc.stdin is not None:
-            try:
-                self._proc.stdin.close()
-            except OSError:
-                pass
-        try:
-            self._proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        end_process(self._proc, 15)
 
 
 async def _serve_waiters(

@@ -102,13 +102,18 @@ class SeedProcess:
             return result
 
     def close(self) -> None:
-        if self._proc.stdin is not None:
-            try:
-                self._proc.stdin.close()
-            except OSError:
-                pass
+        end_process(self._proc, 10)
+
+
+def end_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """End a child that runs until its stdin closes: close it, wait, kill if it hangs."""
+    if proc.stdin is not None:
         try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+            proc.stdin.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
