@@ -265,43 +265,51 @@ class _Waker(Protocol):
 
 class RefreshSchedule:
     """The kept leases and when they are next renewed: a tick is due when the earliest one
-    needs renewing (a third of its ttl, or its own shorter interval), and renews them all."""
+    needs renewing (a third of its ttl, or its own shorter interval), and renews them all.
+
+    The runner (a thread or task) asks :meth:`wait` how long it may sleep, and
+    :meth:`add` says whether it must be woken before then: only when the new lease is due
+    sooner. So a lease kept for a short ``with`` block usually costs no wake-up at all (a
+    thread switch each, in the sync driver), and an idle runner looks again after the
+    ``idle`` time the driver chose."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.leases: dict[int, Lease] = {}
-        self.due = float("inf")
+        self._tick_due = float("inf")  # when the next tick is due (inf: nothing kept)
+        self._wake_by = float("-inf")  # when the runner looks again by itself
 
     def add(self, lease: Lease, now: float) -> bool:
-        """Keep ``lease``; True if the next tick must now come sooner (wake the refresher)."""
+        """Keep ``lease``; True if the runner must be woken (the tick is due before it
+        looks again)."""
         with self._lock:
             self.leases[id(lease)] = lease
-            due = now + _interval(lease)
-            if due < self.due:
-                self.due = due
-                return True
-            return False
+            self._tick_due = min(self._tick_due, now + _interval(lease))
+            return self._tick_due < self._wake_by
 
     def discard(self, lease: Lease) -> bool:
-        """Stop keeping ``lease``; True if nothing is kept any more (the refresher may end)."""
+        """Stop keeping ``lease``; True if nothing is kept any more."""
         with self._lock:
             self.leases.pop(id(lease), None)
-            return not self.leases
+            if self.leases:
+                return False
+            self._tick_due = float("inf")
+            return True
 
-    def delay(self, now: float) -> float | None:
-        """Seconds until the next tick (<= 0: now), or None while nothing is kept."""
+    def wait(self, now: float, idle: float) -> tuple[bool, float]:
+        """For the runner, about to sleep: is anything kept, and how many seconds it may
+        sleep (<= 0: tick now); with nothing kept, ``idle``."""
         with self._lock:
-            if not self.leases:
-                self.due = float("inf")
-                return None
-            return self.due - now
+            kept = bool(self.leases)
+            self._wake_by = self._tick_due if kept else now + idle
+            return kept, self._wake_by - now
 
     def take(self, now: float) -> list[Lease]:
         """The leases to renew in the tick starting now; schedules the next one."""
         with self._lock:
             leases = list(self.leases.values())
             if leases:
-                self.due = now + min(_interval(lease) for lease in leases)
+                self._tick_due = now + min(_interval(lease) for lease in leases)
             return leases
 
     def lost(

@@ -180,6 +180,11 @@ async def _close(*connections: Any) -> None:
                 pass
 
 
+def _done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
     """Cancel a background task and wait for its end."""
     if task is not None and not task.done():
@@ -192,41 +197,50 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
 
 class _Refresher:
     """One task per ``AsyncHiLok`` running the ticks of its :class:`_engine.RefreshSchedule`,
-    while any lease is kept (the next :meth:`add` starts it again)."""
+    while any lease is kept and :data:`WAKER_LINGER` seconds more (the next :meth:`add`
+    starts it again)."""
 
     def __init__(self, owner: AsyncHiLok) -> None:
         self._owner = owner
         self.schedule = _engine.RefreshSchedule()
         self._task: asyncio.Task[None] | None = None
-        self._changed: asyncio.Event | None = None
+        self._wake: asyncio.Future[None] | None = None  # what the task sleeps on
         self._tick: asyncio.Future[None] | None = None  # the tick in flight
 
     def add(self, lease: Lease) -> None:
         loop = asyncio.get_running_loop()
         task = self._task
         if task is None or task.done() or task.get_loop() is not loop:
-            self._changed = asyncio.Event()
-            self._task = _start(loop, self._run(self._changed), "hilok-refresher")
+            self._task = _start(loop, self._run(loop), "hilok-refresher")
         if self.schedule.add(lease, time.monotonic()):  # the next tick must come sooner
-            assert self._changed is not None
-            self._changed.set()
+            self._wake_up()
 
     def discard(self, lease: Lease) -> None:
-        if self.schedule.discard(lease) and self._changed is not None:
-            self._changed.set()  # nothing kept any more: the task ends
+        self.schedule.discard(lease)  # the task ends by itself once idle
 
-    async def _run(self, changed: asyncio.Event) -> None:
+    def _wake_up(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        idle = False
         while not _stopping(self._task):
-            changed.clear()
-            delay = self.schedule.delay(time.monotonic())
-            if delay is None:  # nothing kept: end (add() starts a new task)
-                self._task = None
-                return
+            kept, delay = self.schedule.wait(time.monotonic(), WAKER_LINGER)
+            if not kept:
+                if idle:  # nothing kept for a whole linger: end (add() starts a new task)
+                    self._task = None
+                    return
+                idle = True
+            else:
+                idle = False
             if delay > 0:
+                self._wake = wake = loop.create_future()
+                timer = loop.call_later(delay, _done, wake)
                 try:
-                    await asyncio.wait_for(changed.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._wake = None
                 continue
             leases = self.schedule.take(time.monotonic())
             self._tick = asyncio.ensure_future(self._owner._drive(self._owner._tick(leases)))
@@ -241,8 +255,7 @@ class _Refresher:
     async def stop(self) -> None:
         task = self._task
         self._task = None
-        if self._changed is not None:
-            self._changed.set()
+        self._wake_up()
         await _cancelled(task)
 
 
@@ -259,8 +272,8 @@ class AsyncHiLok(_engine.Client[AsyncClient]):
     carried out (the cancellation is raised when it is done).
 
     The background tasks run only while needed: the wake-up task (and its pub/sub
-    connection, taken from the client's pool) while a call waits, and a quarter of a
-    second more; the refresh task while a lease is kept alive. So short-lived instances
+    connection, taken from the client's pool) while a call waits, the refresh task while a
+    lease is kept alive, each a quarter of a second more. So short-lived instances
     leave no task behind, and an instance that is never closed does not keep
     ``asyncio.run()`` from ending: its tasks end when cancelled, even when redis-py loses
     the cancellation. :meth:`close` is still the clean way out.

@@ -30,6 +30,10 @@ __all__ = ["HiLok"]
 
 log = logging.getLogger("celery_hilok")
 
+REFRESHER_IDLE = 5.0
+"""Seconds the refresher thread sleeps while no lease is kept (a lease added meanwhile wakes
+it only if it is due sooner)."""
+
 SyncClient = redis.Redis | redis.RedisCluster
 
 
@@ -135,8 +139,8 @@ class _Refresher:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._changed.clear()
-            delay = self.schedule.delay(time.monotonic())
-            if delay is None or delay > 0:
+            _, delay = self.schedule.wait(time.monotonic(), REFRESHER_IDLE)
+            if delay > 0:
                 self._changed.wait(delay)
                 continue
             leases = self.schedule.take(time.monotonic())

@@ -35,7 +35,8 @@ from celery_hilok._core import (
     related,
     wakes,
 )
-from celery_hilok.lease import LockStatus
+from celery_hilok._engine import RefreshSchedule
+from celery_hilok.lease import Lease, LockStatus
 from celery_hilok.paths import parse_path
 
 HANDLE = "holder-0001"
@@ -534,3 +535,34 @@ def test_a_waiter_that_holds_in_the_tree_wakes_wherever_it_queues() -> None:
     assert wakes("a/b/c\n", holder) and not wakes("x\n", holder)
     assert plain.step([*blocked_reply(), 1], 0.0) is not SUBSCRIBE
     assert wakes("x\n", plain) and not wakes("y\n", plain)
+
+
+# -- the refresh schedule -------------------------------------------------------------------
+
+
+def _kept(ttl: float) -> Lease:
+    return Lease(Request.parse("t/a", "write", "/"), new_handle(), 1, ttl)
+
+
+def test_refresh_schedule_wakes_the_runner_only_for_a_sooner_tick() -> None:
+    schedule = RefreshSchedule()
+    assert schedule.wait(100.0, 5.0) == (False, 5.0)  # idle: look again in 5 s
+    long = _kept(30.0)
+    assert not schedule.add(long, 100.0)  # due at 110, after the runner looks again (105)
+    assert schedule.wait(105.0, 5.0) == (True, 5.0)  # now it sleeps until 110
+    assert schedule.add(_kept(0.3), 105.0)  # due at 105.1: must wake it
+    kept, delay = schedule.wait(105.0, 5.0)
+    assert kept and delay == pytest.approx(0.1)
+
+
+def test_refresh_schedule_tick_renews_everything_and_plans_the_next() -> None:
+    schedule = RefreshSchedule()
+    a, b = _kept(3.0), _kept(30.0)
+    schedule.add(a, 0.0)
+    schedule.add(b, 0.0)
+    assert schedule.wait(1.0, 5.0) == (True, 0.0)  # a is due at 1.0
+    assert set(map(id, schedule.take(1.0))) == {id(a), id(b)}
+    assert schedule.wait(1.0, 5.0) == (True, 1.0)  # next tick: a third of the shortest ttl
+    assert not schedule.discard(a)
+    assert schedule.discard(b)  # nothing kept any more
+    assert schedule.wait(2.0, 5.0) == (False, 5.0)
