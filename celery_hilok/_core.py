@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple
 
-from ._marks import BLOCKS, MODE_MARKS, lua_tables
+from ._marks import MODE_MARKS, lua_tables
 from .errors import InvalidArgument
 from .paths import KeySpace, LockPath, parse_path
 
@@ -226,14 +226,15 @@ def _text(value: str | bytes) -> str:
 
 
 # The mark a grant of each mode places on its own node and on each ancestor, as an index into
-# a node's keys (is, ix, s, x); and the block of keys acquire gets for each mark: the mark's
-# own key first, then the keys of the other marks that conflict with it. Both are derived
-# from the one mark table, in _marks.py.
+# a node's keys (is, ix, s, x); derived from the one mark table, in _marks.py.
 _MARKS: Final = MODE_MARKS
-_BLOCKS: Final = BLOCKS
-_N_Q_QX: Final = slice(0, 3)
-_Q_QX_C: Final = slice(1, 4)
-_NO_TREE_KEYS: Final = slice(0, 0)
+_ALL_TREE_KEYS: Final = slice(0, 6)  # n, q, qx, qc, h, hx: acquire and release
+_HOLDER_TREE_KEYS: Final = slice(4, 6)  # h, hx: refresh
+
+HANDOFF_TTL_MS: Final = 5000
+"""The first lease of a lock a release hands to a waiter (at most the waiter's own ttl): the
+waiter renews it to its full ttl when it wakes (at the latest after :data:`KEEPALIVE`), and
+one that died meanwhile blocks the lock no longer than this."""
 
 
 class Protocol:
@@ -251,8 +252,9 @@ class Protocol:
         self, items: Sequence[tuple[str, Request]], tree_slice: slice, full: bool
     ) -> tuple[list[str], list[tuple[Request, int]], int]:
         """KEYS for (handle, request) pairs (see ``_scripts/common.lua``): the ``tree_slice``
-        of each tree's keys (n, q, qx, c), then per grant its holder hash and one block per
-        chain node: the grant's own mark, and with ``full`` the marks conflicting with it."""
+        of each tree's keys (n, q, qx, qc, h, hx), then per grant its holder's index in the
+        tree and one block per chain node: with ``full`` all eight sets of the node, else
+        the grant's own mark only."""
         space = self.keys
         trees: dict[str, int] = {}
         for _, req in items:
@@ -263,27 +265,33 @@ class Protocol:
         placed: list[tuple[Request, int]] = []
         for handle, req in items:
             tree = req.path.tree
-            keys.append(space.holder_key(tree, handle))
-            leaf, intent = _MARKS[req.mode]
             chain = req.path.chain
-            last = len(chain) - 1
-            for level, node in enumerate(chain):
-                marks = space.node_keys(tree, node)
-                mark = leaf if level == last else intent
-                if full:
-                    keys.extend([marks[i] for i in _BLOCKS[mark]])
-                else:
-                    keys.append(marks[mark])
+            keys.append(space.holder_key(tree, handle))
+            if full:
+                for node in chain:
+                    keys.extend(space.node_block(tree, node))
+            else:
+                leaf, intent = _MARKS[req.mode]
+                last = len(chain) - 1
+                for level, node in enumerate(chain):
+                    keys.append(space.node_block(tree, node)[leaf if level == last else intent])
             placed.append((req, trees[tree]))
         return keys, placed, len(trees)
 
     # -- calls ----------------------------------------------------------------------------
 
     def acquire(
-        self, handle: str, requests: Sequence[Request], ttl: float, register: bool, nonce: str
+        self,
+        handle: str,
+        requests: Sequence[Request],
+        ttl: float,
+        register: bool,
+        nonce: str,
+        channel: str = "",
     ) -> Call:
-        """Acquire ``requests`` for ``handle``; ``nonce`` names this call (see :meth:`undo`)."""
-        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _N_Q_QX, True)
+        """Acquire ``requests`` for ``handle``; ``nonce`` names this call (see :meth:`undo`);
+        a release tells a waiting request on ``channel`` (its client's) that it may go."""
+        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
         args: list[str | int] = [
             handle,
             int(ttl * 1000),
@@ -292,26 +300,29 @@ class Protocol:
             ntrees,
             len(placed),
             nonce,
+            channel,
         ]
         for req, tree in placed:
             args += (req.code, req.path.depth, tree, req.path.canonical)
         return Call(ACQUIRE, keys, args)
 
     def release(self, handle: str, requests: Sequence[Request], scope: str = "") -> Call:
-        """Release ``handle``'s grants of ``requests`` and withdraw its queue entries for them.
+        """Release ``handle``'s grants of ``requests``, withdraw its waiting requests for them
+        and hand the freed locks on to the waiters next in line.
 
         ``scope`` limits what is released: ``""`` everything, :data:`WITHDRAW_ONLY` no grant
-        (only queue entries), an acquire call's nonce only the grants that call made.
+        (only waiting requests), an acquire call's nonce only the grants that call made.
         """
-        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _Q_QX_C, False)
-        args: list[str | int] = [handle, scope, ntrees, len(placed)]
+        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
+        args: list[str | int] = [handle, scope, ntrees, len(placed), HANDOFF_TTL_MS]
         for req, tree in placed:
             args += (req.code, req.path.depth, tree, req.path.canonical)
         return Call(RELEASE, keys, args)
 
     def refresh(self, items: Sequence[tuple[str, Request, float]]) -> Call:
-        keys, placed, _ = self._layout([(h, r) for h, r, _ in items], _NO_TREE_KEYS, False)
-        args: list[str | int] = [len(placed)]
+        pairs = [(h, r) for h, r, _ in items]
+        keys, placed, ntrees = self._layout(pairs, _HOLDER_TREE_KEYS, False)
+        args: list[str | int] = [ntrees, len(placed)]
         for (req, tree), (handle, _, ttl) in zip(placed, items, strict=True):
             args += (req.code, req.path.depth, tree, req.path.canonical, handle, int(ttl * 1000))
         return Call(REFRESH, keys, args)
@@ -327,7 +338,8 @@ class Protocol:
         def key(item: tuple[str, Request, float]) -> object:
             return item[1].path.tree if per_tree else None
 
-        return [(part, self.refresh([items[i] for i in part])) for part in _batches(items, key)]
+        parts = _batches(items, key, tree_keys=2, node_keys=1)
+        return [(part, self.refresh([items[i] for i in part])) for part in parts]
 
     def release_batches(
         self, items: Sequence[tuple[str, Request]], per_tree: bool
@@ -340,7 +352,8 @@ class Protocol:
             return (item[0], item[1].path.tree) if per_tree else item[0]
 
         out = []
-        for part in _batches(items, key, tree_keys=_Q_QX_C.stop - _Q_QX_C.start):
+        # budgeted by what a release writes (its own marks), not by the sets it only reads
+        for part in _batches(items, key, tree_keys=6, node_keys=1):
             handle = items[part[0]][0]
             call = self.release(handle, [items[i][1] for i in part])
             out.append((part, call))
@@ -397,21 +410,25 @@ class Protocol:
         return nodes, waiters
 
 
-MAX_CALL_KEYS: Final = 256
-"""Most keys one refresh or release script call touches; more are split into several calls,
-sent in one pipeline (one round trip). Redis runs nothing else while a script runs, and a
-refresh costs a few microseconds per key: 256 keys (28 grants at depth 8, 7 at depth 32)
-keep each call to about a millisecond, where one call for 1,000 grants at depth 8 took
-some 60 ms."""
+MAX_CALL_KEYS: Final = 512
+"""The budget of one refresh or release script call, in keys it writes (per grant its
+holder's index and its own mark on each node of its chain; per tree two or six keys);
+more are split into several calls, sent in one pipeline (one round trip). Redis runs
+nothing else while a script runs, and a refresh costs a few microseconds per key it renews:
+512 keys (56 grants at depth 8, 15 at depth 32) keep each call to about a millisecond or
+two, where one call for 1,000 grants at depth 8 took some 60 ms."""
 
 
 def _batches(
-    items: Sequence[tuple[Any, ...]], key: Callable[[Any], object], tree_keys: int = 0
+    items: Sequence[tuple[Any, ...]],
+    key: Callable[[Any], object],
+    tree_keys: int = 0,
+    node_keys: int = 1,
 ) -> list[list[int]]:
     """Indices of ``items`` (tuples whose second element is a :class:`Request`) grouped by
     ``key`` (in first-seen order), each group cut into calls of at most
-    :data:`MAX_CALL_KEYS` keys: per item its holder hash and one key per chain node, plus
-    ``tree_keys`` for each tree of a call. One item alone always fits (depth <= 32)."""
+    :data:`MAX_CALL_KEYS` keys: per item its holder's index and ``node_keys`` per chain
+    node, plus ``tree_keys`` for each tree of a call. One item alone always fits (depth <= 32)."""
     groups: dict[object, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(key(item), []).append(i)
@@ -422,11 +439,11 @@ def _batches(
         trees: set[str] = set()
         for i in idxs:
             path = items[i][1].path
-            need = 1 + path.depth + (0 if path.tree in trees else tree_keys)
+            need = 1 + node_keys * path.depth + (0 if path.tree in trees else tree_keys)
             if part and size + need > MAX_CALL_KEYS:
                 out.append(part)
                 part, size, trees = [], 0, set()
-                need = 1 + path.depth + tree_keys
+                need = 1 + node_keys * path.depth + tree_keys
             part.append(i)
             size += need
             trees.add(path.tree)
@@ -453,18 +470,13 @@ def related(a: str, b: str) -> bool:
 
 
 def wakes(message: str, attempt: Acquisition) -> bool:
-    """Should a release published as ``message`` on a tree's channel wake ``attempt``?
+    """Should a release's message on the client's channel wake ``attempt``?
 
-    The message is the released path, then (after a newline) the handles at the front of
-    the tree's wait queue: the waiters no earlier conflicting waiter stands in front of. A
-    waiter behind another would only be refused again, so it sleeps on, unless it already
-    holds something in the tree (it skips the queue then). A message with the path alone
-    (a long queue) wakes every waiter on the path's line.
+    The message lists the handles of the waiters the release told: those it granted the
+    lock to (they ask once more and find it theirs) and those it found in front of the line
+    with a lock it could not grant there (below the released node, or several locks).
     """
-    released, newline, front = message.partition("\n")
-    if not any(related(r.path.canonical, released) for r in attempt.requests):
-        return False
-    return not newline or attempt.holding or attempt.handle in front.split(" ")
+    return attempt.handle in message.split(" ")
 
 
 def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:
@@ -567,6 +579,7 @@ class Acquisition:
         block: bool,
         timeout: float | None,
         now: float,
+        channel: str = "",
     ) -> None:
         self.protocol = protocol
         self.requests = requests
@@ -578,9 +591,9 @@ class Acquisition:
         self.can_wait = self.block and self.timeout != 0
         self.deadline = None if self.timeout is None else now + self.timeout
         self.subscribed = False
-        self.holding = False  # as of the last refusal: see :func:`wakes`
+        self.holding = False  # as of the last refusal
         self.nonce = secrets.token_hex(6)
-        self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait, self.nonce)
+        self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait, self.nonce, channel)
 
     def step(self, reply: list[object], now: float) -> list[int] | Sleep:
         outcome = self.protocol.decode_acquire(reply)
@@ -597,17 +610,19 @@ class Acquisition:
     def cleanup(self, error: BaseException) -> Call | None:
         """The call that undoes whatever a failed acquire may have left.
 
-        A refused request left at most a queue entry. Any other failure (a lost reply, a
-        cancellation, a grant too few replicas acknowledged) may also have left grants:
-        exactly those made by this call's scripts (found by its nonce) are released; grants
-        the holder had before, even if this call renewed them, stay.
+        A one-try refusal left nothing. Any other failure (a waiter giving up, a lost reply, a
+        cancellation, a grant too few replicas acknowledged) may have left a waiting request
+        and grants: the request is withdrawn, and exactly the grants made for this call
+        (found by its nonce: by its own script, or handed to it by a release) are released;
+        grants the holder had before, even if this call renewed them, stay.
         """
         from .errors import LockNotAcquired, LockNotReplicated
 
-        if isinstance(error, LockNotAcquired) and not isinstance(error, LockNotReplicated):
-            if not self.can_wait:
-                return None
-            return self.protocol.release(self.handle, self.requests, WITHDRAW_ONLY)
+        refused = isinstance(error, LockNotAcquired) and not isinstance(error, LockNotReplicated)
+        if refused and not self.can_wait:
+            return None  # a one-try refusal joined no queue and was granted nothing
+        # A waiter that gives up may have been handed the lock by a release meanwhile (made
+        # with this call's nonce): that grant goes too, and so on to the next in line.
         return self.protocol.release(self.handle, self.requests, self.nonce)
 
     def not_replicated(self, acknowledged: int, replicas: int, timeout: float) -> Exception:

@@ -13,6 +13,7 @@ task that reads wake-ups and renews kept leases, whose decisions are
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -164,10 +165,10 @@ class WakeTable:
     """Who waits on which channel, and whom a message wakes (the drivers' wakers only read
     the connection and feed messages here).
 
-    A release publishes the released path (and the front of the queue, see
-    :func:`~celery_hilok._core.wakes`) on its tree's channel; a subscription is confirmed by
-    the server's ``subscribe`` reply, which the first waiter on a channel waits for so that
-    no release between its refusal and its subscription slips by.
+    A release tells the waiters it granted the lock to, or found at the front of the line,
+    on their client's channel (see :func:`~celery_hilok._core.wakes`); a subscription is
+    confirmed by the server's ``subscribe`` reply, which the first waiter on a channel waits
+    for so that no release between its refusal and its subscription slips by.
     """
 
     def __init__(self, new_event: Callable[[], Any]) -> None:
@@ -409,6 +410,8 @@ class Client(Generic[C]):
         if self._cluster and self.wait_replicas:
             raise InvalidArgument(CLUSTER_WAIT)
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
+        # the channel on which releases tell this client's waiters that the lock is theirs
+        self._channel = self._protocol.keys.channel(secrets.token_urlsafe(12))
         self._waker: _Waker = self._waker_class(self)
         self._refresher: _Refresher = self._refresher_class(self)
 
@@ -563,6 +566,7 @@ class Client(Generic[C]):
             block=block,
             timeout=timeout,
             now=started,
+            channel=self._channel,
         )
         wait: Wait | None = None
         try:
@@ -610,12 +614,11 @@ class Client(Generic[C]):
         return leases
 
     def _register(self, attempt: Acquisition) -> Flow[Wait]:
-        """Wait for wake-ups on the trees of ``attempt``: subscribe to the channels nobody
-        subscribed to yet and wait for the server to confirm every one (without confirmation
-        the waiter still works, capped by leases and KEEPALIVE)."""
+        """Wait for wake-ups: subscribe to the client's own channel if nobody did yet, and
+        wait for the server to confirm it (without confirmation the waiter still works,
+        capped by leases and KEEPALIVE). One channel per client, whatever the trees."""
         self._waker.ensure()
-        keys = self._protocol.keys
-        channels = {keys.channel(r.path.tree) for r in attempt.requests}
+        channels = {self._channel}
         wait, new, confirmations = self._waker.table.add(attempt, channels)
         if new:
             try:

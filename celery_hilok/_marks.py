@@ -8,7 +8,7 @@ the other grant places there: its leaf mark if both are on the same node, else i
 mark. Intention marks never conflict with each other, so no other node can decide.
 
 Everything else is derived from :data:`CONFLICTS` and :data:`PLACES`: the key layout of
-:mod:`celery_hilok._core` (:data:`MODE_MARKS`, :data:`BLOCKS`), the Lua tables prepended to
+:mod:`celery_hilok._core` (:data:`MODE_MARKS`), :data:`CONFLICTING`, the Lua tables prepended to
 every script (:func:`lua_tables`) and :func:`grants_conflict`. ``tests/test_marks.py``
 checks them, the Lua ``conflict()`` and the tables of ``docs/concepts.md`` against it.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
-    "BLOCKS",
+    "CONFLICTING",
     "CONFLICTS",
     "MARKS",
     "MODES",
@@ -56,13 +56,12 @@ MODE_MARKS: Final[dict[str, tuple[int, int]]] = {
 }
 """Mode name -> (leaf mark index, intention mark index): ``_core._MARKS``."""
 
-BLOCKS: Final[tuple[tuple[int, ...], ...]] = tuple(
-    (i, *(j for j, other in enumerate(MARKS) if other != mark and other in CONFLICTS[mark]))
-    for i, mark in enumerate(MARKS)
+CONFLICTING: Final[tuple[tuple[int, ...], ...]] = tuple(
+    tuple(j for j, other in enumerate(MARKS) if other in CONFLICTS[mark]) for mark in MARKS
 )
-"""Per mark index, the node block acquire gets: the mark's own key index, then the indices of
-the other marks conflicting with it (whether the mark conflicts with itself is in
-``SELF_CONFLICT`` of :func:`lua_tables`): ``_core._BLOCKS``."""
+"""Per mark index, the indices of the marks it conflicts with (itself included, for a
+write's): the sets a script looks in for a conflicting holder, or an earlier waiter, on each
+node of a chain (``CONFLICTING`` of :func:`lua_tables`)."""
 
 
 def _at_or_above(upper: str, lower: str) -> bool:
@@ -91,15 +90,14 @@ def _lua_bools(values: list[bool]) -> str:
 def lua_tables() -> str:
     """The Lua definitions of the table, prepended to ``_scripts/common.lua`` (1-based marks).
 
-    ``LEAF_MARK`` / ``INTENT_MARK``: mode code -> mark index; ``BLOCK_SIZE``: length of
-    acquire's node block per mark; ``CONFLICTS[a][b]``: marks a and b conflict;
-    ``SELF_CONFLICT[a]``: mark a conflicts with itself.
+    ``LEAF_MARK`` / ``INTENT_MARK``: mode code -> mark index; ``CONFLICTS[a][b]``: marks a
+    and b conflict; ``CONFLICTING[a]``: the list of marks conflicting with a.
     """
 
     def by_code(pick: int) -> str:
         return "{ " + ", ".join(f"{c} = {_INDEX[p[pick]] + 1}" for c, p in PLACES.items()) + " }"
 
-    sizes = "{ " + ", ".join(str(len(block)) for block in BLOCKS) + " }"
+    lists = ", ".join("{ " + ", ".join(str(j + 1) for j in c) + " }" for c in CONFLICTING)
     legend = ", ".join(f"{i} {mark}" for i, mark in enumerate(MARKS, 1))
     return "\n".join(
         [
@@ -108,13 +106,11 @@ def lua_tables() -> str:
             "-- the mark a grant of each mode places on its own node, and on each ancestor",
             f"local LEAF_MARK = {by_code(0)}",
             f"local INTENT_MARK = {by_code(1)}",
-            "-- acquire's node block for each mark: its own key, then the others conflicting",
-            f"local BLOCK_SIZE = {sizes}",
-            "-- CONFLICTS[a][b]: do marks a and b conflict; SELF_CONFLICT[a]: CONFLICTS[a][a]",
+            "-- CONFLICTS[a][b]: do marks a and b conflict; CONFLICTING[a]: the marks b that do",
             "local CONFLICTS = {",
             *(f"  {_lua_bools([b in CONFLICTS[a] for b in MARKS])},  -- {a}" for a in MARKS),
             "}",
-            f"local SELF_CONFLICT = {_lua_bools([m in CONFLICTS[m] for m in MARKS])}",
+            f"local CONFLICTING = {{ {lists} }}",
             "",
         ]
     )

@@ -193,9 +193,9 @@ def translate(error: RedisError, server: str, operation: str) -> HiLokError:
             " because its ACL does not allow a command, key or channel celery_hilok needs "
             "(see 'Minimal Redis ACL' in docs/operations.md)"
         )
-    elif isinstance(error, ReadOnlyError):
+    elif isinstance(error, ReadOnlyError) or text.startswith("READONLY"):
         why = " because it is a read-only replica: point celery_hilok at the master"
-    elif isinstance(error, OutOfMemoryError):
+    elif isinstance(error, OutOfMemoryError) or text.startswith("OOM"):
         why = " because it is out of memory (maxmemory): nothing was granted or extended"
     elif text.startswith("WRONGTYPE"):
         why = (

@@ -132,11 +132,11 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
                 continue
             if focus is not None and not related(canonical, focus):
                 continue
-            hkey = f"{tree_prefix}:h:{handle}"
+            hkey = f"{tree_prefix}:h"  # the tree's holder table: member -> token|...
             grants.append((handle, grant_mode, canonical, (score - now_ms) / 1000, hkey))
     with client.pipeline(transaction=False) as pipe:
-        for _, mode, canonical, _, hkey in grants:
-            pipe.hget(hkey, f"{MODE_CODES[mode]}|{canonical}")
+        for handle, mode, canonical, _, hkey in grants:
+            pipe.hget(hkey, f"{handle}|{MODE_CODES[mode]}|{canonical}")
         tokens = pipe.execute()
     for (handle, mode, canonical, ttl, _), token in zip(grants, tokens, strict=True):
         text = decode_canonical(canonical, sep)

@@ -10,11 +10,15 @@ Keys are built here, on the client, from percent-encoded segments, and always re
 ``KEYS``; scripts never build key names from user strings. Key layout under namespace ``ns``
 (``<p>`` is the canonical path, segments percent-encoded and joined by ``/``)::
 
-    ns:{<root>}:<p>:is|ix|s|x    sorted sets of the marks on node <p>, one per mode
-    ns:{<root>}::n               the tree's last fencing token (also orders the wait queue)
-    ns:{<root>}::q / ::qx        the tree's wait queue: ticket numbers / queue-entry expiry
-    ns:{<root>}::c               the tree's pub/sub channel for wake-ups
-    ns:{<root>}::h:<handle>      what one holder holds in the tree, with its fencing tokens
+    ns:{<root>}:<p>:is|ix|s|x        sorted sets of the marks on node <p>, one per mark
+    ns:{<root>}:<p>:wis|wix|ws|wx    the wait marks of waiting requests on node <p>
+    ns:{<root>}::n                   the tree's last fencing token (also numbers tickets)
+    ns:{<root>}::q / ::qx / ::qc     the tree's waiting requests: ticket / entry expiry /
+                                     wake-up channel, nonce, ttl and size of the request
+    ns:{<root>}::h / ::hx            what the holders hold in the tree (fencing token, lease
+                                     expiry, acquire nonce per grant) / when entries go
+    ns:{<root>}::hl:<handle>         one holder's grants in the tree, by lease expiry
+    ns:w:<client id>                 a client's pub/sub channel for wake-ups (not a key)
 """
 
 from __future__ import annotations
@@ -173,6 +177,9 @@ def validate_namespace(namespace: object) -> str:
     return namespace
 
 
+_NODE_SUFFIXES: Final = ("is", "ix", "s", "x", "wis", "wix", "ws", "wx")
+
+
 class KeySpace:
     """Builds every Redis key name of one namespace (see the module docstring)."""
 
@@ -180,32 +187,39 @@ class KeySpace:
 
     def __init__(self, namespace: str) -> None:
         self.namespace = validate_namespace(namespace)
-        self._node_cache: dict[str, tuple[str, str, str, str]] = {}
+        self._node_cache: dict[str, tuple[str, ...]] = {}
 
     def tree_prefix(self, tree: str) -> str:
         return f"{self.namespace}:{{{tree}}}:"
 
-    def node_keys(self, tree: str, canonical: str) -> tuple[str, str, str, str]:
+    def node_keys(self, tree: str, canonical: str) -> tuple[str, ...]:
         """The four mark sets of one node, in the order the scripts expect: IS, IX, S, X."""
+        return self.node_block(tree, canonical)[:4]
+
+    def node_block(self, tree: str, canonical: str) -> tuple[str, ...]:
+        """All eight sets of one node: the marks IS, IX, S, X, then the wait marks."""
         keys = self._node_cache.get(canonical)
         if keys is None:
             base = f"{self.namespace}:{{{tree}}}:{canonical}:"
-            keys = (base + "is", base + "ix", base + "s", base + "x")
+            keys = tuple(base + suffix for suffix in _NODE_SUFFIXES)
             if len(self._node_cache) > 16384:
                 self._node_cache.clear()
             self._node_cache[canonical] = keys
         return keys
 
-    def tree_keys(self, tree: str) -> tuple[str, str, str, str]:
-        """Token counter, wait queue, queue expiry and wake-up channel of one tree."""
+    def tree_keys(self, tree: str) -> tuple[str, str, str, str, str, str]:
+        """Token counter, waiting requests (tickets, expiry, channels) and holder table
+        (entries, their expiry) of one tree."""
         p = self.tree_prefix(tree)
-        return (p + ":n", p + ":q", p + ":qx", p + ":c")
-
-    def channel(self, tree: str) -> str:
-        return self.tree_prefix(tree) + ":c"
+        return (p + ":n", p + ":q", p + ":qx", p + ":qc", p + ":h", p + ":hx")
 
     def holder_key(self, tree: str, handle: str) -> str:
-        return f"{self.tree_prefix(tree)}:h:{handle}"
+        """One holder's index in a tree: its grants there, by lease expiry."""
+        return f"{self.tree_prefix(tree)}:hl:{handle}"
+
+    def channel(self, client_id: str) -> str:
+        """The wake-up channel of one client (releases tell its waiters there)."""
+        return f"{self.namespace}:w:{client_id}"
 
     def tree_pattern(self) -> str:
         """A SCAN pattern matching every key of the namespace."""

@@ -61,6 +61,8 @@ class Locks(Protocol):
     def redis(self) -> Any: ...  # a client of the driver's kind
     @property
     def _protocol(self) -> Calls: ...
+    @property
+    def _channel(self) -> str: ...
 
     def acquire(self, path: str, mode: Mode, **options: Unpack[AcquireOptions]) -> Lease: ...
     def acquire_many(
@@ -154,6 +156,10 @@ class AsyncBridge:
         return f"<AsyncBridge {self.locks!r}>"
 
     # -- attributes, passed through -------------------------------------------------------
+
+    @property
+    def _channel(self) -> str:
+        return self.locks._channel
 
     @property
     def namespace(self) -> str:

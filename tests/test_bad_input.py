@@ -176,10 +176,11 @@ def test_segments_with_key_delimiters_never_collide_with_tree_keys(
         by_tree.setdefault(tree, set()).add(key_slot(key.encode()))
         rest = key[key.index("}") + 2 :]
         if rest.startswith(":"):  # a tree's own key
-            assert rest in (":n", ":q", ":qx") or rest.startswith(":h:"), key
+            tree_own = (":n", ":q", ":qx", ":qc", ":h", ":hx")
+            assert rest in tree_own or rest.startswith(":hl:"), key
         else:  # a node's mark set: the node's name has no delimiter left unencoded
             node, mark = rest.rsplit(":", 1)
-            assert mark in ("is", "ix", "s", "x"), key
+            assert mark in ("is", "ix", "s", "x", "wis", "wix", "ws", "wx"), key
             assert not set(node) & set(":{}|"), key
     assert len(by_tree) == 1 + len(TRICKY_SEGMENTS)
     assert all(len(slots) == 1 for slots in by_tree.values())

@@ -10,6 +10,7 @@ import pytest
 from celery_hilok import InvalidArgument, LockNotAcquired
 from celery_hilok._core import (
     ACQUIRE,
+    HANDOFF_TTL_MS,
     KEEPALIVE,
     MODE_CODES,
     QUEUE_TTL_MS,
@@ -47,22 +48,21 @@ def req(path: str, mode: str, separator: str = "/") -> Request:
 
 
 def node(ns: str, tree: str, canonical: str, *kinds: str) -> list[str]:
-    """Mark-set keys of one node, in the order given (default: all four)."""
+    """Set keys of one node, in the order given (default: all eight, as acquire and release
+    get them: the marks, then the wait marks)."""
     base = f"{ns}:{{{tree}}}:{canonical}:"
-    return [base + kind for kind in (kinds or ("is", "ix", "s", "x"))]
+    return [base + kind for kind in (kinds or ("is", "ix", "s", "x", "wis", "wix", "ws", "wx"))]
 
 
 def tree(ns: str, name: str, *kinds: str) -> list[str]:
-    """Tree keys, in the order given (default: n, q, qx, c)."""
+    """Tree keys, in the order given (default: n, q, qx, qc, h, hx)."""
     prefix = f"{ns}:{{{name}}}:"
-    return [prefix + ":" + kind for kind in (kinds or ("n", "q", "qx", "c"))]
+    return [prefix + ":" + kind for kind in (kinds or ("n", "q", "qx", "qc", "h", "hx"))]
 
 
-# Node blocks acquire gets per mark: the mark's own set, then those conflicting with it.
-IS_BLOCK = ("is", "x")
-IX_BLOCK = ("ix", "s", "x")
-S_BLOCK = ("s", "ix", "x")
-X_BLOCK = ("x", "is", "ix", "s")
+def index(ns: str, name: str, handle: str = HANDLE) -> str:
+    """A holder's index in a tree."""
+    return f"{ns}:{{{name}}}::hl:{handle}"
 
 
 def blocked_reply(
@@ -89,15 +89,17 @@ def test_scripts_are_prelude_plus_body_addressed_by_sha1() -> None:
 
 def test_acquire_layout_one_tree() -> None:
     proto = Protocol("ns", "/")
-    call = proto.acquire(HANDLE, [req("a/b", "write")], ttl=2.5, register=True, nonce="n1")
+    call = proto.acquire(
+        HANDLE, [req("a/b", "write")], ttl=2.5, register=True, nonce="n1", channel="ns:w:c1"
+    )
     assert call.script is ACQUIRE
     assert call.keys == [
-        *tree("ns", "a", "n", "q", "qx"),
-        f"ns:{{a}}::h:{HANDLE}",
-        *node("ns", "a", "a", *IX_BLOCK),
-        *node("ns", "a", "a/b", *X_BLOCK),
+        *tree("ns", "a"),
+        index("ns", "a"),
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/b"),
     ]
-    assert call.args == [HANDLE, 2500, 1, QUEUE_TTL_MS, 1, 1, "n1", "X", 2, 1, "a/b"]
+    assert call.args == [HANDLE, 2500, 1, QUEUE_TTL_MS, 1, 1, "n1", "ns:w:c1", "X", 2, 1, "a/b"]
 
 
 def test_acquire_layout_several_trees_and_grants() -> None:
@@ -105,19 +107,19 @@ def test_acquire_layout_several_trees_and_grants() -> None:
     requests = [req("a.b", "read", "."), req("c", "read-node", "."), req("a.x", "write", ".")]
     call = proto.acquire(HANDLE, requests, ttl=1.0, register=False, nonce="n2")
     assert call.keys == [
-        *tree("ns", "a", "n", "q", "qx"),
-        *tree("ns", "c", "n", "q", "qx"),
-        f"ns:{{a}}::h:{HANDLE}",
-        *node("ns", "a", "a", *IS_BLOCK),
-        *node("ns", "a", "a/b", *S_BLOCK),
-        f"ns:{{c}}::h:{HANDLE}",
-        *node("ns", "c", "c", *IS_BLOCK),
-        f"ns:{{a}}::h:{HANDLE}",
-        *node("ns", "a", "a", *IX_BLOCK),
-        *node("ns", "a", "a/x", *X_BLOCK),
+        *tree("ns", "a"),
+        *tree("ns", "c"),
+        index("ns", "a"),
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/b"),
+        index("ns", "c"),
+        *node("ns", "c", "c"),
+        index("ns", "a"),
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/x"),
     ]
     assert call.args == [
-        HANDLE, 1000, 0, QUEUE_TTL_MS, 2, 3, "n2",
+        HANDLE, 1000, 0, QUEUE_TTL_MS, 2, 3, "n2", "",
         "S", 2, 1, "a/b",
         "N", 1, 2, "c",
         "X", 2, 1, "a/x",
@@ -137,18 +139,20 @@ def test_release_layout() -> None:
     requests = [req("a/b/c", "read"), req("z", "write")]
     call = proto.release(HANDLE, requests)
     assert call.script is RELEASE
-    # Release touches only the grant's own mark on each node.
+    # Release gets every set of each chain node: it hands the lock on to waiters there.
     assert call.keys == [
-        *tree("ns", "a", "q", "qx", "c"),
-        *tree("ns", "z", "q", "qx", "c"),
-        f"ns:{{a}}::h:{HANDLE}",
-        *node("ns", "a", "a", "is"),
-        *node("ns", "a", "a/b", "is"),
-        *node("ns", "a", "a/b/c", "s"),
-        f"ns:{{z}}::h:{HANDLE}",
-        *node("ns", "z", "z", "x"),
+        *tree("ns", "a"),
+        *tree("ns", "z"),
+        index("ns", "a"),
+        *node("ns", "a", "a"),
+        *node("ns", "a", "a/b"),
+        *node("ns", "a", "a/b/c"),
+        index("ns", "z"),
+        *node("ns", "z", "z"),
     ]
-    assert call.args == [HANDLE, "", 2, 2, "S", 3, 1, "a/b/c", "X", 1, 2, "z"]
+    assert call.args == [
+        HANDLE, "", 2, 2, HANDOFF_TTL_MS, "S", 3, 1, "a/b/c", "X", 1, 2, "z"
+    ]  # fmt: skip
     withdraw = proto.release(HANDLE, requests, WITHDRAW_ONLY)
     assert withdraw.args[1] == "-"
     assert withdraw.keys == call.keys
@@ -159,15 +163,16 @@ def test_refresh_layout_many_holders() -> None:
     items = [("h-one-0001", req("a/b", "read"), 1.0), ("h-two-0002", req("a", "write"), 0.25)]
     call = proto.refresh(items)
     assert call.script is REFRESH
-    assert call.keys == [  # no tree keys; only the grants' own marks
-        "ns:{a}::h:h-one-0001",
+    assert call.keys == [  # the tree's holder table, then only the grants' own marks
+        *tree("ns", "a", "h", "hx"),
+        index("ns", "a", "h-one-0001"),
         *node("ns", "a", "a", "is"),
         *node("ns", "a", "a/b", "s"),
-        "ns:{a}::h:h-two-0002",
+        index("ns", "a", "h-two-0002"),
         *node("ns", "a", "a", "x"),
     ]
     assert call.args == [
-        2,
+        1, 2,
         "S", 2, 1, "a/b", "h-one-0001", 1000,
         "X", 1, 1, "a", "h-two-0002", 250,
     ]  # fmt: skip
@@ -179,9 +184,9 @@ def test_status_layout() -> None:
     assert call.script is STATUS
     assert call.keys == [
         *tree("ns", "a"),
-        *node("ns", "a", "a"),
-        *node("ns", "a", "a/b"),
-        *node("ns", "a", "a/b/c"),
+        *node("ns", "a", "a", "is", "ix", "s", "x"),
+        *node("ns", "a", "a/b", "is", "ix", "s", "x"),
+        *node("ns", "a", "a/b/c", "is", "ix", "s", "x"),
     ]
     assert call.args == [3]
 
@@ -385,26 +390,23 @@ def test_cleanup_choices() -> None:
 
     # A one-try refusal joined no queue: nothing to undo.
     assert _acquisition(block=False).cleanup(refused) is None
-    # A waiter that gives up withdraws its queue entry, and nothing else.
-    call = _acquisition(timeout=1.0).cleanup(refused)
-    assert call is not None and call.script is RELEASE and call.args[1] == WITHDRAW_ONLY
-    # Anything else may have left grants: exactly those made by this call (its nonce) go,
-    # for a fresh holder and an existing one alike (whose older grants stay).
-    for attempt in (_acquisition(), _acquisition(handle=HANDLE)):
-        call = attempt.cleanup(other)
-        assert call is not None and call.script is RELEASE
-        assert call.args[:2] == [attempt.handle, attempt.nonce]
+    # Anything else, a waiter that gives up included, may have left grants: exactly those
+    # made by this call (its nonce) go, a lock a release handed to the waiter too, for a
+    # fresh holder and an existing one alike (whose older grants stay).
+    for attempt in (_acquisition(), _acquisition(handle=HANDLE), _acquisition(timeout=1.0)):
+        for error in (other, refused):
+            call = attempt.cleanup(error)
+            assert call is not None and call.script is RELEASE
+            assert call.args[:2] == [attempt.handle, attempt.nonce]
         assert attempt.call.args[6] == attempt.nonce
     assert _acquisition().nonce != _acquisition().nonce
-    call = _acquisition(handle=HANDLE).cleanup(refused)
-    assert call is not None and call.args[:2] == [HANDLE, WITHDRAW_ONLY]
 
 
 def test_existing_handle_is_used() -> None:
     attempt = _acquisition(handle=HANDLE)
     assert not attempt.fresh
     assert attempt.handle == HANDLE
-    assert attempt.call.keys[3] == f"ns:{{a}}::h:{HANDLE}"
+    assert attempt.call.keys[6] == index("ns", "a")
 
 
 # -- argument checks ------------------------------------------------------------------------
@@ -506,35 +508,13 @@ def waiting(*locks: tuple[str, str], handle: str = "waiter-0001") -> Acquisition
     )
 
 
-def test_a_release_wakes_the_queue_front_on_its_line_only() -> None:
-    front = waiting(("a/b", "write"), handle="front-0001")
-    behind = waiting(("a/b", "write"), handle="behind-001")
-    elsewhere = waiting(("c", "write"), handle="elsewhere1")
-    message = "a\nfront-0001 someone-else"
-    assert wakes(message, front)
-    assert not wakes(message, behind)  # it would only be refused again
-    assert not wakes("c\nfront-0001", front)  # not on its line
-    assert not wakes(message, elsewhere)
-
-
-def test_a_release_wakes_everyone_on_its_line_without_a_front() -> None:
-    # A queue too long to scan: the path alone, as every waiter on its line retries.
-    assert wakes("a/b/c", waiting(("a", "read"), handle="anyone-001"))
-    assert not wakes("a/c", waiting(("a/b", "read"), handle="anyone-001"))
-    # An empty front (every entry expired): only holders, who skip the queue, retry.
-    assert not wakes("a\n", waiting(("a", "write")))
-
-
-def test_a_waiter_that_holds_in_the_tree_wakes_wherever_it_queues() -> None:
-    plain, holder = waiting(("a/b", "write"), ("x", "read")), waiting(("a/b", "write"))
-    assert plain.step(blocked_reply(), 0.0) is SUBSCRIBE
-    assert not plain.holding and not wakes("a\nfront-0001", plain)
-    # The script's fifth reply item: the holder already holds a grant in the tree.
-    assert holder.step([*blocked_reply(), 1], 0.0) is SUBSCRIBE
-    assert holder.holding and wakes("a\nfront-0001", holder)
-    assert wakes("a/b/c\n", holder) and not wakes("x\n", holder)
-    assert plain.step([*blocked_reply(), 1], 0.0) is not SUBSCRIBE
-    assert wakes("x\n", plain) and not wakes("y\n", plain)
+def test_a_message_wakes_the_waiters_it_names_only() -> None:
+    named = waiting(("a/b", "write"), handle="front-0001")
+    other = waiting(("a/b", "write"), handle="behind-001")
+    assert wakes("front-0001 someone-else", named)
+    assert wakes("someone-else front-0001", named)
+    assert not wakes("front-0001 someone-else", other)  # it would only be refused again
+    assert not wakes("front-00011", named)
 
 
 # -- the refresh schedule -------------------------------------------------------------------

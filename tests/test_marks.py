@@ -81,9 +81,8 @@ def chain(path: str) -> list[str]:
 
 def test_core_tables_are_derived_from_the_mark_table() -> None:
     assert _marks.MODE_MARKS == {"read": (2, 0), "write": (3, 1), "read-node": (0, 0)}
-    assert _marks.BLOCKS == ((0, 3), (1, 2, 3), (2, 1, 3), (3, 0, 1, 2))
+    assert _marks.CONFLICTING == ((3,), (2, 3), (1, 3), (0, 1, 2, 3))
     assert _core._MARKS is _marks.MODE_MARKS
-    assert _core._BLOCKS is _marks.BLOCKS
 
 
 def test_table_is_consistent_with_the_core() -> None:
@@ -105,7 +104,7 @@ def test_lua_tables_are_rendered_before_the_prelude() -> None:
     common = (resources.files("celery_hilok") / "_scripts" / "common.lua").read_text("utf-8")
     for script in (ACQUIRE, RELEASE, REFRESH, STATUS):
         assert script.source.startswith(lua_tables() + "\n" + common + "\n")
-    for name in ("LEAF_MARK", "INTENT_MARK", "BLOCK_SIZE", "CONFLICTS", "SELF_CONFLICT"):
+    for name in ("LEAF_MARK", "INTENT_MARK", "CONFLICTS", "CONFLICTING"):
         assert re.search(rf"^local {name} = ", lua_tables(), re.M), name
         assert not re.search(rf"^local {name}\b", common, re.M), name  # defined once
 
@@ -153,8 +152,8 @@ for _, c in ipairs({ 'S', 'X', 'N' }) do
   intent[#intent + 1] = INTENT_MARK[c]
 end
 for a = 1, 4 do
-  sizes[a] = BLOCK_SIZE[a]
-  self[a] = b(SELF_CONFLICT[a])
+  sizes[a] = CONFLICTING[a]
+  self[a] = b(CONFLICTS[a][a])
   for c = 1, 4 do table[#table + 1] = b(CONFLICTS[a][c]) end
 end
 return { out, leaf, intent, sizes, table, self }
@@ -177,7 +176,7 @@ def test_lua_conflict_agrees_with_python(redis_client: redis.Redis) -> None:
     index = {mark: i + 1 for i, mark in enumerate(MARKS)}
     assert leaf == [index[PLACES[c][0]] for c in ("S", "X", "N")]
     assert intent == [index[PLACES[c][1]] for c in ("S", "X", "N")]
-    assert sizes == [len(block) for block in _marks.BLOCKS]
+    assert sizes == [[j + 1 for j in c] for c in _marks.CONFLICTING]
     assert table == [int(b in CONFLICTS[a]) for a in MARKS for b in MARKS]
     assert self == [int(a in CONFLICTS[a]) for a in MARKS]
 

@@ -119,7 +119,7 @@ def test_awkward_segments_give_well_formed_keys(segment: str) -> None:
     path = parse_path(f"{segment}/{segment}/leaf")
     space = KeySpace("ns")
     keys = [
-        *space.node_keys(path.tree, path.canonical),
+        *space.node_block(path.tree, path.canonical),
         *space.tree_keys(path.tree),
         space.holder_key(path.tree, "handle-1234"),
     ]
@@ -149,20 +149,30 @@ def test_awkward_segments_give_distinct_keys() -> None:
 def test_key_layout() -> None:
     path = parse_path("tenants/42/invoices")
     space = KeySpace("hilok")
-    assert space.node_keys(path.tree, path.canonical) == (
+    assert space.node_block(path.tree, path.canonical) == (
         "hilok:{tenants}:tenants/42/invoices:is",
         "hilok:{tenants}:tenants/42/invoices:ix",
         "hilok:{tenants}:tenants/42/invoices:s",
         "hilok:{tenants}:tenants/42/invoices:x",
+        "hilok:{tenants}:tenants/42/invoices:wis",
+        "hilok:{tenants}:tenants/42/invoices:wix",
+        "hilok:{tenants}:tenants/42/invoices:ws",
+        "hilok:{tenants}:tenants/42/invoices:wx",
+    )
+    assert (
+        space.node_keys(path.tree, path.canonical)
+        == space.node_block(path.tree, path.canonical)[:4]
     )
     assert space.tree_keys("tenants") == (
         "hilok:{tenants}::n",
         "hilok:{tenants}::q",
         "hilok:{tenants}::qx",
-        "hilok:{tenants}::c",
+        "hilok:{tenants}::qc",
+        "hilok:{tenants}::h",
+        "hilok:{tenants}::hx",
     )
-    assert space.channel("tenants") == "hilok:{tenants}::c"
-    assert space.holder_key("tenants", "h123") == "hilok:{tenants}::h:h123"
+    assert space.channel("Zx8_c-1") == "hilok:w:Zx8_c-1"  # a client's, not a tree's
+    assert space.holder_key("tenants", "h123") == "hilok:{tenants}::hl:h123"
     assert space.tree_pattern() == "hilok:{*"
 
 

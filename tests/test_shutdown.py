@@ -158,7 +158,7 @@ async def test_the_waker_starts_again_for_the_next_waiter(
         # A third waiter is subscribed while it waits, and woken by the release.
         holder = await locks.acquire("again/a", "write")
         waiter = asyncio.ensure_future(locks.acquire("again/a", "write", timeout=30))
-        channel = locks._protocol.keys.channel("again")
+        channel = locks._channel  # the client's own
 
         async def subscribed() -> bool:
             return bool(redis_client.pubsub_numsub(channel) == [(channel.encode(), 1)])

@@ -5,19 +5,31 @@
 -- N (node-only read). A grant puts its member, scored by its expiry (server ms), into one
 -- sorted set per node of its chain: the leaf gets the grant's own mark (LEAF_MARK) and every
 -- ancestor an intention mark (INTENT_MARK). A member is live while its score is in the
--- future; expired members are ignored and swept lazily. The mark table (LEAF_MARK,
--- INTENT_MARK, BLOCK_SIZE, CONFLICTS, SELF_CONFLICT) is generated from
--- celery_hilok/_marks.py and prepended to this prelude.
+-- future; expired members are ignored, and swept a bounded number at a time from every set a
+-- script writes. The mark table (LEAF_MARK, INTENT_MARK, CONFLICTS, CONFLICTING) is
+-- generated from celery_hilok/_marks.py and prepended to this prelude.
 --
--- Key blocks. Scripts receive, per tree, a block of tree keys (acquire: n, q, qx; release:
--- q, qx, c; refresh: none) and then, per grant, its holder hash followed by one block per
--- node of its chain, root first. A node's block starts with the key of the mark the grant
--- places there; for acquire it goes on with the keys of the other marks that conflict with
--- it (BLOCK_SIZE keys in all); release and refresh get the first key only.
+-- A *waiting request* (an acquire that was refused and waits) places the same marks, scored
+-- by its ticket (its place in the tree's first-come-first-served order), in the node's four
+-- wait sets. So the waiters that stand in front of a request are found the way conflicting
+-- holders are: on the request's own chain, in the sets of the marks that conflict with its
+-- own, earliest ticket first; nobody else is ever looked at.
+--
+-- Keys. Every script gets, per tree, a block of tree keys: n (token and ticket counter),
+-- q (queue entry -> ticket), qx (queue entry -> expiry), qc (queue entry -> "<channel>|<nonce>|
+-- <ttl ms>|<grants in its request>|<1 if its holder held something in the tree>"), h (holder table: member -> "<token>|<expiry>|<nonce>")
+-- and hx (member -> when its h entry may go), or the slice of them it needs. Then, per
+-- grant, its holder's index in the tree (hl) and one block per chain node, root first: all
+-- eight sets of the node (hold is, ix, s, x, then wait is, ix, s, x; acquire and release),
+-- or only the set of the grant's own mark (refresh).
 
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- most expired members one write sweeps from a set (bounded work per call; a set written
+-- often is kept clean, one written rarely expires with its key's TTL)
+local SWEEP = 64
 
 -- a is an ancestor of b or b itself (canonical paths, '/' separated)
 local function covers(a, b)
@@ -42,36 +54,39 @@ local function parse_member(m)
   return string.sub(m, 1, a - 1), string.sub(m, a + 1, a + 1), string.sub(m, a + 3)
 end
 
--- the holder hash keeps, per grant ("<mode>|<path>"), "<token>|<expiry ms>|<nonce>": the
--- grant's fencing token, lease expiry, and the nonce of the acquire call that made it (so
--- that call, if its reply is lost, can undo exactly what it granted)
+-- the '|'-separated fields of text
+local function fields(text)
+  local out, start = {}, 1
+  while true do
+    local bar = string.find(text, '|', start, true)
+    if not bar then out[#out + 1] = string.sub(text, start); return out end
+    out[#out + 1] = string.sub(text, start, bar - 1)
+    start = bar + 1
+  end
+end
+
+local function split3(text)
+  local a = string.find(text, '|', 1, true)
+  local b = string.find(text, '|', a + 1, true)
+  return string.sub(text, 1, a - 1), string.sub(text, a + 1, b - 1), string.sub(text, b + 1)
+end
+
+-- a holder entry: the grant's fencing token, lease expiry, and the nonce of the acquire call
+-- that made it (so that call, if its reply is lost, can undo exactly what it granted)
 local function holder_entry(token, exp, nonce)
   return token .. '|' .. string.format('%d', exp) .. '|' .. nonce
 end
 
 local function split_entry(entry)
-  local a = string.find(entry, '|', 1, true)
-  local b = string.find(entry, '|', a + 1, true)
-  return string.sub(entry, 1, a - 1), tonumber(string.sub(entry, a + 1, b - 1)),
-         string.sub(entry, b + 1)
+  local token, exp, nonce = split3(entry)
+  return token, tonumber(exp), nonce
 end
 
--- does the holder hash `hkey` hold a live grant? (expired entries are dropped on the way)
-local function holds_live(hkey)
-  local flat = redis.call('HGETALL', hkey)
-  local live = false
-  for i = 1, #flat, 2 do
-    local _, exp = split_entry(flat[i + 1])
-    if exp > NOW then live = true else redis.call('HDEL', hkey, flat[i]) end
-  end
-  return live
-end
-
--- how long a holder hash outlives the lease it was last bumped for: while it is there, a
+-- how long a holder entry outlives the lease it was last renewed for: while it is there, a
 -- release can tell a lease that ran out (its entry is there, expired) from one that was
 -- released already (its entry is gone)
-local function holder_ttl(ttl)
-  return ttl + math.max(ttl, 10000)
+local function grace(ttl)
+  return math.max(ttl, 10000)
 end
 
 -- make key live at least ms more milliseconds (never shorter than it already lives: every
@@ -80,38 +95,216 @@ local function bump(key, ms)
   if redis.call('PEXPIRE', key, ms, 'NX') == 0 then redis.call('PEXPIRE', key, ms, 'GT') end
 end
 
+-- drop up to SWEEP members of `key` whose score (an expiry) has passed
+local function sweep(key)
+  local dead = redis.call('ZRANGEBYSCORE', key, '-inf', NOW, 'LIMIT', 0, SWEEP)
+  if #dead > 0 then redis.call('ZREM', key, unpack(dead)) end
+end
+
 -- read the grants described by ARGV from position `pos`: each is mode, depth, tree index,
 -- canonical path (and, when with_ttl, handle and ttl ms); `full` says whether node blocks
--- hold the conflicting marks' keys too (acquire) or only the grant's own mark (others)
+-- hold all eight sets of a node (acquire, release) or only the grant's own mark (refresh)
 local function read_grants(count, pos, first_key, with_ttl, full)
   local grants, k = {}, first_key
+  local size = full and 8 or 1
   for i = 1, count do
     local mode, depth = ARGV[pos], tonumber(ARGV[pos + 1])
     local g = { mode = mode, depth = depth, tree = tonumber(ARGV[pos + 2]), path = ARGV[pos + 3],
-                hkey = KEYS[k], base = k + 1, isize = 1, lsize = 1 }
-    if full then
-      g.isize, g.lsize = BLOCK_SIZE[INTENT_MARK[mode]], BLOCK_SIZE[LEAF_MARK[mode]]
-    end
+                hl = KEYS[k], base = k + 1, size = size }
     pos = pos + 4
     if with_ttl then g.handle = ARGV[pos]; g.ttl = tonumber(ARGV[pos + 1]); pos = pos + 2 end
     grants[i] = g
-    k = k + 1 + g.isize * (depth - 1) + g.lsize
+    k = k + 1 + size * depth
   end
   return grants, pos
 end
 
--- index in KEYS of the block of `level` (1 = root) of grant g; its first key is g's own mark
-local function block_of(g, level)
-  return g.base + g.isize * (level - 1)
-end
-
--- the mark index grant g places on `level`
+-- the mark grant g places on `level` (1 = root)
 local function mark_of(g, level)
   if level == g.depth then return LEAF_MARK[g.mode] end
   return INTENT_MARK[g.mode]
 end
 
--- key i of the tree block of tree number `tree` (3 keys a tree)
-local function tree_key(tree, i)
-  return KEYS[3 * (tree - 1) + i]
+-- the key of hold set `mark` on `level` of g's chain (full blocks); own_key: g's own mark
+local function hold_key(g, level, mark)
+  return KEYS[g.base + g.size * (level - 1) + mark - 1]
+end
+local function wait_key(g, level, mark)
+  return KEYS[g.base + g.size * (level - 1) + 3 + mark]
+end
+local function own_key(g, level)
+  if g.size == 1 then return KEYS[g.base + level - 1] end
+  return hold_key(g, level, mark_of(g, level))
+end
+
+-- key `name` of the tree block of tree number `tree`; TREE_NAMES lists the block's keys
+-- (each script sets it to the slice it receives)
+local TREE_NAMES = { n = 1, q = 2, qx = 3, qc = 4, h = 5, hx = 6 }
+local TREE_SIZE = 6
+local function tree_key(tree, name)
+  return KEYS[TREE_SIZE * (tree - 1) + TREE_NAMES[name]]
+end
+
+-- -- the holder table ---------------------------------------------------------------------
+--
+-- h holds every grant's entry (member -> token|expiry|nonce) and hx when each entry may go;
+-- a holder's own index (the grant's first key, "<tree>::hl:<handle>": member -> expiry)
+-- answers "does this holder hold anything live in the tree" in O(log n).
+
+-- does the holder of index `hl` hold a live grant in the tree?
+local function holds_live(hl)
+  return #redis.call('ZRANGEBYSCORE', hl, '(' .. NOW, '+inf', 'LIMIT', 0, 1) > 0
+end
+
+-- write holder entry `member` (and, given `hl`, the holder's index); `ttl` sets how long the
+-- entry is kept. 1 if the entry is new.
+local function put_entry(tree, hl, member, token, exp, nonce, ttl)
+  local h, hx = tree_key(tree, 'h'), tree_key(tree, 'hx')
+  local new = redis.call('HSET', h, member, holder_entry(token, exp, nonce))
+  redis.call('ZADD', hx, exp + grace(ttl), member)
+  bump(h, ttl + grace(ttl))
+  bump(hx, ttl + grace(ttl))
+  if hl then
+    sweep(hl)
+    redis.call('ZADD', hl, exp, member)
+    bump(hl, ttl)
+  end
+  return new
+end
+
+-- drop holder entry `member` (and, given `hl`, its place in the holder's index)
+local function drop_entry(tree, hl, member)
+  if hl then redis.call('ZREM', hl, member) end
+  if redis.call('HDEL', tree_key(tree, 'h'), member) == 0 then return 0 end
+  redis.call('ZREM', tree_key(tree, 'hx'), member)
+  return 1
+end
+
+-- drop up to SWEEP holder entries whose grace has passed
+local function sweep_entries(tree)
+  local dead = redis.call('ZRANGEBYSCORE', tree_key(tree, 'hx'), '-inf', NOW, 'LIMIT', 0, SWEEP)
+  for _, member in ipairs(dead) do drop_entry(tree, nil, member) end
+end
+
+-- -- the wait queue -----------------------------------------------------------------------
+
+-- remove queue entry `member` from the tree's queue keys (not from the node wait sets:
+-- callers do that where they have the keys, the rest is swept when met)
+local function drop_queued(tree, member)
+  redis.call('ZREM', tree_key(tree, 'q'), member)
+  redis.call('ZREM', tree_key(tree, 'qx'), member)
+  redis.call('HDEL', tree_key(tree, 'qc'), member)
+end
+
+-- is queue entry `member` still live (its waiter renewed it lately)? A dead one is dropped
+-- from the queue keys
+local function queued_live(tree, member)
+  local exp = tonumber(redis.call('ZSCORE', tree_key(tree, 'qx'), member))
+  if exp and exp > NOW then return true end
+  drop_queued(tree, member)
+  return false
+end
+
+-- drop up to SWEEP queue entries whose waiters stopped renewing them
+local function sweep_queue(tree)
+  local dead = redis.call('ZRANGEBYSCORE', tree_key(tree, 'qx'), '-inf', NOW, 'LIMIT', 0, SWEEP)
+  for _, member in ipairs(dead) do drop_queued(tree, member) end
+end
+
+-- take g's waiting request (member) off g's chain: its wait marks and queue entry
+local function unqueue(g, member)
+  if redis.call('ZREM', tree_key(g.tree, 'q'), member) == 0 then return 0 end
+  redis.call('ZREM', tree_key(g.tree, 'qx'), member)
+  redis.call('HDEL', tree_key(g.tree, 'qc'), member)
+  for level = 1, g.depth do redis.call('ZREM', wait_key(g, level, mark_of(g, level)), member) end
+  return 1
+end
+
+-- the first live waiter of another holder than `handle` in front of ticket `before` (nil:
+-- anywhere) in wait set `key`, with its ticket; dead ones met on the way are swept
+local function waiter_in_front(tree, key, handle, before)
+  local prefix = handle .. '|'
+  local upper = before and ('(' .. before) or '+inf'
+  local start, dead = 0, 0
+  while true do
+    local batch = redis.call('ZRANGEBYSCORE', key, '-inf', upper, 'WITHSCORES', 'LIMIT', start, 16)
+    if #batch == 0 then return nil end
+    for i = 1, #batch, 2 do
+      local m = batch[i]
+      if string.sub(m, 1, #prefix) ~= prefix then
+        if queued_live(tree, m) or dead >= SWEEP then return m, tonumber(batch[i + 1]) end
+        redis.call('ZREM', key, m)
+        dead = dead + 1
+        start = start - 1
+      end
+    end
+    start = start + 16
+  end
+end
+
+-- the first live hold mark of another holder than `handle` in set `key`, with its expiry
+local function holder_in(key, handle)
+  local prefix = handle .. '|'
+  local start, size = 0, 16
+  while true do
+    local batch = redis.call('ZRANGEBYSCORE', key, '(' .. NOW, '+inf', 'WITHSCORES', 'LIMIT', start, size)
+    if #batch == 0 then return nil end
+    for i = 1, #batch, 2 do
+      if string.sub(batch[i], 1, #prefix) ~= prefix then return batch[i], tonumber(batch[i + 1]) end
+    end
+    start = start + size
+    size = math.min(size * 4, 4096)
+  end
+end
+
+-- the sets where a conflicting mark of somebody else would stand in g's way, on every node
+-- of its chain: hold (kind 0) or wait (kind 4) sets; a mark that conflicts with itself (a
+-- write's) makes its own set one of them
+local function conflict_sets(g, kind, out)
+  for level = 1, g.depth do
+    for _, m in ipairs(CONFLICTING[mark_of(g, level)]) do
+      out[#out + 1] = KEYS[g.base + g.size * (level - 1) + kind + m - 1]
+    end
+  end
+  return out
+end
+
+-- (in slices: Lua's unpack() returns at most about 8000 values, LUAI_MAXCSTACK)
+local function any_exists(keys)
+  for i = 1, #keys, 1000 do
+    if redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) > 0 then return true end
+  end
+  return false
+end
+
+-- grant g (as `member`): its marks (expiring at exp) on its chain and its holder entry (and
+-- its place in g.hl, the holder's index, if g has one). What it adds (not what it only
+-- renews) is noted in `undo`, for take_back().
+local function place(g, member, exp, token, nonce, ttl, undo)
+  for level = 1, g.depth do
+    local key = own_key(g, level)
+    sweep(key)
+    if redis.call('ZADD', key, exp, member) == 1 then undo[#undo + 1] = { key, member } end
+    bump(key, ttl)
+  end
+  if put_entry(g.tree, g.hl, member, token, exp, nonce, ttl) == 1 then
+    undo[#undo + 1] = { false, g.tree, g.hl, member }
+  end
+end
+
+-- take back what place() added, newest first (a call failing half-way, on a key of another
+-- type that somebody else put at one of our names, leaves no half grant behind)
+local function take_back(undo)
+  for i = #undo, 1, -1 do
+    local u = undo[i]
+    if u[1] then redis.call('ZREM', u[1], u[2]) else drop_entry(u[2], u[3], u[4]) end
+  end
+end
+
+-- a new fencing token of the tree: larger than every token (and ticket) issued before in it
+local function next_number(tree)
+  local n = tree_key(tree, 'n')
+  local value = string.format('%d', math.max((tonumber(redis.call('GET', n)) or 0) + 1, NOW_US))
+  redis.call('SET', n, value, 'PX', 604800000)
+  return value
 end

@@ -1,88 +1,150 @@
--- release: drop grants of one holder and withdraw its queued requests for them.
+-- release: drop grants of one holder, withdraw its waiting requests for them, and hand the
+-- freed locks on to the waiters next in line.
 --
--- KEYS: per tree {q, qx, c}; then per grant {holder hash, its mark's key on each chain node}.
--- ARGV: handle, scope, tree count, grant count, then per grant: mode, depth, tree index,
---       path. Scope "" releases the grants; "-" leaves them alone (only the wait queue is
---       left); any other value is the nonce of an acquire call whose reply was lost, and
---       releases only grants made by that call (not renewed by it).
+-- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder index and its chain's full
+--       node blocks.
+-- ARGV: handle, scope, tree count, grant count, hand-off lease ms, then per grant: mode,
+--       depth, tree index, path. Scope "" releases the grants; "-" leaves them alone (only
+--       waiting requests are withdrawn); any other value is the nonce of an acquire call
+--       (whose reply was lost, or which gave up waiting), and releases only grants made by
+--       that call (not renewed by it).
 -- Reply: per grant 1 (a live grant was released), 2 (its lease had already run out: its
 --        marks or its holder entry say so), 0 (not held: never granted, or already
 --        released, say through another copy of its lease or by a call whose reply was lost
 --        and that redis-py sent again).
 --
 -- Only members carrying the caller's handle are touched, so nobody can release another
--- holder's lock. Releasing twice is harmless. When anyone waits in the tree, the released
--- path is published on the tree's channel so that waiters retry at once: the message is
--- "<path>\n<handle> <handle>...", the handles of the queue's front (the waiters that no
--- earlier waiter stands in front of). Only those, and waiters that already hold something
--- in the tree, retry; the rest would only be refused again. With more than FRONT_SCAN
--- waiters in the queue the message is the path alone, and every waiter on its line retries.
+-- holder's lock. Releasing twice is harmless.
+--
+-- Hand-off. The waiters a released grant may have kept out are those whose wait marks
+-- conflict with its marks: on its own chain, in the same sets a conflicting holder would
+-- be in. They are taken earliest ticket first (FRONT per set, so the work is bounded); a
+-- waiter is *in front* if no earlier one of them, still waiting, conflicts with it. A waiter
+-- in front whose request is one lock on the released chain (the released node or an
+-- ancestor: every key it needs is here) and that nothing else stands in the way of (no live
+-- conflicting holder, no earlier conflicting waiter) is granted the lock here and now, for a
+-- short first lease (the hand-off lease, at most its own ttl: a waiter that died meanwhile
+-- does not keep it long), and the next ones are looked at as if it held it (readers go in
+-- together, a writer after them waits). A waiter in front that cannot be granted here (a
+-- lock below the released node, or several locks) is told to ask again. Each waiter told
+-- hears it on its own process's channel: "<handle> <handle> ...".
 
+TREE_SIZE = 6
 local handle, scope = ARGV[1], ARGV[2]
 local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
-local grants = read_grants(ngrants, 5, 3 * ntrees + 1, false, false)
+local handoff = tonumber(ARGV[5])
+local grants = read_grants(ngrants, 6, TREE_SIZE * ntrees + 1, false, true)
+local FRONT = 16
+
 local result = {}
-local notify = {}
+local freed = {}
 for i, g in ipairs(grants) do
   local member = handle .. '|' .. g.mode .. '|' .. g.path
-  local leaf = KEYS[block_of(g, g.depth)]
-  local field = g.mode .. '|' .. g.path
-  local score = tonumber(redis.call('ZSCORE', leaf, member))
+  local entry = redis.call('HGET', tree_key(g.tree, 'h'), member)
+  local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), member))
   if score == nil then
     -- its marks are gone: released (0), unless its holder entry shows it ran out (2)
-    local entry = redis.call('HGET', g.hkey, field)
     result[i] = (entry and select(2, split_entry(entry)) <= NOW) and 2 or 0
   elseif score > NOW then result[i] = 1 else result[i] = 2 end
   local keep = scope == '-'
   if not keep and scope ~= '' then
-    local entry = redis.call('HGET', g.hkey, field)
     keep = not entry or select(3, split_entry(entry)) ~= scope
   end
   if keep then
     result[i] = 0
   else
-    for level = 1, g.depth do redis.call('ZREM', KEYS[block_of(g, level)], member) end
-    redis.call('HDEL', g.hkey, field)
+    for level = 1, g.depth do redis.call('ZREM', own_key(g, level), member) end
+    drop_entry(g.tree, g.hl, member)
   end
-  local q = tree_key(g.tree, 1)
-  if redis.call('EXISTS', q) == 1 then  -- somebody waits in this tree
-    local withdrawn = redis.call('ZREM', q, member)
-    if withdrawn == 1 then redis.call('ZREM', tree_key(g.tree, 2), member) end
-    if (result[i] == 1 or withdrawn == 1) and redis.call('EXISTS', q) == 1 then
-      notify[#notify + 1] = g
+  if unqueue(g, member) == 1 or result[i] == 1 then freed[#freed + 1] = g end
+end
+
+local told = {}    -- channel -> handles to tell
+local order = {}   -- channels in the order first told
+local function notify(channel, who)
+  if told[channel] == nil then told[channel] = {}; order[#order + 1] = channel end
+  table.insert(told[channel], who)
+end
+
+-- can waiter c (one lock on g's chain) be granted now? 'held': a live holder of another
+-- handle is in its way; 'queued': an earlier waiter is (ticket false: c's holder held
+-- something in the tree when it queued, so it skips the queue)
+local function grantable(c, who, ticket)
+  for _, key in ipairs(conflict_sets(c, 0, {})) do
+    if holder_in(key, who) then return 'held' end
+  end
+  if ticket == false then return 'yes' end  -- it skips the queue
+  for _, key in ipairs(conflict_sets(c, 4, {})) do
+    if waiter_in_front(c.tree, key, who, ticket) then return 'queued' end
+  end
+  return 'yes'
+end
+
+local function hand_on(g)
+  local sets = conflict_sets(g, 4, {})
+  if not any_exists(sets) then return end
+  local tree = g.tree
+  local qc = tree_key(tree, 'qc')
+  local candidates, seen, cutoff = {}, {}, math.huge
+  for _, key in ipairs(sets) do
+    local batch = redis.call('ZRANGE', key, 0, FRONT - 1, 'WITHSCORES')
+    for i = 1, #batch, 2 do
+      local m = batch[i]
+      if not seen[m] then
+        seen[m] = true
+        candidates[#candidates + 1] = { member = m, ticket = tonumber(batch[i + 1]), key = key }
+      end
+    end
+    -- past the last entry read from a full batch, an unread earlier waiter may exist
+    if #batch == 2 * FRONT then cutoff = math.min(cutoff, tonumber(batch[#batch])) end
+  end
+  table.sort(candidates, function(a, b)
+    return a.ticket < b.ticket or (a.ticket == b.ticket and a.member < b.member)
+  end)
+  local ahead = {}  -- waiters in front of the rest, still waiting: {handle, mode, path}
+  for _, c in ipairs(candidates) do
+    if c.ticket > cutoff then break end
+    local who, mode, path = parse_member(c.member)
+    local info = fields(redis.call('HGET', qc, c.member) or '||0|0|0')
+    local channel, nonce, ttl, count = info[1], info[2], tonumber(info[3]), tonumber(info[4])
+    local holding = info[5] == '1'  -- its holder held something in the tree: it skips the queue
+    local behind = false
+    if not holding then
+      for _, a in ipairs(ahead) do
+        if a[1] ~= who and conflict(a[2], a[3], mode, path) then behind = true; break end
+      end
+    end
+    if behind then
+      ahead[#ahead + 1] = { who, mode, path }  -- it keeps its place in front of later ones
+    elseif not queued_live(tree, c.member) then
+      redis.call('ZREM', c.key, c.member)  -- gone: its other wait marks go when met
+    else
+      local granted = false
+      local here = count == 1 and covers(path, g.path)
+      if here then
+        local _, slashes = string.gsub(path, '/', '')
+        local lock = { mode = mode, depth = slashes + 1, tree = tree, path = path,
+                       base = g.base, size = g.size }
+        local ticket = c.ticket
+        if holding then ticket = false end
+        local verdict = grantable(lock, who, ticket)
+        if verdict == 'yes' then
+          local lease = math.min(ttl, handoff)
+          place(lock, c.member, NOW + lease, next_number(tree), nonce, lease, {})
+          unqueue(lock, c.member)
+          granted = true
+        elseif verdict == 'queued' then
+          here = false  -- its holder may hold something in the tree by now: let it ask
+        end
+      end
+      if channel ~= '' and (granted or not here) then notify(channel, who) end
+      if not granted then ahead[#ahead + 1] = { who, mode, path } end
     end
   end
 end
-local FRONT_SCAN = 64
 
--- the handles at the front of tree's queue, space separated (nil: too many waiters to look)
-local function front(tree)
-  local q, qx = tree_key(tree, 1), tree_key(tree, 2)
-  local dead = redis.call('ZRANGEBYSCORE', qx, '-inf', NOW)
-  for _, m in ipairs(dead) do redis.call('ZREM', q, m) end
-  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', qx, '-inf', NOW) end
-  local entries = redis.call('ZRANGE', q, 0, FRONT_SCAN)
-  if #entries > FRONT_SCAN then return nil end
-  local earlier, behind, order = {}, {}, {}
-  for _, m in ipairs(entries) do  -- in ticket order: entries of one request are adjacent
-    local h, md, p = parse_member(m)
-    if behind[h] == nil then behind[h] = false; order[#order + 1] = h end
-    for _, e in ipairs(earlier) do
-      if e[1] ~= h and conflict(e[2], e[3], md, p) then behind[h] = true; break end
-    end
-    earlier[#earlier + 1] = { h, md, p }
-  end
-  local out = {}
-  for _, h in ipairs(order) do if not behind[h] then out[#out + 1] = h end end
-  return table.concat(out, ' ')
-end
-
-local fronts = {}
-for _, g in ipairs(notify) do
-  local f = fronts[g.tree]
-  if f == nil then f = front(g.tree) or false; fronts[g.tree] = f end
-  local message = g.path
-  if f then message = message .. '\n' .. f end
-  redis.call('PUBLISH', tree_key(g.tree, 3), message)
+for _, g in ipairs(freed) do hand_on(g) end
+for _, channel in ipairs(order) do
+  redis.call('PUBLISH', channel, table.concat(told[channel], ' '))
 end
 return result

@@ -1,6 +1,6 @@
 -- status: the live marks on every node of one chain and the tree's wait queue.
 --
--- KEYS: {n, q, qx, c} of the tree, then 4 mark keys (is, ix, s, x) per chain node.
+-- KEYS: {n, q, qx, qc, h, hx} of the tree, then 4 mark keys (is, ix, s, x) per chain node.
 -- ARGV: depth.
 -- Reply: {levels, queue} where levels[i] = 4 flat lists {member, remaining ms, ...} (is, ix,
 --        s, x) for node i, root first, and queue = {member, ticket, remaining ms, ...} in
@@ -11,7 +11,7 @@ local levels = {}
 for level = 1, depth do
   local marks = {}
   for idx = 1, 4 do
-    local key = KEYS[4 + 4 * (level - 1) + idx]
+    local key = KEYS[6 + 4 * (level - 1) + idx]
     local live = redis.call('ZRANGEBYSCORE', key, '(' .. NOW, '+inf', 'WITHSCORES')
     for i = 2, #live, 2 do live[i] = tonumber(live[i]) - NOW end
     marks[idx] = live
