@@ -15,6 +15,7 @@ from ._engine import AcquireOptions
 from ._version import __version__
 from .aio import AsyncHiLok
 from .errors import (
+    DuplicateTask,
     HiLokConnectionError,
     HiLokError,
     InvalidArgument,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AcquireOptions",
     "AsyncHiLok",
+    "DuplicateTask",
     "HiLok",
     "HiLokConnectionError",
     "HiLokError",

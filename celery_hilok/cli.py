@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from . import _unique
 from .errors import HiLokConnectionError, HiLokError, LockLost
 from .inspect import (
     Grant,
@@ -268,6 +269,52 @@ def watch(ctx: click.Context, path: str | None, interval: float, count: int | No
                 time.sleep(interval)
     except KeyboardInterrupt:
         pass
+
+
+@hilok.command()
+@click.option("--task", "task_name", help="Only the claims of this task name.")
+@click.option(
+    "--release",
+    "release_id",
+    metavar="TASK_ID",
+    help="Give back every claim this task id holds (a call that will never end).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def unique(
+    ctx: click.Context, task_name: str | None, release_id: str | None, as_json: bool
+) -> None:
+    """List the claims of unique tasks (hilok_unique): one per queued-or-running call."""
+    engine = _engine(ctx)
+    try:
+        found = _unique.claims(engine.redis, engine.namespace, task_name)
+        if release_id is not None:
+            mine = [c for c in found if c.task_id == release_id]
+            if not mine:
+                raise click.ClickException(
+                    f"nothing released: task id {release_id} holds no claim of a unique task"
+                    + (f" of {task_name}" if task_name else "")
+                )
+            released = sum(_unique.release(engine.redis, c.key, c.task_id) for c in mine)
+            click.echo(f"released {released} claim(s) of {release_id}")
+            return
+    except HiLokError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Exception as exc:  # redis-py errors: say which server
+        if type(exc).__module__.startswith("redis"):
+            raise click.ClickException(
+                f"Redis at {engine.server} is unreachable or failed: {exc}"
+            ) from exc
+        raise
+    if as_json:
+        click.echo(json.dumps([vars_of(c) for c in found], indent=2))
+        return
+    if not found:
+        click.echo(f"(no unique task is queued or running in namespace {engine.namespace!r})")
+        return
+    for c in found:
+        ttl = "no expiry" if c.ttl is None else f"ttl {c.ttl:.1f}s"
+        click.echo(f"{c.task}[{c.task_id}]  {ttl}  key ...{c.digest[:12]}")
 
 
 def vars_of(obj: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ again. ``str()`` of an error is its message alone.
 from __future__ import annotations
 
 __all__ = [
+    "DuplicateTask",
     "HiLokConnectionError",
     "HiLokError",
     "InvalidArgument",
@@ -71,6 +72,27 @@ class LockLost(HiLokError):
 
 class HiLokConnectionError(HiLokError):
     """Redis could not be reached or failed mid-operation; the message names the server."""
+
+
+class DuplicateTask(HiLokError):
+    """A unique task (``hilok_unique``) was published while an identical call is queued or
+    running, and its ``hilok_unique_on_duplicate`` policy is ``"raise"``.
+
+    ``task`` is the task's name, ``task_id`` the id of the call already queued or running
+    (``task.AsyncResult(exc.task_id)`` follows it), ``ttl`` the seconds its claim has left
+    before it expires on its own (None if unknown).
+    """
+
+    def __init__(
+        self, message: str = "", task: str = "", task_id: str = "", ttl: float | None = None
+    ) -> None:
+        super().__init__(message, task, task_id, ttl)
+        self.task = task
+        self.task_id = task_id
+        self.ttl = ttl
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class InvalidArgument(HiLokError, ValueError):

@@ -37,6 +37,15 @@ EXAMPLES: list[tuple[BaseException, dict[str, Any]]] = [
         {"path": "tenants/42", "mode": "read", "blocker": None, "replicas": 2, "acknowledged": 1},
     ),
     (errors.LockLost("lock lost while the task ran"), {}),
+    (
+        errors.DuplicateTask(
+            "bank.sync: an identical call is already queued or running as 6f1c...",
+            task="bank.sync",
+            task_id="6f1c0f6e-31c5-4b52-9c1e-8d1e0c1b2a3d",
+            ttl=86399.5,
+        ),
+        {"task": "bank.sync", "task_id": "6f1c0f6e-31c5-4b52-9c1e-8d1e0c1b2a3d", "ttl": 86399.5},
+    ),
     (errors.HiLokConnectionError("cannot reach redis://127.0.0.1:1/0"), {}),
     (errors.InvalidArgument("ttl must be > 0, got -1"), {}),
     (RedisHiLokError("could not acquire"), {}),

@@ -9,12 +9,13 @@ Connected once, when :mod:`celery_hilok.celery` is imported. Where each one runs
 - ``task_prerun`` / ``task_postrun`` (the process that runs the task): a task that is not
   a ``HiLokTask`` but was handed locks (a chain step) adopts them, and every task that
   holds locks gives them up on its way out (success, failure, retry, Reject, Ignore,
-  a terminated or timed-out pool process that still runs its postrun).
+  a terminated or timed-out pool process that still runs its postrun), and gives back
+  the claim of a unique task unless the call goes on (a retry, a requeued Reject).
 - ``task_revoked`` (the worker's main process): releases the locks handed to a chain
-  step that was revoked while it waited in the queue. A task terminated while it runs is
-  not released here (its pool process may still be running the body): its
-  :class:`~celery_hilok.celery.HiLokRequest` releases once the process is gone, and a
-  process that survives the signal releases when the task returns.
+  step that was revoked while it waited in the queue, and a unique task's claim. A task
+  terminated while it runs is not released here (its pool process may still be running
+  the body): its :class:`~celery_hilok.celery.HiLokRequest` releases once the process is
+  gone, and a process that survives the signal releases when the task returns.
 - ``worker_process_init`` / ``worker_process_shutdown`` (each prefork pool process): makes
   the process's lock client after fork, and closes it.
 """
@@ -31,6 +32,7 @@ from ._runtime import ATTEMPT_HEADER, HEADER, Handover, close_runtimes, runtime
 from .locks import STATE_ATTR, begin, locks_of
 from .request import release_in_main_process
 from .task import HiLokTask, keeps
+from .unique import release_after_run, release_for_request
 
 log = logging.getLogger("celery_hilok.celery")
 
@@ -92,12 +94,13 @@ def on_prerun(task: Any = None, **_: Any) -> None:
         delattr(request, STATE_ATTR)  # eager, nothing handed over: nothing to track
 
 
-def on_postrun(task: Any = None, state: str | None = None, **_: Any) -> None:
+def on_postrun(task: Any = None, state: str | None = None, retval: Any = None, **_: Any) -> None:
     if task is None:
         return
     held = locks_of(task.request)
     if held is not None:
         held.finish(state, keep=keeps(task))
+    release_after_run(task, task.request, state, retval)
 
 
 def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
@@ -108,9 +111,11 @@ def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False
         # HiLokRequest releases once billiard reports the process gone; a process that
         # survives the signal releases itself when the task returns (task_postrun).
         return
-    # Revoked before it ran: nobody runs under what was handed to it; release it now.
+    # Revoked (or expired) before it ran: nobody runs under what was handed to it, and the
+    # call is over; release both now.
     if Handover.of_request(request) is not None:
         release_in_main_process(sender, request, "revoked before it ran")
+    release_for_request(sender, request, "revoked before it ran")
 
 
 def on_process_init(**_: Any) -> None:

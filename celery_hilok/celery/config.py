@@ -17,6 +17,7 @@ from ..errors import InvalidArgument
 __all__ = [
     "APP_SETTINGS",
     "DEFAULTS",
+    "ON_DUPLICATE",
     "POLICIES",
     "TASK_OPTIONS",
     "check_task_option",
@@ -26,6 +27,9 @@ __all__ = [
 
 POLICIES: Final = ("retry", "wait", "fail", "skip")
 """What a task does when its locks are taken: see :class:`~celery_hilok.HiLokTask`."""
+
+ON_DUPLICATE: Final = ("return", "raise")
+"""What publishing a unique task does while an identical call is queued or running."""
 
 TASK_OPTIONS: Final[Mapping[str, Any]] = {
     "hilok_on_contention": "retry",
@@ -38,6 +42,8 @@ TASK_OPTIONS: Final[Mapping[str, Any]] = {
     "hilok_retry_backoff_max": 60.0,
     "hilok_retry_jitter": True,
     "hilok_max_retries": 100,  # contention retries; None: no limit
+    "hilok_unique_on_duplicate": "return",  # hilok_unique: "return" its result, or "raise"
+    "hilok_unique_ttl": 86400.0,  # hilok_unique: longest life of a claim, past any countdown
 }
 """Options a task may set for itself, with the defaults used when neither it nor the app do."""
 
@@ -111,6 +117,12 @@ def check_task_option(name: str, value: Any, where: str) -> None:
             raise InvalidArgument(
                 f"{where}: hilok_on_contention must be one of {', '.join(POLICIES)}; got {value!r}"
             )
+    elif name == "hilok_unique_on_duplicate":
+        if value not in ON_DUPLICATE:
+            raise InvalidArgument(
+                f"{where}: hilok_unique_on_duplicate must be one of {', '.join(ON_DUPLICATE)}; "
+                f"got {value!r}"
+            )
     elif name in ("hilok_keep", "hilok_retry_jitter"):
         if not isinstance(value, bool):
             raise InvalidArgument(f"{where}: {name} must be True or False, got {value!r}")
@@ -124,7 +136,7 @@ def check_task_option(name: str, value: Any, where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise InvalidArgument(f"{where}: {name} must be seconds > 0, got {value!r}")
     else:
-        known = ", ".join([*sorted(TASK_OPTIONS), "hilok_read", "hilok_write"])
+        known = ", ".join(sorted([*TASK_OPTIONS, "hilok_read", "hilok_write", "hilok_unique"]))
         raise InvalidArgument(f"{where}: unknown option {name!r}; known options: {known}")
 
 

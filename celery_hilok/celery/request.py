@@ -16,6 +16,11 @@ graceful ``signal="SIGUSR1"``: the body gets ``SoftTimeLimitExceeded``, runs its
 under its locks, and the pool process releases them when it returns). A hard time limit is
 reported before the process is killed: its release waits for the process to exit.
 
+The same releases give back a unique task's claim (``hilok_unique``, named in its message),
+except when Celery sends the call again after losing its process (``task_retry_on_worker_lost``,
+or ``acks_late`` with ``task_reject_on_worker_lost``): the call is queued again, and its
+claim stays with it.
+
 A task with its own ``Request`` class must derive it from :class:`HiLokRequest`.
 """
 
@@ -37,6 +42,7 @@ from .._core import new_handle
 from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX, WORKER_KEY
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
 from .task import HiLokTask
+from .unique import release_for_request
 
 __all__ = ["HiLokRequest", "release_in_main_process", "when_gone"]
 
@@ -76,7 +82,9 @@ class HiLokRequest(Request):  # type: ignore[misc]
             super().on_timeout(soft, timeout)
         finally:
             if not soft:
-                self._release_once_gone(f"hard time limit ({timeout}s) exceeded")
+                self._release_once_gone(
+                    f"hard time limit ({timeout}s) exceeded", self._runs_again(timed_out=True)
+                )
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -91,21 +99,49 @@ class HiLokRequest(Request):  # type: ignore[misc]
             if isinstance(exc, TimeLimitExceeded):
                 # Reported before billiard kills the process (SIGTERM, then SIGKILL): the
                 # body, or its finally blocks, may still run. Release once it exited.
-                self._release_once_gone("worker process lost (TimeLimitExceeded)")
+                self._release_once_gone(
+                    "worker process lost (TimeLimitExceeded)", self._runs_again(timed_out=True)
+                )
             elif isinstance(exc, Terminated) and not self._completed_before_loss():
                 # revoke(terminate=True) or a cancel: billiard reports the job Terminated
                 # once the process it ran in exited.
-                self._release("terminated (revoked); its process exited")
+                self._release("terminated (revoked); its process exited", keep_claim=False)
             elif isinstance(exc, _LOST) and not self._completed_before_loss():
-                self._release(f"worker process lost ({type(exc).__name__})")
+                self._release(
+                    f"worker process lost ({type(exc).__name__})",
+                    keep_claim=self._runs_again(timed_out=False),
+                )
 
-    def _release(self, why: str) -> None:
+    def _runs_again(self, *, timed_out: bool) -> bool:
+        """Does Celery send this call again after its pool process died (a retry after a
+        lost worker, or a requeue with ``acks_late``)? Then its unique claim stays: the
+        call is still queued. Mirrors ``Request.on_failure``'s decision."""
+        task = self.task
+        exceeded = False
+        if not timed_out and getattr(task, "retry_on_worker_lost", False):
+            max_retries = task.max_retries
+            retries = int(self._request_dict.get("retries") or 0)
+            if max_retries is None or retries < max_retries:
+                return True
+            exceeded = True
+        if not task.acks_late:
+            return False
+        if timed_out:
+            acks = getattr(task, "acks_on_timeout", None)
+            if acks is None:
+                acks = getattr(task, "acks_on_failure_or_timeout", True)
+            return not acks
+        return bool(task.reject_on_worker_lost) and not exceeded
+
+    def _release(self, why: str, *, keep_claim: bool) -> None:
         # Billiard reports a hard time limit twice (as a failure and as a timeout).
         if not self._request_dict.get(RELEASED):
             self._request_dict[RELEASED] = True
-            self._release_now(why)
+            self._release_now(why, keep_claim=keep_claim)
 
-    def _release_now(self, why: str) -> None:
+    def _release_now(self, why: str, *, keep_claim: bool) -> None:
+        if not keep_claim:
+            release_for_request(self.task, self, why)
         released = release_in_main_process(self.task, self, why)
         if released is not None:
             handle, locks = released
@@ -115,19 +151,20 @@ class HiLokRequest(Request):  # type: ignore[misc]
             ]
             self.send_event(EVENT_TYPE, hilok="released", hilok_locks=held, hilok_why=why)
 
-    def _release_once_gone(self, why: str) -> None:
+    def _release_once_gone(self, why: str, keep_claim: bool) -> None:
         """Release (once) when the pool process that ran the task has exited."""
         if self._request_dict.get(RELEASED):
             return
         self._request_dict[RELEASED] = True
         pid = self.worker_pid
         if not isinstance(pid, int) or pid == os.getpid():
-            self._release_now(why)  # no pool process of its own (never started, or solo)
+            # No pool process of its own (never started, or solo).
+            self._release_now(why, keep_claim=keep_claim)
             return
 
         def release() -> None:
             if not self._completed_before_loss():
-                self._release_now(why)
+                self._release_now(why, keep_claim=keep_claim)
 
         when_gone(pid, release, f"{self.task.name}[{self.id}]")
 

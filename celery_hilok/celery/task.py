@@ -15,13 +15,18 @@ try:
 except ImportError:  # older Celery: the task's and the call's ignore_result, by hand
     get_actual_ignore_result = None
 
+from redis.exceptions import RedisError
+
+from .._redis import translate
+from .._unique import claim_name, unique_key
 from ..errors import LockNotAcquired
 from ..lease import Lease
 from ..sync import HiLok
-from ._runtime import ATTEMPT_HEADER
+from ._runtime import ATTEMPT_HEADER, runtime
 from .config import TASK_OPTIONS, check_task_option, setting
 from .locks import TaskLocks, begin, explicit_handover, locks_of, option
 from .spec import LockSpec, Mode, task_signature
+from .unique import UniqueSpec, publish_once
 
 __all__ = ["HiLokTask", "keeps"]
 
@@ -30,6 +35,10 @@ log = logging.getLogger("celery_hilok.celery")
 SKIPPED: Final = "hilok_skipped"
 """Key that marks the result of a task the ``skip`` policy did not run (see
 :func:`skipped_result`)."""
+_SPECS: Final = ("hilok_read", "hilok_write", "hilok_unique")
+"""Options that are specs, compiled on their own, not values checked by check_task_option."""
+_APPLY_ASYNC_POSITIONAL: Final = ("task_id", "producer", "link", "link_error", "shadow")
+"""Celery's ``apply_async`` arguments after ``args`` and ``kwargs``, in order."""
 
 
 class HiLokTask(Task):  # type: ignore[misc]
@@ -56,7 +65,14 @@ class HiLokTask(Task):  # type: ignore[misc]
       ``hilok_skipped: True`` and the blocking lock; the chain it is in stops there.
 
     ``hilok_keep=True`` hands the locks, when the body succeeds, to the next task of the
-    chain. See docs/celery.md for every option and setting.
+    chain.
+
+    ``hilok_unique`` (``True``, a tuple of argument names, a template or a callable) makes
+    the task unique: while a call is queued or running, ``apply_async`` of an identical one
+    (same task, same chosen arguments) sends nothing and returns the existing call's
+    ``AsyncResult`` (``hilok_unique_on_duplicate="return"``), or raises
+    :class:`~celery_hilok.DuplicateTask` (``"raise"``). See docs/celery.md for every option
+    and setting.
     """
 
     Request = "celery_hilok.celery.request:HiLokRequest"
@@ -73,8 +89,12 @@ class HiLokTask(Task):  # type: ignore[misc]
     hilok_retry_backoff_max: float | None = None
     hilok_retry_jitter: bool | None = None
     hilok_max_retries: int | None = None
+    hilok_unique: Any = None
+    hilok_unique_on_duplicate: str | None = None
+    hilok_unique_ttl: float | None = None
 
     _hilok_spec: ClassVar[LockSpec] = LockSpec("HiLokTask", None)
+    _hilok_unique: ClassVar[UniqueSpec] = UniqueSpec("HiLokTask", None, None)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Runs when a task class is made, which is when @app.task registers a function
@@ -83,10 +103,12 @@ class HiLokTask(Task):  # type: ignore[misc]
         super().__init_subclass__(**kwargs)
         where = cls.__dict__.get("name") or f"{cls.__module__}.{cls.__qualname__}"
         for name, value in cls.__dict__.items():
-            is_option = name.startswith("hilok_") and name not in ("hilok_read", "hilok_write")
+            is_option = name.startswith("hilok_") and name not in _SPECS
             if is_option and (name in TASK_OPTIONS or not callable(value)):
                 check_task_option(name, value, where)
-        cls._hilok_spec = LockSpec(where, task_signature(cls), cls.hilok_read, cls.hilok_write)
+        signature = task_signature(cls)
+        cls._hilok_spec = LockSpec(where, signature, cls.hilok_read, cls.hilok_write)
+        cls._hilok_unique = UniqueSpec(where, signature, cls.hilok_unique)
 
     # -- what the body sees -----------------------------------------------------------
 
@@ -100,6 +122,28 @@ class HiLokTask(Task):  # type: ignore[misc]
         """The (path, mode) pairs a call with ``args`` and ``kwargs`` locks."""
         separator = setting(self.app.conf, "hilok_separator")
         return self._hilok_spec.locks(args or (), kwargs or {}, separator)
+
+    def hilok_unique_key(self, args: Any = None, kwargs: Any = None) -> str | None:
+        """The Redis key a call with ``args`` and ``kwargs`` claims (``hilok_unique``), or
+        None if the task (or its callable spec, for this call) is not unique."""
+        digest = self._hilok_unique.digest(args or (), kwargs or {})
+        if digest is None:
+            return None
+        return unique_key(setting(self.app.conf, "hilok_namespace"), claim_name(self.name, digest))
+
+    def hilok_unique_holder(self, args: Any = None, kwargs: Any = None) -> str | None:
+        """The task id of the queued-or-running call identical to one with ``args`` and
+        ``kwargs``, if any: "is it pending?" without sending anything. One GET; raises
+        :class:`~celery_hilok.HiLokConnectionError` when Redis cannot be reached."""
+        key = self.hilok_unique_key(args, kwargs)
+        if key is None:
+            return None
+        hl = runtime(self.app).hilok
+        try:
+            held = hl.redis.get(key)
+        except RedisError as exc:
+            raise translate(exc, hl.server, f"the unique claim of {self.name}") from exc
+        return held.decode() if isinstance(held, bytes) else held
 
     # -- Celery hooks -----------------------------------------------------------------
 
@@ -213,9 +257,22 @@ class HiLokTask(Task):  # type: ignore[misc]
     # -- handles given by the caller ----------------------------------------------------
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
-        """Celery's ``apply_async``; also takes ``hilok_handle=h`` to run under handle h."""
+        """Celery's ``apply_async``; also takes ``hilok_handle=h`` to run under handle h and,
+        for a unique task, ``hilok_unique_on_duplicate`` for this call.
+
+        A unique task (``hilok_unique``) sends nothing while an identical call is queued or
+        running: it returns that call's ``AsyncResult``, or raises
+        :class:`~celery_hilok.DuplicateTask`; a Redis it cannot reach raises
+        :class:`~celery_hilok.HiLokConnectionError`.
+        """
         explicit_handover(options)
-        return super().apply_async(args, kwargs, *more, **options)
+        if not self._hilok_unique:
+            options.pop("hilok_unique_on_duplicate", None)
+            return super().apply_async(args, kwargs, *more, **options)
+        if len(more) > len(_APPLY_ASYNC_POSITIONAL):
+            raise TypeError(f"apply_async() takes at most 7 positional arguments ({self.name})")
+        options.update(zip(_APPLY_ASYNC_POSITIONAL, more, strict=False))
+        return publish_once(self, super().apply_async, args, kwargs, options)
 
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
         """Celery's ``apply`` (eager run); also takes ``hilok_handle=h``."""

@@ -247,6 +247,57 @@ def register(app: Celery) -> SimpleNamespace:
     def multi(self: Task, run: str, tenant: str, account: str) -> str:
         return body(self, run, "multi", None, 0.0)
 
+    # -- unique tasks (hilok_unique) ------------------------------------------------------
+
+    def unique_body(
+        self: Task, run: str, tenant: str, account: str, how: str = "done", gate: str = ""
+    ) -> str:
+        """Leaves by ``how`` ("done", "raise", "block" on a gate to be killed, "retry" once
+        then go on), after waiting for ``gate`` if one is given."""
+        record(self, run, "start", how)
+        if how == "retry" and not self.request.retries:
+            raise self.retry(countdown=0)
+        if gate:
+            wait_gate(self, run, gate)
+        if how == "raise":
+            raise ValueError("the body failed")
+        if how == "block":
+            wait_gate(self, run, "never")
+        record(self, run, "end", how)
+        return how
+
+    # Unique per run and account: the tenant, how and gate do not make another call.
+    t.unique = task("unique", base=HiLokTask, hilok_unique=("run", "account"), max_retries=1)(
+        unique_body
+    )
+    t.unique_raise = task(
+        "unique_raise", base=HiLokTask, hilok_unique=True, hilok_unique_on_duplicate="raise"
+    )(unique_body)
+    t.unique_locked = task(
+        "unique_locked",
+        base=HiLokTask,
+        hilok_unique="{run}/{account}",
+        hilok_write=ACCOUNT,
+        **FAST_RETRY,
+    )(unique_body)
+
+    t.unique_skip = task(
+        "unique_skip",
+        base=HiLokTask,
+        hilok_unique=("run", "account"),
+        hilok_write=ACCOUNT,
+        hilok_on_contention="skip",
+    )(unique_body)
+
+    @task("unique_nested", base=HiLokTask, hilok_unique=("run",))
+    def unique_nested(self: Task, run: str) -> str:
+        """Sends itself again while it runs: returns the id that call got."""
+        record(self, run, "start", "nested")
+        again: str = self.apply_async((run,)).id
+        return again
+
+    t.unique_nested = unique_nested
+
     t.keep_step, t.last_step, t.pass_step, t.plain_step = (
         keep_step,
         last_step,

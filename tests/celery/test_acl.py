@@ -1,6 +1,7 @@
 """The Celery integration under the minimal Redis ACL (docs/operations.md): the engine's
 commands plus ``del``, on the namespace's keys and channels, run a real worker's locked
-tasks and chains; without ``del`` the end of a chain says what it could not do."""
+tasks and chains; without ``del`` the end of a chain says what it could not do. Unique
+tasks need ``pttl`` too."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from celery_hilok import HiLokError
 from tests._redis import RedisServer
 from tests._wait import wait_for
 from tests.celery.app import tasks
@@ -110,3 +112,52 @@ def test_without_del_the_end_of_a_chain_warns_and_the_locks_still_go(
         admin.close()
     finally:
         worker.stop()
+
+
+UNIQUE_COMMANDS = ("pttl",)
+"""What unique tasks (hilok_unique) need on top of a worker's: the claim script reads how
+long a duplicate's claim has left."""
+
+
+def eager_tasks_with(server: RedisServer, lab_url: str, commands: tuple[str, ...]) -> Any:
+    """The test tasks on an eager app whose locks and claims live under an ACL user."""
+    from celery import Celery
+
+    from tests.celery import app as test_app
+
+    namespace = f"a{uuid.uuid4().hex[:8]}"
+    admin = server.client()
+    user = f"u{uuid.uuid4().hex[:8]}"
+    rules = ["on", f">{PASSWORD}", "resetkeys", f"~{namespace}:*", "resetchannels"]
+    rules += [f"&{namespace}:*", "-@all", *(f"+{c}" for c in commands)]
+    admin.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+    admin.close()
+    app = Celery(f"tests.celery.acl-{namespace}", set_as_current=False)
+    app.conf.update(
+        task_always_eager=True,
+        task_eager_propagates=False,
+        hilok_redis_url=f"redis://{user}:{PASSWORD}@127.0.0.1:{server.port}/0",
+        hilok_namespace=namespace,
+        lab_redis_url=lab_url,  # the tasks' records
+    )
+    return test_app.register(app)
+
+
+def test_unique_tasks_run_under_the_minimal_acl_with_pttl(
+    server: RedisServer, hilok_config: dict[str, Any]
+) -> None:
+    t = eager_tasks_with(
+        server, hilok_config["hilok_redis_url"], ENGINE_COMMANDS + CELERY_COMMANDS + UNIQUE_COMMANDS
+    )
+    result = t.unique_nested.delay("r-acl")  # claims, meets its own claim, gives it back
+    assert result.get() == result.id
+    assert t.unique_nested.hilok_unique_holder(("r-acl",)) is None
+
+
+def test_without_pttl_a_duplicate_says_what_the_acl_refused(
+    server: RedisServer, hilok_config: dict[str, Any]
+) -> None:
+    t = eager_tasks_with(server, hilok_config["hilok_redis_url"], ENGINE_COMMANDS + CELERY_COMMANDS)
+    with pytest.raises(HiLokError, match="ACL does not allow"):
+        t.unique_nested.delay("r-acl").get()
+    assert t.unique_nested.hilok_unique_holder(("r-acl",)) is None  # given back all the same

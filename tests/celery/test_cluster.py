@@ -114,3 +114,42 @@ def test_the_cli_snapshot_sees_every_shard(cluster: RedisClusterServers, cluster
         }
         hl.release(*leases)
         assert not snapshot(hl).grants
+
+
+def test_unique_claims_on_a_cluster(
+    cluster: RedisClusterServers, cluster_url: str, hilok_config: dict[str, Any]
+) -> None:
+    # An eager app whose claims live on the cluster: claimed, met again, given back; and the
+    # listing of `celery hilok unique` finds claims on every shard.
+    from celery import Celery
+
+    from celery_hilok import _unique
+    from tests.celery import app as test_app
+
+    namespace = f"u{uuid.uuid4().hex[:10]}"
+    app = Celery("tests.celery.cluster-unique", set_as_current=False)
+    app.conf.update(
+        task_always_eager=True,
+        task_eager_propagates=False,
+        hilok_redis_url=cluster_url,
+        hilok_namespace=namespace,
+        lab_redis_url=hilok_config["hilok_redis_url"],
+    )
+    t = test_app.register(app)
+    run = f"r{uuid.uuid4().hex[:8]}"
+    result = t.unique_nested.delay(run)
+    assert result.get() == result.id
+    assert t.unique_nested.hilok_unique_holder((run,)) is None
+    with HiLok(cluster_url, namespace=namespace) as hl:
+        keys = {t.unique.hilok_unique_key((run, "t1", f"a{i}")): f"id-{i}" for i in range(9)}
+        for key, task_id in keys.items():
+            assert _unique.claim(hl.redis, key, task_id, 60.0) is None
+        client = cluster.client()
+        ports = {client.get_node_from_key(key).port for key in keys}  # type: ignore[no-untyped-call]
+        client.close()
+        assert len(ports) > 1
+        listed = _unique.claims(hl.redis, namespace, "hilok_tests.unique")
+        assert {(c.key, c.task_id) for c in listed} == set(keys.items())
+        for key, task_id in keys.items():
+            assert _unique.release(hl.redis, key, task_id)
+        assert not _unique.claims(hl.redis, namespace)
