@@ -351,18 +351,28 @@ async def _drain(url: str, waiters: int, cap: float) -> dict[str, Any]:
 
 
 async def _zset_members(raw: aredis.Redis, namespace: str, now_ms: int) -> dict[str, Any]:
-    """Members of every sorted set of the namespace (SCAN), live ones (score > now) apart."""
-    total = live = keys = 0
+    """Members of every sorted set of the namespace (SCAN), live ones apart: the mark and
+    wait-mark sets of the nodes, the queue and the holders' indexes (``members``), and the
+    tree's holder table (``::hx``), whose entries outlive their leases by a grace period on
+    purpose (a release of a lease that ran out can tell so) and are counted apart."""
+    total = live = keys = table = table_live = 0
     biggest: list[tuple[int, str]] = []
-    async for key in raw.scan_iter(match=KeySpace(namespace).tree_pattern(), count=1000):
+    async for raw_key in raw.scan_iter(match=KeySpace(namespace).tree_pattern(), count=1000):
+        key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
         if await raw.type(key) not in (b"zset", "zset"):
             continue
-        keys += 1
         card = int(await raw.zcard(key))
+        rest = key[key.index("}:") + 2 :]
+        if rest == ":hx":
+            table += card
+            table_live += int(await raw.zcount(key, f"({now_ms}", "+inf"))
+            continue
+        keys += 1
         total += card
-        biggest.append((card, key.decode() if isinstance(key, bytes) else str(key)))
-        if key.endswith(b":q") or key.endswith(b":qx"):
-            live += int(await raw.zcount(key, "-inf", "+inf"))
+        biggest.append((card, key))
+        by_ticket = rest in (":q",) or rest.rsplit(":", 1)[-1] in ("wis", "wix", "ws", "wx")
+        if by_ticket:  # scored by ticket: alive while its waiter's queue entry is
+            live += card
         else:
             live += int(await raw.zcount(key, f"({now_ms}", "+inf"))
     biggest.sort(reverse=True)
@@ -371,6 +381,8 @@ async def _zset_members(raw: aredis.Redis, namespace: str, now_ms: int) -> dict[
         "live_members": live,
         "zset_keys": keys,
         "biggest": [{"key": k, "members": c} for c, k in biggest[:3]],
+        "holder_entries": table,
+        "holder_entries_in_grace": table_live,
     }
 
 

@@ -830,7 +830,15 @@ def contention_section(c: dict[str, Any]) -> str:
             f"{m['granted_in_s']:.1f} s, never released) ran out; one reader of `tenants/keep` "
             f"stayed live; then {m['ops']} acquire+release (read and write in turns) of random "
             f"`tenants/<i>/doc`. Left: {_n(m['members'])} sorted-set members "
-            f"({m['live_members']} live) in {m['zset_keys']} sets; biggest: {biggest}.",
+            f"({m['live_members']} live) in {m['zset_keys']} sets; biggest: {biggest}."
+            + (
+                f" Apart: the tree's holder table held {_n(m['holder_entries'])} entries "
+                f"({_n(m['holder_entries_in_grace'])} within their grace: an entry stays "
+                "max(ttl, 10 s) past its lease, so that a release of a lease that ran out "
+                "can tell so, and goes with the next writes after that)."
+                if "holder_entries" in m
+                else ""
+            ),
         ]
     ch = c.get("channels")
     if ch:
