@@ -410,13 +410,13 @@ class Protocol:
         return nodes, waiters
 
 
-MAX_CALL_KEYS: Final = 512
+MAX_CALL_KEYS: Final = 160
 """The budget of one refresh or release script call, in keys it writes (per grant its
 holder's index and its own mark on each node of its chain; per tree two or six keys);
 more are split into several calls, sent in one pipeline (one round trip). Redis runs
-nothing else while a script runs, and a refresh costs a few microseconds per key it renews:
-512 keys (56 grants at depth 8, 15 at depth 32) keep each call to about a millisecond or
-two, where one call for 1,000 grants at depth 8 took some 60 ms."""
+nothing else while a script runs, and a refresh costs some 10-15 microseconds per key it
+renews: 160 keys (17 grants at depth 8, 4 at depth 32) keep each call to a few
+milliseconds at most, where one call for 1,000 grants at depth 8 took some 60 ms."""
 
 
 def _batches(
@@ -561,6 +561,7 @@ class Acquisition:
         "fresh",
         "handle",
         "holding",
+        "last",
         "nonce",
         "protocol",
         "requests",
@@ -592,6 +593,7 @@ class Acquisition:
         self.deadline = None if self.timeout is None else now + self.timeout
         self.subscribed = False
         self.holding = False  # as of the last refusal
+        self.last: Blocked | None = None  # the last refusal
         self.nonce = secrets.token_hex(6)
         self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait, self.nonce, channel)
 
@@ -602,10 +604,16 @@ class Acquisition:
         self.holding = outcome.holding
         if not self.can_wait or (self.deadline is not None and now >= self.deadline):
             raise self._not_acquired(outcome)
+        self.last = outcome
         if not self.subscribed:
             self.subscribed = True
             return SUBSCRIBE
-        return Sleep(next_wait(now, self.deadline, outcome))
+        return self.pause(now)
+
+    def pause(self, now: float) -> Sleep:
+        """The sleep after the last refusal, unless a wake-up comes first."""
+        assert self.last is not None
+        return Sleep(next_wait(now, self.deadline, self.last))
 
     def cleanup(self, error: BaseException) -> Call | None:
         """The call that undoes whatever a failed acquire may have left.

@@ -16,6 +16,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypedDict, TypeVar
 
@@ -161,6 +162,10 @@ class Wait:
         self.event = event
 
 
+_TOLD_KEPT: Final = 1024
+"""Most handles :class:`WakeTable` keeps from messages that came before their wait."""
+
+
 class WakeTable:
     """Who waits on which channel, and whom a message wakes (the drivers' wakers only read
     the connection and feed messages here).
@@ -176,6 +181,10 @@ class WakeTable:
         self._lock = threading.Lock()
         self._waits: dict[str, set[Wait]] = {}
         self._confirmed: dict[str, Any] = {}
+        self._confirmed_at: dict[str, float] = {}
+        # handles a message named while no wait of theirs was registered (a release that
+        # came between a refusal and the registration), with when: kept for add()
+        self._told: OrderedDict[str, float] = OrderedDict()
         self.on_idle: Callable[[], None] | None = None
         """Called when the last waiter leaves (the asyncio waker ends a while later)."""
 
@@ -184,9 +193,13 @@ class WakeTable:
         with self._lock:
             return not self._waits
 
-    def add(self, attempt: Acquisition, channels: set[str]) -> tuple[Wait, list[str], list[Any]]:
-        """Register ``attempt``; returns its wait, the channels nobody subscribed to yet,
-        and the confirmation events to wait for."""
+    def add(
+        self, attempt: Acquisition, channels: set[str], since: float
+    ) -> tuple[Wait, list[str], list[Any], bool]:
+        """Register ``attempt``, refused by a call sent at ``since``; returns its wait, the
+        channels nobody subscribed to yet, the confirmation events to wait for, and whether
+        every channel was confirmed before ``since``. A message for the attempt's handle
+        that came after ``since`` and before now sets the wait's event at once."""
         wait = Wait(channels, attempt, self._new_event())
         new: list[str] = []
         with self._lock:
@@ -195,12 +208,17 @@ class WakeTable:
                     self._confirmed[channel] = self._new_event()
                     new.append(channel)
                 self._waits.setdefault(channel, set()).add(wait)
-            return wait, new, [self._confirmed[c] for c in channels]
+            live = not new and all(self._confirmed_at.get(c, since) < since for c in channels)
+            told = self._told.pop(attempt.handle, None)
+            if told is not None and told >= since:
+                wait.event.set()
+            return wait, new, [self._confirmed[c] for c in channels], live
 
     def forget(self, channels: Iterable[str]) -> None:
         """Let the next waiter subscribe to ``channels`` again (a subscribe failed)."""
         with self._lock:
             for channel in channels:
+                self._confirmed_at.pop(channel, None)
                 event = self._confirmed.pop(channel, None)
                 if event is not None:
                     event.set()
@@ -221,6 +239,7 @@ class WakeTable:
         """A new connection: nothing is subscribed on it yet."""
         with self._lock:
             self._confirmed.clear()
+            self._confirmed_at.clear()
 
     def deliver(self, message: dict[str, Any]) -> None:
         """Handle one pub/sub message: a confirmation, or a release that may wake waiters."""
@@ -228,15 +247,26 @@ class WakeTable:
         if kind == "subscribe":
             with self._lock:
                 event = self._confirmed.get(channel)
+                if event is not None:
+                    self._confirmed_at.setdefault(channel, time.monotonic())
             if event is not None:
                 event.set()
         elif kind == "message":
             data = _text(message["data"])
             with self._lock:
                 waits = list(self._waits.get(channel, ()))
+            woken = set()
             for wait in waits:
                 if wakes(data, wait.attempt):
                     wait.event.set()
+                    woken.add(wait.attempt.handle)
+            now = time.monotonic()
+            with self._lock:
+                for handle in set(data.split(" ")) - woken:
+                    self._told[handle] = now
+                    self._told.move_to_end(handle)
+                while len(self._told) > _TOLD_KEPT:
+                    self._told.popitem(last=False)
 
     def wake_all(self) -> None:
         """The connection failed: every waiter retries now (and re-subscribes if need be)."""
@@ -583,7 +613,9 @@ class Client(Generic[C]):
                         )
                     return self._granted(attempt, step, sent, started, wait is not None)
                 if wait is None:
-                    wait = yield from self._register(attempt)
+                    wait, live = yield from self._register(attempt, sent)
+                    if live:  # subscribed before the refused call: nothing slipped by
+                        yield Sleep(wait.event, attempt.pause(time.monotonic()).seconds)
                 else:
                     yield Sleep(wait.event, step.seconds)
         except BaseException as exc:
@@ -613,13 +645,17 @@ class Client(Generic[C]):
             metrics.acquired(leases)
         return leases
 
-    def _register(self, attempt: Acquisition) -> Flow[Wait]:
+    def _register(self, attempt: Acquisition, sent: float) -> Flow[tuple[Wait, bool]]:
         """Wait for wake-ups: subscribe to the client's own channel if nobody did yet, and
         wait for the server to confirm it (without confirmation the waiter still works,
-        capped by leases and KEEPALIVE). One channel per client, whatever the trees."""
+        capped by leases and KEEPALIVE). One channel per client, whatever the trees.
+
+        Also says whether the channel was live before the refused call was ``sent``: then
+        no release since can have gone unheard (a message that came before the wait was
+        registered is kept for it), and the waiter need not ask again at once."""
         self._waker.ensure()
         channels = {self._channel}
-        wait, new, confirmations = self._waker.table.add(attempt, channels)
+        wait, new, confirmations, live = self._waker.table.add(attempt, channels, sent)
         if new:
             try:
                 yield Subscribe(new)
@@ -629,10 +665,10 @@ class Client(Generic[C]):
                     raise
                 level = waker_log_level(exc)
                 log.log(level, "subscribe failed (%s); waiting falls back to lease caps", exc)
-                return wait
+                return wait, False
         for event in confirmations:
             yield Sleep(event, 5.0)
-        return wait
+        return wait, live
 
     def _enter(self, path: str, mode: Mode, options: AcquireOptions) -> Flow[Lease]:
         """The start of a ``with`` block: acquire, then keep the lease alive."""

@@ -23,8 +23,7 @@ for i, g in ipairs(grants) do
     local exp = NOW + g.ttl
     for level = 1, g.depth do
       local key = own_key(g, level)
-      sweep(key)
-      redis.call('ZADD', key, exp, member)
+      redis.call('ZADD', key, exp, member)  -- (acquires, which add members, sweep)
       bump(key, g.ttl)
     end
     local token, _, nonce = split_entry(entry)
