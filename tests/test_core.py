@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+import time
 
 import pytest
 
@@ -36,7 +38,7 @@ from celery_hilok._core import (
     related,
     wakes,
 )
-from celery_hilok._engine import RefreshSchedule
+from celery_hilok._engine import RefreshSchedule, WakeTable
 from celery_hilok.lease import Lease, LockStatus
 from celery_hilok.paths import parse_path
 
@@ -546,3 +548,27 @@ def test_refresh_schedule_tick_renews_everything_and_plans_the_next() -> None:
     assert not schedule.discard(a)
     assert schedule.discard(b)  # nothing kept any more
     assert schedule.wait(2.0, 5.0) == (False, 5.0)
+
+
+# -- the wake table ---------------------------------------------------------------------------
+
+
+def test_a_message_before_the_wait_is_registered_is_kept_for_it() -> None:
+    table = WakeTable(threading.Event)
+    attempt = waiting(("a/b", "write"), handle="late-00001")
+    first, new, confirmations, live = table.add(waiting(("x", "read")), {"ch"}, time.monotonic())
+    assert new == ["ch"] and not live  # nobody had subscribed: the waiter must ask again
+    table.deliver({"type": "subscribe", "channel": "ch", "data": 1})
+    assert all(event.is_set() for event in confirmations)
+    sent = time.monotonic()
+    # The release that frees `attempt` comes between its refusal and its registration.
+    table.deliver({"type": "message", "channel": "ch", "data": "late-00001"})
+    wait, new, _, live = table.add(attempt, {"ch"}, sent)
+    assert new == [] and live  # subscribed before the call: no second try needed
+    assert wait.event.is_set()  # and the message was not lost
+    table.remove(wait)
+    table.remove(first)
+    # A message older than the refused call does not wake a later wait.
+    table.deliver({"type": "message", "channel": "ch", "data": "late-00001"})
+    wait, _, _, _ = table.add(attempt, {"ch"}, time.monotonic() + 1)
+    assert not wait.event.is_set()
