@@ -410,12 +410,12 @@ class Protocol:
         return nodes, waiters
 
 
-MAX_CALL_KEYS: Final = 160
+MAX_CALL_KEYS: Final = 128
 """The budget of one refresh or release script call, in keys it writes (per grant its
 holder's index and its own mark on each node of its chain; per tree two or six keys);
 more are split into several calls, sent in one pipeline (one round trip). Redis runs
 nothing else while a script runs, and a refresh costs some 10-15 microseconds per key it
-renews: 160 keys (17 grants at depth 8, 4 at depth 32) keep each call to a few
+renews: 128 keys (14 grants at depth 8, 3 at depth 32) keep each call to a few
 milliseconds at most, where one call for 1,000 grants at depth 8 took some 60 ms."""
 
 

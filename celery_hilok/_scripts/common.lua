@@ -92,7 +92,8 @@ end
 -- make key live at least ms more milliseconds (never shorter than it already lives: every
 -- key outlives the longest lease it holds)
 local function bump(key, ms)
-  if redis.call('PEXPIRE', key, ms, 'NX') == 0 then redis.call('PEXPIRE', key, ms, 'GT') end
+  -- GT first: the keys written here all have a TTL, so that is usually the only command
+  if redis.call('PEXPIRE', key, ms, 'GT') == 0 then redis.call('PEXPIRE', key, ms, 'NX') end
 end
 
 -- drop up to SWEEP members of `key` whose score (an expiry) has passed
@@ -156,14 +157,18 @@ local function holds_live(hl)
   return #redis.call('ZRANGEBYSCORE', hl, '(' .. NOW, '+inf', 'LIMIT', 0, 1) > 0
 end
 
+-- make the tree's holder table live long enough for an entry of `ttl`
+local function bump_table(tree, ttl)
+  bump(tree_key(tree, 'h'), ttl + grace(ttl))
+  bump(tree_key(tree, 'hx'), ttl + grace(ttl))
+end
+
 -- write holder entry `member` (and, given `hl`, the holder's index); `ttl` sets how long the
--- entry is kept. 1 if the entry is new.
+-- entry is kept (the caller bumps the table: bump_table). 1 if the entry is new.
 local function put_entry(tree, hl, member, token, exp, nonce, ttl)
   local h, hx = tree_key(tree, 'h'), tree_key(tree, 'hx')
   local new = redis.call('HSET', h, member, holder_entry(token, exp, nonce))
   redis.call('ZADD', hx, exp + grace(ttl), member)
-  bump(h, ttl + grace(ttl))
-  bump(hx, ttl + grace(ttl))
   if hl then
     sweep(hl)
     redis.call('ZADD', hl, exp, member)
@@ -290,6 +295,7 @@ local function place(g, member, exp, token, nonce, ttl, undo)
   if put_entry(g.tree, g.hl, member, token, exp, nonce, ttl) == 1 then
     undo[#undo + 1] = { false, g.tree, g.hl, member }
   end
+  bump_table(g.tree, ttl)
 end
 
 -- take back what place() added, newest first (a call failing half-way, on a key of another

@@ -15,6 +15,7 @@ TREE_SIZE = 2
 local ntrees = tonumber(ARGV[1])
 local grants = read_grants(tonumber(ARGV[2]), 3, TREE_SIZE * ntrees + 1, true, false)
 local result = {}
+local longest = {}  -- tree -> the longest ttl renewed there (its holder table outlives it)
 for i, g in ipairs(grants) do
   local member = g.handle .. '|' .. g.mode .. '|' .. g.path
   local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), member))
@@ -28,6 +29,7 @@ for i, g in ipairs(grants) do
     end
     local token, _, nonce = split_entry(entry)
     put_entry(g.tree, g.hl, member, token, exp, nonce, g.ttl)
+    longest[g.tree] = math.max(longest[g.tree] or 0, g.ttl)
     result[i] = 1
   else
     for level = 1, g.depth do redis.call('ZREM', own_key(g, level), member) end
@@ -35,4 +37,5 @@ for i, g in ipairs(grants) do
     result[i] = 0
   end
 end
+for tree, ttl in pairs(longest) do bump_table(tree, ttl) end
 return result
