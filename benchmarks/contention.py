@@ -343,7 +343,7 @@ async def _drain(url: str, waiters: int, cap: float) -> dict[str, Any]:
         "seconds": elapsed if not pending else None,
         "last_grant_s": (max(finished) - t0) if finished else None,
         "script_calls": calls,
-        "calls_per_waiter": calls / waiters,
+        "calls_per_waiter": (calls - 1) / waiters,  # the holder's own release is not a waiter's
     }
 
 

