@@ -30,24 +30,36 @@ local prefix = handle .. '|'
 for _, g in ipairs(grants) do g.member = prefix .. g.mode .. '|' .. g.path end
 
 local holding = 0
+local queued = {}   -- tree -> somebody waits there (its queue exists)
 local tickets = {}  -- tree -> this request's ticket there (false: not queued)
-local held = {}     -- tree -> the holder holds a live grant there (so it skips the queue)
 for _, g in ipairs(grants) do
-  if tickets[g.tree] == nil then
-    tickets[g.tree] = tonumber(redis.call('ZSCORE', tree_key(g.tree, 'q'), g.member)) or false
-    held[g.tree] = holds_live(g.hl)
+  if queued[g.tree] == nil then
+    queued[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
+    tickets[g.tree] = queued[g.tree]
+      and (tonumber(redis.call('ZSCORE', tree_key(g.tree, 'q'), g.member)) or false)
   end
-  -- a grant it holds already, say one a release handed to it (not in its index yet)
-  if not held[g.tree] then
-    local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
-    held[g.tree] = score ~= nil and score > NOW
+end
+
+-- does the holder hold a live grant in the tree (so it skips the queue)? Asked only when
+-- somebody waits; a grant a release handed to it is not in its index yet
+local held = {}
+local function held_in(tree)
+  if held[tree] == nil then
+    held[tree] = false
+    for _, g in ipairs(grants) do
+      if g.tree == tree and not held[tree] then
+        local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
+        held[tree] = holds_live(g.hl) or (score ~= nil and score > NOW)
+      end
+    end
   end
+  return held[tree]
 end
 
 local function join_queue()
   if not register then return end
   for _, g in ipairs(grants) do
-    if held[g.tree] then holding = 1 end
+    if held_in(g.tree) then holding = 1 end
   end
   local info = table.concat({ channel, nonce, ttl, ngrants, holding }, '|')
   for _, g in ipairs(grants) do
@@ -74,11 +86,11 @@ local function join_queue()
 end
 
 -- 1. live holders. Usually none of the sets that could conflict exists at all: one EXISTS
--- over all of them (and over the wait sets of step 2) settles that.
+-- over all of them settles that (and step 2 is skipped where nobody waits).
 local holds, waits = {}, {}
 for _, g in ipairs(grants) do
   conflict_sets(g, 0, holds)
-  conflict_sets(g, 4, waits)
+  if queued[g.tree] then conflict_sets(g, 4, waits) end
 end
 if any_exists(holds) then
   for _, key in ipairs(holds) do
@@ -91,9 +103,9 @@ if any_exists(holds) then
 end
 
 -- 2. earlier waiters on the request's chains, in trees where this holder holds nothing yet
-if any_exists(waits) then
+if #waits > 0 and any_exists(waits) then
   for _, g in ipairs(grants) do
-    if not held[g.tree] then
+    if queued[g.tree] and not held_in(g.tree) then
       for _, key in ipairs(conflict_sets(g, 4, {})) do
         local w = waiter_in_front(g.tree, key, handle, tickets[g.tree] or nil)
         if w then
@@ -115,7 +127,6 @@ local tokens = {}
 local undo = {}
 local ok, err = pcall(function()
   for i, g in ipairs(grants) do
-    sweep_entries(g.tree)
     local token, made_by = nil, nonce
     -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
     local entry = redis.call('HGET', tree_key(g.tree, 'h'), g.member)

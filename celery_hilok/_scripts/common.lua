@@ -92,13 +92,17 @@ end
 -- make key live at least ms more milliseconds (never shorter than it already lives: every
 -- key outlives the longest lease it holds)
 local function bump(key, ms)
-  -- GT first: the keys written here all have a TTL, so that is usually the only command
+  if redis.call('PEXPIRE', key, ms, 'NX') == 0 then redis.call('PEXPIRE', key, ms, 'GT') end
+end
+
+-- bump() for a key that surely has a TTL already (refresh): usually one command
+local function bump_kept(key, ms)
   if redis.call('PEXPIRE', key, ms, 'GT') == 0 then redis.call('PEXPIRE', key, ms, 'NX') end
 end
 
--- drop up to SWEEP members of `key` whose score (an expiry) has passed
-local function sweep(key)
-  local dead = redis.call('ZRANGEBYSCORE', key, '-inf', NOW, 'LIMIT', 0, SWEEP)
+-- drop up to `most` (default SWEEP) members of `key` whose score (an expiry) has passed
+local function sweep(key, most)
+  local dead = redis.call('ZRANGEBYSCORE', key, '-inf', NOW, 'LIMIT', 0, most or SWEEP)
   if #dead > 0 then redis.call('ZREM', key, unpack(dead)) end
 end
 
@@ -169,8 +173,7 @@ local function put_entry(tree, hl, member, token, exp, nonce, ttl)
   local h, hx = tree_key(tree, 'h'), tree_key(tree, 'hx')
   local new = redis.call('HSET', h, member, holder_entry(token, exp, nonce))
   redis.call('ZADD', hx, exp + grace(ttl), member)
-  if hl then
-    sweep(hl)
+  if hl then  -- (released grants leave it; one that ran out goes with the key's TTL)
     redis.call('ZADD', hl, exp, member)
     bump(hl, ttl)
   end
@@ -185,9 +188,9 @@ local function drop_entry(tree, hl, member)
   return 1
 end
 
--- drop up to SWEEP holder entries whose grace has passed
-local function sweep_entries(tree)
-  local dead = redis.call('ZRANGEBYSCORE', tree_key(tree, 'hx'), '-inf', NOW, 'LIMIT', 0, SWEEP)
+-- drop up to `most` holder entries whose grace has passed
+local function sweep_entries(tree, most)
+  local dead = redis.call('ZRANGEBYSCORE', tree_key(tree, 'hx'), '-inf', NOW, 'LIMIT', 0, most)
   for _, member in ipairs(dead) do drop_entry(tree, nil, member) end
 end
 
@@ -285,13 +288,21 @@ end
 -- grant g (as `member`): its marks (expiring at exp) on its chain and its holder entry (and
 -- its place in g.hl, the holder's index, if g has one). What it adds (not what it only
 -- renews) is noted in `undo`, for take_back().
+--
+-- Sweeping: each grant placed sweeps one of the sets it writes, or the tree's holder table,
+-- in turn (by the server's clock), of up to SWEEP x (depth + 1) expired members (at most
+-- SWEEP_MOST): as much as sweeping every one each time, in one command instead of depth + 1.
+local SWEEP_MOST = 256
 local function place(g, member, exp, token, nonce, ttl, undo)
+  local turn = NOW_US % (g.depth + 1)  -- 0: the holder table, else that level
+  local most = math.min(SWEEP * (g.depth + 1), SWEEP_MOST)
   for level = 1, g.depth do
     local key = own_key(g, level)
-    sweep(key)
+    if level == turn then sweep(key, most) end
     if redis.call('ZADD', key, exp, member) == 1 then undo[#undo + 1] = { key, member } end
     bump(key, ttl)
   end
+  if turn == 0 then sweep_entries(g.tree, most) end
   if put_entry(g.tree, g.hl, member, token, exp, nonce, ttl) == 1 then
     undo[#undo + 1] = { false, g.tree, g.hl, member }
   end

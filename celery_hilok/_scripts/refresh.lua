@@ -25,7 +25,7 @@ for i, g in ipairs(grants) do
     for level = 1, g.depth do
       local key = own_key(g, level)
       redis.call('ZADD', key, exp, member)  -- (acquires, which add members, sweep)
-      bump(key, g.ttl)
+      bump_kept(key, g.ttl)
     end
     local token, _, nonce = split_entry(entry)
     put_entry(g.tree, g.hl, member, token, exp, nonce, g.ttl)

@@ -38,6 +38,7 @@ local FRONT = 16
 
 local result = {}
 local freed = {}
+local waiting = {}  -- tree -> somebody waits there (its queue exists)
 for i, g in ipairs(grants) do
   local member = handle .. '|' .. g.mode .. '|' .. g.path
   local entry = redis.call('HGET', tree_key(g.tree, 'h'), member)
@@ -56,7 +57,13 @@ for i, g in ipairs(grants) do
     for level = 1, g.depth do redis.call('ZREM', own_key(g, level), member) end
     drop_entry(g.tree, g.hl, member)
   end
-  if unqueue(g, member) == 1 or result[i] == 1 then freed[#freed + 1] = g end
+  if waiting[g.tree] == nil then
+    waiting[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
+  end
+  -- nobody waits in the tree: nothing to withdraw, nobody to hand on to
+  if waiting[g.tree] and (unqueue(g, member) == 1 or result[i] == 1) then
+    freed[#freed + 1] = g
+  end
 end
 
 local told = {}    -- channel -> handles to tell
