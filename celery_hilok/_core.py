@@ -649,11 +649,18 @@ class Acquisition:
             acknowledged=acknowledged,
         )
 
-    def _not_acquired(self, blocked: Blocked) -> Exception:
+    def gave_up(self, why: str) -> Exception:
+        """The error for a waiter that stops waiting (``why``) after its last refusal;
+        raising it makes :meth:`cleanup` withdraw the request from the queue."""
+        assert self.last is not None
+        return self._not_acquired(self.last, f"(gave up waiting: {why})")
+
+    def _not_acquired(self, blocked: Blocked, when: str | None = None) -> Exception:
         from .errors import LockNotAcquired
 
         what = ", ".join(r.describe() for r in self.requests)
-        when = "at once (block=False)" if not self.block else f"within {self.timeout}s"
+        if when is None:
+            when = "at once (block=False)" if not self.block else f"within {self.timeout}s"
         reason = blocked.describe(self.protocol.separator)
         # Name the request that was in the blocker's way (on one line with it, preferring
         # one where either side writes), not just the first one asked for.

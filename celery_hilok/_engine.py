@@ -26,6 +26,7 @@ from . import metrics
 from ._core import (
     CLUSTER_WAIT,
     Acquisition,
+    Blocked,
     Call,
     Mode,
     Request,
@@ -50,7 +51,7 @@ from .errors import HiLokError, InvalidArgument, LockLost, LockNotAcquired
 from .lease import Lease, LockStatus
 from .paths import parse_path, validate_namespace, validate_separator
 
-__all__ = ["AcquireOptions", "Client", "RefreshSchedule", "WakeTable"]
+__all__ = ["AcquireOptions", "Client", "RefreshSchedule", "WaitCheck", "WakeTable"]
 
 log = logging.getLogger("celery_hilok")
 
@@ -134,6 +135,18 @@ class AcquireOptions(TypedDict, total=False):
 
 
 _OPTIONS: Final = frozenset(AcquireOptions.__annotations__)
+
+
+class WaitCheck(NamedTuple):
+    """A waiting acquire's second opinion (for the Celery integration): ``stop`` is called
+    with the blocker after every refusal while the acquire waits, at least every ``every``
+    seconds, and returns why to stop waiting, or None to go on. Stopping raises
+    :class:`LockNotAcquired` ("gave up waiting: <why>") and withdraws the request from the
+    queue; going on keeps its place. ``stop`` runs in the driver (the sync client's calling
+    thread), so it may do a quick Redis call of its own there."""
+
+    every: float
+    stop: Callable[[Blocked], str | None]
 
 
 def _options(options: AcquireOptions) -> tuple[bool, float | None, float | None, str | None]:
@@ -552,14 +565,19 @@ class Client(Generic[C]):
     # -- acquiring ---------------------------------------------------------------------------
 
     def _acquire(
-        self, locks: Iterable[tuple[str, Mode]], options: AcquireOptions
+        self,
+        locks: Iterable[tuple[str, Mode]],
+        options: AcquireOptions,
+        check: WaitCheck | None = None,
     ) -> Flow[list[Lease]]:
         block, timeout, ttl, handle = _options(options)
         requests = normalise_requests(locks, self.separator)
         lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
         limit = check_timeout(timeout)
         if not self._cluster or len({r.path.tree for r in requests}) == 1:
-            return (yield from self._acquire_group(requests, handle, lease_ttl, block, limit))
+            return (
+                yield from self._acquire_group(requests, handle, lease_ttl, block, limit, check)
+            )
         # A cluster runs one script per slot: take the trees one by one, in sorted order (so
         # that two such acquires never wait for each other in a cycle), within one time
         # budget, and give back what was taken if a later tree cannot be had.
@@ -568,7 +586,9 @@ class Client(Generic[C]):
         try:
             for group in by_tree(requests):
                 left = None if limit is None else max(0.0, limit - (time.monotonic() - start))
-                leases += yield from self._acquire_group(group, handle, lease_ttl, block, left)
+                leases += yield from self._acquire_group(
+                    group, handle, lease_ttl, block, left, check
+                )
                 handle = leases[0].handle
         except BaseException:
             yield from self._release_quietly(leases)
@@ -583,8 +603,10 @@ class Client(Generic[C]):
         ttl: float,
         block: bool,
         timeout: float | None,
+        check: WaitCheck | None = None,
     ) -> Flow[list[Lease]]:
-        """One atomic acquire of ``requests`` (one script per try), waiting as needed."""
+        """One atomic acquire of ``requests`` (one script per try), waiting as needed;
+        ``check`` may stop the wait (see :class:`WaitCheck`)."""
         if not self._eviction_checked:
             yield from self._check_eviction()
         started = time.monotonic()
@@ -612,12 +634,20 @@ class Client(Generic[C]):
                             replies[1], self.wait_replicas, self.wait_timeout
                         )
                     return self._granted(attempt, step, sent, started, wait is not None)
+                cap = float("inf")
+                if check is not None:
+                    assert attempt.last is not None
+                    why = check.stop(attempt.last)
+                    if why is not None:
+                        raise attempt.gave_up(why)
+                    cap = check.every  # ask again by then, still in the queue, to check again
                 if wait is None:
                     wait, live = yield from self._register(attempt, sent)
                     if live:  # subscribed before the refused call: nothing slipped by
-                        yield Sleep(wait.event, attempt.pause(time.monotonic()).seconds)
+                        pause = attempt.pause(time.monotonic()).seconds
+                        yield Sleep(wait.event, min(pause, cap))
                 else:
-                    yield Sleep(wait.event, step.seconds)
+                    yield Sleep(wait.event, min(step.seconds, cap))
         except BaseException as exc:
             if metrics._observers and isinstance(exc, LockNotAcquired):
                 metrics.refused(requests, started, attempt.block, exc)

@@ -204,6 +204,16 @@ class HiLok(_engine.Client[SyncClient]):
         """
         return self._drive(self._acquire(locks, options))
 
+    def _acquire_many_checked(
+        self,
+        locks: Iterable[tuple[str, Mode]],
+        check: _engine.WaitCheck,
+        **options: Unpack[_engine.AcquireOptions],
+    ) -> list[Lease]:
+        """:meth:`acquire_many` whose wait ``check`` may stop (the Celery integration's
+        ``wait`` policy: see :class:`~celery_hilok._engine.WaitCheck`)."""
+        return self._drive(self._acquire(locks, options, check))
+
     def read(
         self, path: str, **options: Unpack[_engine.AcquireOptions]
     ) -> AbstractContextManager[Lease]:

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from celery_hilok import (
+    HiLok,
     HiLokConnectionError,
     HiLokError,
     InvalidArgument,
@@ -26,7 +27,16 @@ from celery_hilok import (
     LockNotAcquired,
     QueuedRequest,
 )
-from celery_hilok._core import ACQUIRE, SUBSCRIBE, Acquisition, Mode, Request, new_handle
+from celery_hilok._core import (
+    ACQUIRE,
+    SUBSCRIBE,
+    Acquisition,
+    Blocked,
+    Mode,
+    Request,
+    new_handle,
+)
+from celery_hilok._engine import WaitCheck
 from tests._drivers import DRIVERS, Driver, Locks, release_lease
 from tests._redis import RedisServer, free_port
 from tests.faults.proxy import FaultProxy
@@ -1070,3 +1080,30 @@ def test_existing_client_is_not_closed(driver: Driver, redis_url: str, namespace
     hl.release(hl.acquire("q", "write"))
     hl.close()
     assert driver.ping(client)
+
+
+def test_a_wait_check_keeps_the_place_in_line_and_can_stop_the_wait(
+    redis_url: str, namespace: str
+) -> None:
+    # The sync client's hook for the Celery integration (HiLok._acquire_many_checked): the
+    # check sees each refusal's blocker, at least every `every` seconds, while the request
+    # stays queued with one ticket; stopping withdraws it.
+    with HiLok(redis_url, namespace=namespace, ttl=10.0) as client:
+        path = f"{uuid.uuid4().hex[:8]}/a"
+        holder = client.acquire(path, "write")
+        seen: list[Blocked] = []
+        tickets: list[list[int]] = []
+
+        def stop(blocked: Blocked) -> str | None:
+            seen.append(blocked)
+            tickets.append([w.ticket for w in client.status(path).waiters])
+            return "enough" if len(seen) >= 3 else None
+
+        started = time.monotonic()
+        with pytest.raises(LockNotAcquired, match=r"\(gave up waiting: enough\): write lock"):
+            client._acquire_many_checked([(path, "write")], WaitCheck(0.05, stop), timeout=10)
+        assert time.monotonic() - started < 5.0  # checked every 0.05 s, not at the lease cap
+        assert [(b.handle, b.queued) for b in seen] == [(holder.handle, False)] * 3
+        assert len(tickets[0]) == 1 and tickets == [tickets[0]] * 3  # one place throughout
+        assert client.status(path).waiters == []
+        client.release(holder)

@@ -114,6 +114,44 @@ class Runtime:
         except RedisError as exc:
             log.warning("could not drop the hand-over claims of %s...: %s", handle[:6], exc)
 
+    # -- hand-over marks --------------------------------------------------------------
+    #
+    # While a chain step's locks wait in a message (for the next step, or for the step's own
+    # retry), no process runs under their handle, and the message may sit in a worker's
+    # queue behind tasks that wait for those very locks in every pool slot. The mark says
+    # "in a message" for as long as the kept leases last (hilok_keep_ttl), so that a
+    # ``wait`` task in the way can give its slot back rather than stall the worker.
+
+    def _handed(self, handle: str) -> str:
+        return f"{self.namespace}:celery:handed:{handle}"
+
+    def mark_handed(self, handle: str, ttl: float, offer_to: str | None = None) -> None:
+        """``handle``'s locks go into a message for ``ttl`` seconds, offered to task id
+        ``offer_to`` if given (see :meth:`offer`); one round trip for both."""
+        with self.hilok.redis.pipeline(transaction=False) as pipe:
+            if offer_to is not None:
+                claims = self._claims(handle)
+                pipe.hset(claims, offer_to, "free")
+                pipe.pexpire(claims, int(CLAIM_TTL * 1000))
+            pipe.set(self._handed(handle), "1", px=max(1, int(ttl * 1000)))
+            pipe.execute()
+
+    def unmark_handed(self, handle: str) -> None:
+        """A task runs under ``handle`` again (it took the hand-over over); quietly."""
+        try:
+            self.hilok.redis.delete(self._handed(handle))
+        except RedisError as exc:  # the mark runs out with the kept leases
+            log.debug("could not drop the hand-over mark of %s...: %s", handle[:6], exc)
+
+    def is_handed(self, handle: str) -> bool:
+        """Are ``handle``'s locks in a message, with nobody running under them? False when
+        Redis cannot say (the caller then waits, as it would without the mark)."""
+        try:
+            return bool(self.hilok.redis.exists(self._handed(handle)))
+        except RedisError as exc:
+            log.debug("could not read the hand-over mark of %s...: %s", handle[:6], exc)
+            return False
+
     def lease(self, path: str, mode: str, handle: str, token: int, ttl: float) -> Lease:
         """A lease object for a grant known by name (e.g. from a message header)."""
         return Lease(Request.parse(path, mode, self.separator), handle, token, ttl, self.hilok)

@@ -269,6 +269,7 @@ class TaskLocks:
         ttl = float(option(self._task, "hilok_ttl"))
         leases = [self.rt.lease(p, m, handover.handle, t, ttl) for p, m, t in handover.locks]
         alive = self.rt.hilok.refresh_many(leases, ttl=ttl)
+        self.rt.unmark_handed(handover.handle)  # someone runs under them again
         self.inherited = [lease for lease, ok in zip(leases, alive, strict=True) if ok]
         self._hold(self.inherited)
         gone = [lease for lease, ok in zip(leases, alive, strict=True) if not ok]
@@ -315,9 +316,9 @@ class TaskLocks:
         kept = self._pass_on(self.leases)
         handover = self._handover(kept)
         next_id = headers.get("id")
-        if isinstance(next_id, str):
-            self.rt.offer(self.handle, next_id)
-            handover.claim = True
+        offer_to = next_id if isinstance(next_id, str) else None
+        self._mark_handed(kept, offer_to)
+        handover.claim = offer_to is not None
         headers[HEADER] = handover.encode()
         self._handed_over = True
         log.debug("%s[%s]: handed %s to the next step", self._task.name, self.task_id, kept)
@@ -342,12 +343,27 @@ class TaskLocks:
             return
         kept = self._pass_on(self.inherited)
         handover = self._handover(kept)
-        if self._claimed and self.handle is not None and self.task_id:
-            self.rt.offer(self.handle, self.task_id)  # for the retried execution to take
-            handover.claim = True
+        # offered to the retried execution (the same task id) to take
+        offer_to = self.task_id if self._claimed and self.task_id else None
+        if headers is not None:
+            self._mark_handed(kept, offer_to)
+        elif offer_to is not None:
+            self.rt.offer(handover.handle, offer_to)
+        handover.claim = offer_to is not None
         if headers is not None:
             headers[HEADER] = handover.encode()
         self._handed_over = True
+
+    def _mark_handed(self, kept: Sequence[Lease], offer_to: str | None) -> None:
+        """``kept`` go into a message: mark the handle as handed over for as long as they
+        last (``wait`` tasks blocked by it give their pool slot back), and offer the
+        hand-over to task id ``offer_to``; one round trip."""
+        assert self.handle is not None
+        if kept:
+            keep_ttl = float(option(self._task, "hilok_keep_ttl"))
+            self.rt.mark_handed(self.handle, keep_ttl, offer_to)
+        elif offer_to is not None:
+            self.rt.offer(self.handle, offer_to)
 
     def finish(self, state: str | None, *, keep: bool) -> None:
         """The task's way out (``task_postrun``): release, unless handed over already.

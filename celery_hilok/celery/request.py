@@ -295,6 +295,8 @@ def release_in_main_process(
     if isinstance(handle, str) and locks:
         rt.release_named(handle, locks, f"{task.name}[{value('id')}]: {why}")
         released = (handle, locks)
+    if handover is not None and handover.locks and handle == handover.handle:
+        rt.unmark_handed(handle)  # revoked in the queue: nobody will take them over
     if chain_over and handover is not None:
         rt.forget(handover.handle)
     return released

@@ -12,8 +12,9 @@ one has ``sender`` (the task), ``task_id`` and ``locks`` (the task's ``self.hilo
     The task's locks were taken by someone else. ``error`` (the
     :class:`~celery_hilok.LockNotAcquired`, whose ``path``, ``mode`` and ``blocker`` say
     what blocked it) and ``action``: what the task does about it: ``"retry"`` (with
-    ``countdown``, the delay in seconds), ``"skip"``, or ``"fail"`` (the ``"fail"`` policy,
-    a ``"wait"`` that timed out, or a ``"retry"`` out of ``hilok_max_retries``).
+    ``countdown``, the delay in seconds; also a ``"wait"`` task blocked by locks in a chain's
+    hand-over), ``"skip"``, or ``"fail"`` (the ``"fail"`` policy, a ``"wait"`` that timed
+    out, or a ``"retry"`` out of ``hilok_max_retries``).
 
 ``hilok_lock_released``
     The task gave up locks: ``leases``, ``why`` (the task's final state, e.g. ``"SUCCESS"``,

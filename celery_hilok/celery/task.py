@@ -17,6 +17,8 @@ except ImportError:  # older Celery: the task's and the call's ignore_result, by
 
 from redis.exceptions import RedisError
 
+from .._core import Blocked
+from .._engine import WaitCheck
 from .._redis import translate
 from .._unique import claim_name, unique_key
 from ..errors import LockNotAcquired
@@ -39,6 +41,9 @@ _SPECS: Final = ("hilok_read", "hilok_write", "hilok_unique")
 """Options that are specs, compiled on their own, not values checked by check_task_option."""
 _APPLY_ASYNC_POSITIONAL: Final = ("task_id", "producer", "link", "link_error", "shadow")
 """Celery's ``apply_async`` arguments after ``args`` and ``kwargs``, in order."""
+HANDOVER_CHECK: Final = 1.0
+"""Seconds between two checks of a ``wait`` task for a hand-over in its way (at most: each
+refusal checks too). A check asks again in place, keeping the task's place in the queue."""
 
 
 class HiLokTask(Task):  # type: ignore[misc]
@@ -58,7 +63,9 @@ class HiLokTask(Task):  # type: ignore[misc]
     - ``"retry"`` (default): retry the task later with exponential backoff and jitter
       (``hilok_retry_backoff``, ``hilok_retry_backoff_max``, ``hilok_retry_jitter``), at most
       ``hilok_max_retries`` times, counted apart from the task's own ``max_retries``;
-    - ``"wait"``: wait for them, up to ``hilok_timeout`` seconds (None: no limit);
+    - ``"wait"``: wait for them, up to ``hilok_timeout`` seconds (None: no limit); but
+      not for locks a ``hilok_keep`` chain step handed over (the next step's message may
+      be queued behind the waiting tasks): then retry, as ``"retry"`` does;
     - ``"fail"``: fail at once with :class:`~celery_hilok.LockNotAcquired`;
     - ``"skip"``: do not run the body; the task ends with a log line naming the path that
       blocked it, and its result (state SUCCESS) is :func:`skipped_result`, a dict with
@@ -166,8 +173,14 @@ class HiLokTask(Task):  # type: ignore[misc]
         hl = state.rt.hilok
         attempt = _contention_retries(self.request)
         started = time.monotonic()
+        watch = _HandoverWatch(state) if policy == "wait" and not self.request.is_eager else None
         try:
-            if policy == "wait":
+            if watch is not None:
+                timeout = option(self, "hilok_timeout")
+                leases = hl._acquire_many_checked(
+                    wanted, watch.check, timeout=timeout, ttl=ttl, handle=handle
+                )
+            elif policy == "wait":  # eager: the caller's thread, no pool slot to give back
                 timeout = option(self, "hilok_timeout")
                 leases = hl.acquire_many(wanted, timeout=timeout, ttl=ttl, handle=handle)
             elif policy == "retry" and self.request.is_eager:
@@ -181,6 +194,11 @@ class HiLokTask(Task):  # type: ignore[misc]
                 self._store_skipped(task_id, exc)
                 raise Ignore(str(exc)) from None
             if policy == "retry" and not self.request.is_eager:
+                self._retry_on_contention(exc, state)
+            if watch is not None and watch.handed:
+                # Waiting could stall this worker: the next step of the blocker's chain may
+                # sit in this worker's queue, behind tasks like this one in every slot.
+                log.info("%s[%s] retries instead of waiting: %s", self.name, task_id, exc)
                 self._retry_on_contention(exc, state)
             state._refused(exc, "fail", attempt)
             raise
@@ -278,6 +296,28 @@ class HiLokTask(Task):  # type: ignore[misc]
         """Celery's ``apply`` (eager run); also takes ``hilok_handle=h``."""
         explicit_handover(options)
         return super().apply(args, kwargs, *more, **options)
+
+
+class _HandoverWatch:
+    """The ``wait`` policy's check, at each refusal and at least every
+    :data:`HANDOVER_CHECK` seconds while the task waits: is the holder in the way a chain
+    step's hand-over (its locks in the next step's message, nobody running under them)?"""
+
+    __slots__ = ("check", "handed", "state")
+
+    def __init__(self, state: TaskLocks) -> None:
+        self.state = state
+        self.handed = False
+        self.check = WaitCheck(HANDOVER_CHECK, self._stop)
+
+    def _stop(self, blocked: Blocked) -> str | None:
+        if blocked.queued or not self.state.rt.is_handed(blocked.handle):
+            return None  # a running holder, or an earlier waiter: they move on by themselves
+        self.handed = True
+        return (
+            "its holder handed it to the next step of a chain, whose message waits in a "
+            "queue, maybe behind this task"
+        )
 
 
 def skipped_result(exc: LockNotAcquired) -> dict[str, Any]:

@@ -157,6 +157,15 @@ def register(app: Celery) -> SimpleNamespace:
         hilok_timeout=0.2,
     )(write)
 
+    t.write_bounded_wait = task(
+        "write_bounded_wait",
+        base=HiLokTask,
+        hilok_write=ACCOUNT,
+        hilok_on_contention="wait",
+        hilok_timeout=10.0,
+        **FAST_RETRY,
+    )(write)
+
     @task("keep_step", base=HiLokTask, hilok_write=ACCOUNT, hilok_keep=True, **FAST_RETRY)
     def keep_step(
         self: Task, previous: Any, run: str, tenant: str, account: str, step: str, gate: str = ""

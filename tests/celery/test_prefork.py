@@ -136,6 +136,44 @@ def test_chain_steps_published_by_pool_processes_keep_the_lock(
     released(hl, account(run), "the release")
 
 
+def test_wait_tasks_in_every_slot_give_them_back_to_the_chain_step_they_wait_for(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    # Two pool processes and prefetch 1: step 1 runs in one slot, waiter 0 waits in the
+    # other, waiter 1 is queued. Step 1 hands its lock to step 2, whose message lands behind
+    # waiter 1; waiter 1 takes the freed slot. Were both to wait, step 2 would get no slot
+    # until their hilok_timeout (10 s) failed them: the worker would stall.
+    worker = worker_factory(2)
+    q = worker.queue
+    result = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1", "s1"),
+        tasks.last_step.s(run, "t1", "a1", "step 2"),
+    ).apply_async(queue=q)
+    wait_for(start_of(lab, run, "step 1"), what="step 1")
+    waiters = [
+        tasks.write_bounded_wait.apply_async((run, "t1", "a1", f"waiter {n}"), queue=q)
+        for n in range(2)
+    ]
+    wait_for(lambda: hl.status(account(run)).waiters, what="waiter 0 to wait in its slot")
+    open_gate(lab, run, "s1")
+    assert result.get(timeout=RESULT_TIMEOUT) == "step 2"
+    assert sorted(w.get(timeout=RESULT_TIMEOUT) for w in waiters) == ["waiter 0", "waiter 1"]
+    records = events(lab, run)
+    # Recorded in order, under the lock: each start is followed by its own end, so no two
+    # bodies overlapped; and step 2 ran right after step 1, before any waiter.
+    pairs = [
+        (start["kind"], end["kind"], start["name"], end["name"])
+        for start, end in zip(records[0::2], records[1::2], strict=True)
+    ]
+    assert all(pair[:2] == ("start", "end") and pair[2] == pair[3] for pair in pairs), pairs
+    assert [pair[2] for pair in pairs] in (
+        ["step 1", "step 2", "waiter 0", "waiter 1"],
+        ["step 1", "step 2", "waiter 1", "waiter 0"],
+    )
+    assert "retries instead of waiting" in worker.log()
+    released(hl, account(run), "the release")
+
+
 def test_sigkilled_pool_process_is_released_by_the_main_process(
     prefork_worker: WorkerProcess, run: str, lab: redis.Redis, hl: HiLok
 ) -> None:
