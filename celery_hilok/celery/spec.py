@@ -96,26 +96,18 @@ class LockSpec:
 
     def _check_template(self, template: str, option: str) -> None:
         where = f"{self.task}: {option} template {template!r}"
-        try:
-            fields = list(_fields(template))
-        except ValueError as exc:
-            raise InvalidArgument(f"{where} is not a valid format string: {exc}") from None
-        if not fields and not template.strip():
-            raise InvalidArgument(f"{where} is empty")
         sig = self._signature
+        names = [
+            p.name
+            for p in (sig.parameters.values() if sig is not None else ())
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        used = template_names(template, where, names[0] if names else "account_id")
+        if not used and not template.strip():
+            raise InvalidArgument(f"{where} is empty")
         if sig is None:
             return
-        names = [
-            p.name for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
-        ]
-        for field in fields:
-            root = _ROOT_NAME.match(field)
-            name = root.group() if root else ""
-            if name == "" or name.isdigit():
-                raise InvalidArgument(
-                    f"{where} uses a positional field {{{field}}}: name the argument, "
-                    f"e.g. {{{names[0] if names else 'account_id'}}}"
-                )
+        for name in used:
             if name not in names and self._varkw is None:
                 known = ", ".join(names) or "none"
                 raise InvalidArgument(
@@ -156,12 +148,7 @@ class LockSpec:
     def _arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if self._signature is None:
             return dict(kwargs)
-        bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        if self._varkw is not None:
-            values.update(values.pop(self._varkw, {}))
-        return values
+        return bound_arguments(self._signature, self._varkw, args, kwargs)
 
 
 class _SegmentFormatter(string.Formatter):
@@ -198,6 +185,42 @@ def _plain(sig: inspect.Signature) -> inspect.Signature:
     empty = inspect.Parameter.empty
     params = [p.replace(annotation=empty) for p in sig.parameters.values()]
     return sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+
+
+def bound_arguments(
+    signature: inspect.Signature,
+    varkw: str | None,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A call's arguments by name, defaults applied, ``**kwargs`` (named ``varkw``) merged."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    if varkw is not None:
+        values.update(values.pop(varkw, {}))
+    return values
+
+
+def template_names(template: str, where: str, example: str = "") -> list[str]:
+    """The root argument name of every replacement field of format string ``template``
+    (``{account.id}`` -> ``account``), in order; :class:`InvalidArgument` (naming ``where``)
+    for a string that is not a valid format, or a positional field (``{}``, ``{0}``)."""
+    try:
+        fields = list(_fields(template))
+    except ValueError as exc:
+        raise InvalidArgument(f"{where} is not a valid format string: {exc}") from None
+    names = []
+    for field in fields:
+        root = _ROOT_NAME.match(field)
+        name = root.group() if root else ""
+        if name == "" or name.isdigit():
+            hint = f", e.g. {{{example}}}" if example else ""
+            raise InvalidArgument(
+                f"{where} uses a positional field {{{field}}}: name the argument{hint}"
+            )
+        names.append(name)
+    return names
 
 
 def _fields(template: str) -> Iterable[str]:

@@ -43,7 +43,7 @@ from ..errors import DuplicateTask, InvalidArgument
 from ._runtime import Runtime, runtime
 from .config import check_task_option
 from .locks import option
-from .spec import _ROOT_NAME, _fields, _plain
+from .spec import _plain, bound_arguments, template_names
 
 __all__ = [
     "UNIQUE_HEADER",
@@ -152,25 +152,13 @@ class UniqueSpec:
 
     def _check_template(self, template: str) -> None:
         where = f"template {template!r}"
-        try:
-            fields = list(_fields(template))
-        except ValueError as exc:
-            raise InvalidArgument(
-                f"{self.task}: hilok_unique {where} is not a valid format string: {exc}"
-            ) from None
-        if not fields:
+        names = template_names(template, f"{self.task}: hilok_unique {where}")
+        if not names:
             raise InvalidArgument(
                 f"{self.task}: hilok_unique {where} names no argument: to key on arguments by "
                 f"name pass a tuple ({template!r},); for one call of the task at a time, ()"
             )
-        for field in fields:
-            root = _ROOT_NAME.match(field)
-            name = root.group() if root else ""
-            if name == "" or name.isdigit():
-                raise InvalidArgument(
-                    f"{self.task}: hilok_unique {where} uses a positional field {{{field}}}: "
-                    "name the argument"
-                )
+        for name in names:
             self._check_name(name, f"{where} names {name!r}, which")
 
     # -- publish time ---------------------------------------------------------------------
@@ -219,12 +207,7 @@ class UniqueSpec:
     def _arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if self._signature is None:
             return {"args": list(args), "kwargs": dict(kwargs)}
-        bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        if self._varkw is not None:
-            values.update(values.pop(self._varkw, {}))
-        return values
+        return bound_arguments(self._signature, self._varkw, args, kwargs)
 
     def _value(self, values: Mapping[str, Any], name: str) -> Any:
         try:
