@@ -93,8 +93,8 @@ for _, g in ipairs(grants) do
   if queued[g.tree] then conflict_sets(g, 4, waits) end
 end
 if any_exists(holds) then
-  for _, key in ipairs(holds) do
-    local m, exp = holder_in(key, handle)
+  for _, g in ipairs(grants) do
+    local m, exp = holder_in_way(g, handle)
     if m then
       join_queue()
       return { 0, m, exp - NOW, 'held', holding }
@@ -105,15 +105,12 @@ end
 -- 2. earlier waiters on the request's chains, in trees where this holder holds nothing yet
 if #waits > 0 and any_exists(waits) then
   for _, g in ipairs(grants) do
-    if queued[g.tree] and not held_in(g.tree) then
-      for _, key in ipairs(conflict_sets(g, 4, {})) do
-        local w = waiter_in_front(g.tree, key, handle, tickets[g.tree] or nil)
-        if w then
-          join_queue()
-          local wexp = tonumber(redis.call('ZSCORE', tree_key(g.tree, 'qx'), w)) or NOW
-          return { 0, w, wexp - NOW, 'queued', holding }
-        end
-      end
+    local w = queued[g.tree] and not held_in(g.tree)
+      and waiter_in_way(g, handle, tickets[g.tree] or nil)
+    if w then
+      join_queue()
+      local wexp = tonumber(redis.call('ZSCORE', tree_key(g.tree, 'qx'), w)) or NOW
+      return { 0, w, wexp - NOW, 'queued', holding }
     end
   end
 end

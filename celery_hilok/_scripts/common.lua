@@ -277,6 +277,25 @@ local function conflict_sets(g, kind, out)
   return out
 end
 
+-- the first live holder of another handle than `handle` in grant g's way: member, expiry
+local function holder_in_way(g, handle)
+  for _, key in ipairs(conflict_sets(g, 0, {})) do
+    local m, exp = holder_in(key, handle)
+    if m then return m, exp end
+  end
+  return nil
+end
+
+-- the first live waiter of another handle, in front of ticket `before` (nil: anywhere), in
+-- grant g's way
+local function waiter_in_way(g, handle, before)
+  for _, key in ipairs(conflict_sets(g, 4, {})) do
+    local w = waiter_in_front(g.tree, key, handle, before)
+    if w then return w end
+  end
+  return nil
+end
+
 -- (in slices: Lua's unpack() returns at most about 8000 values, LUAI_MAXCSTACK)
 local function any_exists(keys)
   for i = 1, #keys, 1000 do

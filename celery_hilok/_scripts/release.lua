@@ -77,13 +77,8 @@ end
 -- handle is in its way; 'queued': an earlier waiter is (ticket false: c's holder held
 -- something in the tree when it queued, so it skips the queue)
 local function grantable(c, who, ticket)
-  for _, key in ipairs(conflict_sets(c, 0, {})) do
-    if holder_in(key, who) then return 'held' end
-  end
-  if ticket == false then return 'yes' end  -- it skips the queue
-  for _, key in ipairs(conflict_sets(c, 4, {})) do
-    if waiter_in_front(c.tree, key, who, ticket) then return 'queued' end
-  end
+  if holder_in_way(c, who) then return 'held' end
+  if ticket ~= false and waiter_in_way(c, who, ticket) then return 'queued' end
   return 'yes'
 end
 
