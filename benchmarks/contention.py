@@ -36,7 +36,6 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ import redis.asyncio as aredis
 
 from benchmarks.ours import OursBackend
 from benchmarks.seed import end_process
-from benchmarks.workloads import chain_path, handoff, summarize
+from benchmarks.workloads import HeldWrites, handoff, summarize
 from celery_hilok import AsyncHiLok, Lease, _core
 from celery_hilok.paths import KeySpace
 
@@ -492,41 +491,24 @@ async def _slowlog(
     raw = aredis.Redis.from_url(url)
     # the context managers renew every ttl/3
     hl = AsyncHiLok(url, namespace=ns, ttl=3 * interval)
-    gate = asyncio.Semaphore(GATE)
-    held = 0
-    all_held, release = asyncio.Event(), asyncio.Event()
-    first: list[Lease] = []
-    kept: list[Lease] = []
-
-    async def hold(i: int) -> None:
-        nonlocal held
-        stack = AsyncExitStack()
-        async with gate:
-            lease = await stack.enter_async_context(hl.write(chain_path(f"{tag}c{i}", depth)))
-        try:
-            first[:] = first or [lease]
-            kept.append(lease)
-            held += 1
-            if held == leases:
-                all_held.set()
-            await release.wait()
-        finally:
-            async with gate:
-                await stack.aclose()
+    held = HeldWrites(hl, tag, leases, depth, GATE)
+    kept: list[Lease] = held.leases
 
     old = await raw.config_get("slowlog-*")
     old_slower = str(old.get("slowlog-log-slower-than") or 10000)
     old_len = str(old.get("slowlog-max-len") or 128)
-    tasks = [asyncio.create_task(hold(i)) for i in range(leases)]
+    tasks = held.tasks
     entries: list[dict[str, Any]] = []
     try:
-        waiter = asyncio.create_task(all_held.wait())
+        waiter = asyncio.create_task(held.all_held.wait())
         done, _ = await asyncio.wait([waiter, *tasks], timeout=cap, return_when="FIRST_COMPLETED")
         if waiter not in done:
             waiter.cancel()
-            raise RuntimeError(f"{held} of {leases} leases held; a holder failed or {cap} s passed")
+            raise RuntimeError(
+                f"{len(kept)} of {leases} leases held; a holder failed or {cap} s passed"
+            )
         # Load the refresh script now (EVALSHA, NOSCRIPT, EVAL): only EVALSHA ticks follow.
-        await hl.refresh(*first)
+        await hl.refresh(*kept[:1])
         await raw.config_set("slowlog-max-len", 1024)
         await raw.config_set("slowlog-log-slower-than", slower_than)
         await raw.slowlog_reset()
@@ -552,8 +534,7 @@ async def _slowlog(
     finally:
         await raw.config_set("slowlog-log-slower-than", old_slower)
         await raw.config_set("slowlog-max-len", old_len)
-        release.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await held.end()
         await hl.close()
         await raw.aclose()
     scripts = entries

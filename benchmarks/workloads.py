@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "Backend",
+    "HeldWrites",
     "LockService",
     "chain_path",
     "measure_rate",
@@ -69,6 +70,42 @@ class Backend(Protocol):
 def chain_path(root: str, depth: int) -> str:
     """A path of ``depth`` segments under the first segment ``root``: ``root/n2/n3...``."""
     return "/".join([root, *(f"n{i}" for i in range(2, depth + 1))])
+
+
+class HeldWrites:
+    """``count`` write locks of ``service`` (``service.write(path)`` context managers, so
+    renewed by the library), on distinct trees ``<tag>c<i>`` at ``depth``, each held by a
+    task of its own until :meth:`end`. At most ``gate`` acquires (and releases) are in
+    flight: redis-py >= 8 caps an asyncio pool at 100 connections and raises past that."""
+
+    def __init__(self, service: Any, tag: str, count: int, depth: int, gate: int = 32) -> None:
+        self.leases: list[Any] = []
+        self.all_held = asyncio.Event()
+        self._release = asyncio.Event()
+        self._gate = asyncio.Semaphore(gate)
+        self._count = count
+        self.tasks = [
+            asyncio.create_task(self._hold(service, chain_path(f"{tag}c{i}", depth)))
+            for i in range(count)
+        ]
+
+    async def _hold(self, service: Any, path: str) -> None:
+        stack = AsyncExitStack()
+        async with self._gate:
+            lease = await stack.enter_async_context(service.write(path))
+        try:
+            self.leases.append(lease)
+            if len(self.leases) == self._count:
+                self.all_held.set()
+            await self._release.wait()
+        finally:
+            async with self._gate:
+                await stack.aclose()
+
+    async def end(self) -> list[Any]:
+        """Let every lock go; the tasks' outcomes (exceptions returned, not raised)."""
+        self._release.set()
+        return await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, float | None]:
@@ -470,31 +507,10 @@ async def refresh_cost(
     service = await backend.new(refresh_interval=interval)
     raw = backend.raw()
     tag = _tag("rf")
-    held = 0
-    all_held = asyncio.Event()
-    release = asyncio.Event()
-
-    # redis-py >= 8 caps an asyncio pool at 100 connections and raises past that, so at
-    # most this many acquires (and releases) are in flight at once.
-    gate = asyncio.Semaphore(32)
-
-    async def hold(i: int) -> None:
-        nonlocal held
-        stack = AsyncExitStack()
-        async with gate:
-            await stack.enter_async_context(service.write(chain_path(f"{tag}c{i}", depth)))
-        try:
-            held += 1
-            if held == leases:
-                all_held.set()
-            await release.wait()
-        finally:
-            async with gate:
-                await stack.aclose()
-
-    tasks = [asyncio.create_task(hold(i)) for i in range(leases)]
+    held = HeldWrites(service, tag, leases, depth)
+    tasks = held.tasks
     try:
-        waiter = asyncio.create_task(all_held.wait())
+        waiter = asyncio.create_task(held.all_held.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
             waiter.cancel()
@@ -512,8 +528,7 @@ async def refresh_cost(
         # A holder that ended on its own lost its lease (the seed cancels the holder then).
         lost = sum(1 for task in tasks if task.done())
     finally:
-        release.set()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await held.end()
         await backend.close(service)
         await raw.aclose()
     for outcome in outcomes:
