@@ -36,15 +36,22 @@ def server() -> Iterator[RedisServer]:
         yield srv
 
 
-def worker_with(
-    server: RedisServer, config: dict[str, Any], namespace: str, commands: tuple[str, ...]
-) -> WorkerProcess:
+def acl_user(server: RedisServer, namespace: str, commands: tuple[str, ...]) -> str:
+    """A new ACL user (password PASSWORD) allowed only ``commands``, on the namespace's keys
+    and channels; its name."""
     admin = server.client()
     user = f"u{uuid.uuid4().hex[:8]}"
     rules = ["on", f">{PASSWORD}", "resetkeys", f"~{namespace}:*", "resetchannels"]
     rules += [f"&{namespace}:*", "-@all", *(f"+{c}" for c in commands)]
     admin.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
     admin.close()
+    return user
+
+
+def worker_with(
+    server: RedisServer, config: dict[str, Any], namespace: str, commands: tuple[str, ...]
+) -> WorkerProcess:
+    user = acl_user(server, namespace, commands)
     return WorkerProcess(
         {
             **config,
@@ -126,12 +133,7 @@ def eager_tasks_with(server: RedisServer, lab_url: str, commands: tuple[str, ...
     from tests.celery import app as test_app
 
     namespace = f"a{uuid.uuid4().hex[:8]}"
-    admin = server.client()
-    user = f"u{uuid.uuid4().hex[:8]}"
-    rules = ["on", f">{PASSWORD}", "resetkeys", f"~{namespace}:*", "resetchannels"]
-    rules += [f"&{namespace}:*", "-@all", *(f"+{c}" for c in commands)]
-    admin.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
-    admin.close()
+    user = acl_user(server, namespace, commands)
     app = Celery(f"tests.celery.acl-{namespace}", set_as_current=False)
     app.conf.update(
         task_always_eager=True,
