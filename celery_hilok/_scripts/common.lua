@@ -65,12 +65,6 @@ local function fields(text)
   end
 end
 
-local function split3(text)
-  local a = string.find(text, '|', 1, true)
-  local b = string.find(text, '|', a + 1, true)
-  return string.sub(text, 1, a - 1), string.sub(text, a + 1, b - 1), string.sub(text, b + 1)
-end
-
 -- a holder entry: the grant's fencing token, lease expiry, and the nonce of the acquire call
 -- that made it (so that call, if its reply is lost, can undo exactly what it granted)
 local function holder_entry(token, exp, nonce)
@@ -78,8 +72,8 @@ local function holder_entry(token, exp, nonce)
 end
 
 local function split_entry(entry)
-  local token, exp, nonce = split3(entry)
-  return token, tonumber(exp), nonce
+  local f = fields(entry)
+  return f[1], tonumber(f[2]), f[3]
 end
 
 -- how long a holder entry outlives the lease it was last renewed for: while it is there, a
