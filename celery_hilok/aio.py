@@ -219,8 +219,8 @@ class _Refresher:
         self.schedule.discard(lease)  # the task ends by itself once idle
 
     def _wake_up(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        if self._wake is not None:
+            _done(self._wake)
 
     async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         idle = False
