@@ -20,11 +20,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypedDict, TypeVar
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoPermissionError, NoScriptError, RedisError, ResponseError
 
 from . import metrics
 from ._core import (
     CLUSTER_WAIT,
+    LIBRARY,
     Acquisition,
     Blocked,
     Call,
@@ -66,7 +67,8 @@ class Execute(NamedTuple):
     """Send ``commands`` in one round trip; the result is one reply per command, a command's
     own error (a ``ResponseError``) as its reply; a failed connection raises. With ``shield``
     the round trip is carried out even if the calling task is cancelled meanwhile (the
-    cancellation is raised when the flow is done)."""
+    cancellation is raised when the flow is done): a driver may then send the commands a
+    second time, so a shielded effect is one that may run twice (a release)."""
 
     commands: list[tuple[Any, ...]]
     shield: bool = False
@@ -453,6 +455,8 @@ class Client(Generic[C]):
         if self._cluster and self.wait_replicas:
             raise InvalidArgument(CLUSTER_WAIT)
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
+        # the scripts go as FCALL of the library until the server refuses it (see _send)
+        self._functions = True
         # the channel on which releases tell this client's waiters that the lock is theirs
         self._channel = self._protocol.keys.channel(secrets.token_urlsafe(12))
         self._waker: _Waker = self._waker_class(self)
@@ -499,25 +503,25 @@ class Client(Generic[C]):
     def _send(
         self, calls: Sequence[Call], *, shield: bool = False, wait: bool = False
     ) -> Flow[Any]:
-        """Send script calls in one round trip, by SHA (by source for a script the server
-        lacks: after a restart or ``SCRIPT FLUSH``); their replies. With ``wait``, ``WAIT``
-        for ``wait_replicas`` follows on the same connection (it counts that connection's
-        writes and cannot run inside a script); the replies then end with its count."""
+        """Send script calls in one round trip; their replies. With ``wait``, ``WAIT`` for
+        ``wait_replicas`` follows on the same connection (it counts that connection's writes
+        and cannot run inside a script); the replies then end with its count.
+
+        The calls go as ``FCALL`` of the library's functions. Calls the server did not run
+        (the library is not loaded: a new server, a restart, ``FUNCTION FLUSH``) are sent
+        again once it is loaded; a server that refuses functions (Redis before 7, an ACL
+        without ``FCALL`` or ``FUNCTION LOAD``) gets every call as ``EVALSHA`` from then on
+        (by source for a script it lacks: after a restart or ``SCRIPT FLUSH``)."""
         extra = (
             [("WAIT", self.wait_replicas, max(1, round(self.wait_timeout * 1000)))] if wait else []
         )
-        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls]
         name = calls[0].script.name
         try:
-            replies = yield Execute(commands + extra, shield)
-            missing = [
-                i for i, r in enumerate(replies[: len(calls)]) if isinstance(r, NoScriptError)
-            ]
+            replies = yield Execute([self._command(c, False) for c in calls] + extra, shield)
+            missing = [i for i, r in enumerate(replies[: len(calls)]) if self._unsent(r)]
             if missing:
-                sources = [calls[i] for i in missing]
-                commands = [
-                    ("EVAL", c.script.source, len(c.keys), *c.keys, *c.args) for c in sources
-                ]
+                yield from self._load_scripts(replies[missing[0]], shield)
+                commands = [self._command(calls[i], True) for i in missing]
                 again = yield Execute(commands + extra, shield)
                 for i, reply in zip(missing, again, strict=False):
                     replies[i] = reply
@@ -531,6 +535,45 @@ class Client(Generic[C]):
         if wait and isinstance(replies[-1], RedisError):
             raise translate(replies[-1], self.server, name) from replies[-1]
         return replies
+
+    def _command(self, call: Call, again: bool) -> tuple[Any, ...]:
+        """``call`` as a command: FCALL, or EVALSHA (EVAL, with the source, when ``again``)."""
+        if self._functions:
+            return ("FCALL", call.script.function, len(call.keys), *call.keys, *call.args)
+        if again:
+            return ("EVAL", call.script.source, len(call.keys), *call.keys, *call.args)
+        return ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+
+    def _unsent(self, reply: object) -> bool:
+        """Is ``reply`` a refusal before the call ran, that sending it otherwise cures?"""
+        if isinstance(reply, NoScriptError):
+            return True
+        if not self._functions or not isinstance(reply, ResponseError):
+            return False
+        text = str(reply)
+        return (
+            text.startswith("Function not found")
+            or "unknown command" in text  # Redis before 7, or FCALL renamed away
+            or (isinstance(reply, NoPermissionError) and "'fcall'" in text)
+        )
+
+    def _load_scripts(self, refusal: object, shield: bool) -> Flow[None]:
+        """Make the scripts callable again after ``refusal``: load the library, or, if the
+        server will not run functions, use EVALSHA from now on."""
+        if not self._functions:
+            return  # NOSCRIPT: the calls go again by source
+        if str(refusal).startswith("Function not found"):
+            (loaded,) = yield Execute([("FUNCTION LOAD", "REPLACE", LIBRARY.source)], shield)
+            if not isinstance(loaded, RedisError):
+                return
+            refusal = loaded
+        self._functions = False
+        log.info(
+            "Redis at %s will not run Redis Functions (%s): celery_hilok sends its scripts "
+            "with EVALSHA instead (slower: see 'Redis Functions' in docs/operations.md)",
+            self.server,
+            refusal,
+        )
 
     def _send_batches(
         self, batches: list[tuple[list[int], Call]], count: int, shield: bool = False

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aredis
 from redis.exceptions import RedisError, ResponseError
@@ -30,6 +30,7 @@ __all__ = ["AsyncHiLok"]
 log = logging.getLogger("celery_hilok")
 
 AsyncClient = aredis.Redis | aredis.RedisCluster
+T = TypeVar("T")
 
 
 WAKER_LINGER = 0.25
@@ -361,12 +362,14 @@ class AsyncHiLok(_engine.Client[AsyncClient]):
         """Run ``flow`` to its end, performing each effect it yields.
 
         A cancellation that arrives during a shielded effect is held back: the effect is
-        carried out and its result goes to the flow, and the cancellation is thrown in at
-        the flow's next unshielded effect, or raised when it ends (winning over its result
-        or its error). A cancellation that the task counts but that never reached us (some
-        redis-py versions swallow one that lands mid-call, or turn it into a connection
-        error; ``asyncio.wait_for`` may too) is thrown in after the effect it landed in, or
-        a cancelled task would carry on, perhaps holding a lease it was never given.
+        carried out (sent again, in a task of its own that no cancellation reaches, if the
+        cancellation cut it short: a shielded effect may run twice) and its result goes to
+        the flow, and the cancellation is thrown in at the flow's next unshielded effect, or
+        raised when it ends (winning over its result or its error). A cancellation that the
+        task counts but that never reached us (some redis-py versions swallow one that lands
+        mid-call, or turn it into a connection error; ``asyncio.wait_for`` may too) is
+        thrown in after the effect it landed in, or a cancelled task would carry on, perhaps
+        holding a lease it was never given.
         """
         counter = _cancel_counter()
         seen = counter()
@@ -382,25 +385,26 @@ class AsyncHiLok(_engine.Client[AsyncClient]):
                 value: Any = None
                 error: BaseException | None = None
                 try:
-                    if shield:
-                        task = asyncio.ensure_future(self._perform(effect))
-                        try:
-                            value = await asyncio.shield(task)
-                        except asyncio.CancelledError as cancelled:
-                            held = cancelled
-                            value = await task
-                    else:
-                        value = await self._perform(effect)
+                    value = await self._perform(effect)
                 except BaseException as exc:
                     error = exc
-                if counter() > seen:
+                cancelled = counter() > seen
+                if cancelled:
                     seen = counter()
-                    if shield:
+                if shield and (cancelled or isinstance(error, asyncio.CancelledError)):
+                    if held is None:
+                        held = error if isinstance(error, asyncio.CancelledError) else None
                         held = held or asyncio.CancelledError()
-                    elif not isinstance(error, asyncio.CancelledError):
-                        swallowed = asyncio.CancelledError()
-                        swallowed.__cause__ = error
-                        error = swallowed
+                    if error is not None:  # cut short by the cancellation: carry it out
+                        error = None
+                        try:
+                            value = await _carried_out(self._perform(effect))
+                        except BaseException as exc:
+                            error = exc
+                elif cancelled and not isinstance(error, asyncio.CancelledError):
+                    swallowed = asyncio.CancelledError()
+                    swallowed.__cause__ = error
+                    error = swallowed
                 if error is None:
                     run.send(value)
                 else:
@@ -440,6 +444,18 @@ def _cancel_counter() -> Callable[[], int]:
     if counter is None:
         return lambda: 0
     return counter  # type: ignore[no-any-return]
+
+
+async def _carried_out(coro: Awaitable[T]) -> T:
+    """Run ``coro`` to its end in a task of its own, whatever cancellations the calling task
+    gets meanwhile (the caller re-raises the one it holds)."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()
 
 
 async def _shielded(coro: Awaitable[Any]) -> None:

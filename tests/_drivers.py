@@ -63,6 +63,8 @@ class Locks(Protocol):
     def _protocol(self) -> Calls: ...
     @property
     def _channel(self) -> str: ...
+    @property
+    def _functions(self) -> bool: ...
 
     def acquire(self, path: str, mode: Mode, **options: Unpack[AcquireOptions]) -> Lease: ...
     def acquire_many(
@@ -160,6 +162,10 @@ class AsyncBridge:
     @property
     def _channel(self) -> str:
         return self.locks._channel
+
+    @property
+    def _functions(self) -> bool:
+        return self.locks._functions
 
     @property
     def namespace(self) -> str:

@@ -63,7 +63,7 @@ class LosingRefresh(aredis.Redis):
     stalled: asyncio.Event | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        if args[:2] == ("EVALSHA", REFRESH.sha):
+        if args[:2] in (("FCALL", REFRESH.function), ("EVALSHA", REFRESH.sha)):
             assert self.stalled is not None
             self.stalled.set()
             try:

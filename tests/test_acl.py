@@ -49,6 +49,14 @@ ENGINE_COMMANDS = (
 )
 """What the engine needs: the ACL line of docs/operations.md, as ``+command`` each."""
 
+FUNCTION_COMMANDS = (
+    "fcall",
+    "function|load",
+    *(c for c in ENGINE_COMMANDS if c not in ("evalsha", "eval")),
+)
+"""The same with the scripts as Redis Functions (the faster way; docs/operations.md): the
+client loads the library where it is missing (a new server, a restart, FUNCTION FLUSH)."""
+
 INSPECT_COMMANDS = ("scan",)
 """What the ``hilok`` command (``celery hilok tree``...) needs on top of the engine's."""
 
@@ -97,6 +105,7 @@ def make_user(
         "ACL", "SETUSER", *acl_line(namespace, commands, channels=channels)
     )
     admin.script_flush()  # the first call of each script takes the NOSCRIPT fallback
+    admin.function_flush()  # and the first FCALL loads the library
     kwargs = admin.connection_pool.connection_kwargs
     return f"redis://{USER}:{PASSWORD}@{kwargs['host']}:{kwargs['port']}/0"
 
@@ -197,6 +206,36 @@ def test_the_minimal_acl_is_enough_for_the_seed_compatible_class(
     asyncio.run(asyncio.wait_for(exercise_compat(url, namespace), DEADLINE))
 
 
+def test_with_functions_the_engine_needs_no_eval(
+    admin: redis.Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = make_user(admin, namespace, FUNCTION_COMMANDS)
+    admin.config_resetstat()
+    with caplog.at_level(logging.INFO, logger="celery_hilok"):
+        exercise_sync(url, namespace, admin)
+        asyncio.run(asyncio.wait_for(exercise_async(url, namespace), DEADLINE))
+        asyncio.run(asyncio.wait_for(exercise_compat(url, namespace), DEADLINE))
+    stats = admin.info("commandstats")
+    assert "cmdstat_evalsha" not in stats and "cmdstat_eval" not in stats
+    assert stats["cmdstat_function|load"]["calls"] >= 1
+    assert not [r for r in caplog.records if "Redis Functions" in r.getMessage()]
+
+
+def test_without_functions_the_engine_says_so_once_and_uses_evalsha(
+    admin: redis.Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = make_user(admin, namespace, ENGINE_COMMANDS)
+    with (
+        caplog.at_level(logging.INFO, logger="celery_hilok"),
+        HiLok(url, namespace=namespace) as engine,
+    ):
+        for _ in range(3):
+            engine.release(engine.acquire("t/a", "write"))
+        assert not engine._functions
+    told = [r.getMessage() for r in caplog.records if "Redis Functions" in r.getMessage()]
+    assert len(told) == 1 and "'fcall'" in told[0] and "EVALSHA" in told[0], told
+
+
 def test_the_cli_needs_scan_on_top(admin: redis.Redis, namespace: str) -> None:
     url = make_user(admin, namespace, ENGINE_COMMANDS + INSPECT_COMMANDS)
     with HiLok(url, namespace=namespace) as hl:
@@ -212,11 +251,16 @@ def test_the_cli_needs_scan_on_top(admin: redis.Redis, namespace: str) -> None:
         hl.release(lease)
 
 
-@pytest.mark.parametrize("missing", [c for c in ENGINE_COMMANDS if c != "subscribe"])
+@pytest.mark.parametrize(
+    ("acl", "missing"),
+    [("eval", c) for c in ENGINE_COMMANDS if c != "subscribe"]
+    + [("functions", c) for c in FUNCTION_COMMANDS if c not in ENGINE_COMMANDS],
+)
 def test_every_command_of_the_acl_is_needed(
-    admin: redis.Redis, namespace: str, missing: str
+    admin: redis.Redis, namespace: str, acl: str, missing: str
 ) -> None:
-    url = make_user(admin, namespace, tuple(c for c in ENGINE_COMMANDS if c != missing))
+    commands = ENGINE_COMMANDS if acl == "eval" else FUNCTION_COMMANDS
+    url = make_user(admin, namespace, tuple(c for c in commands if c != missing))
     started = time.monotonic()
     with pytest.raises(HiLokError, match=r"(ACL|credentials|no permissions)") as info:
         exercise_sync(url, namespace, admin)

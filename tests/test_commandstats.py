@@ -75,7 +75,7 @@ def test_acquire_and_release_at_depth_8_cost_one_call_each(
     assert script_calls(stats) == 1
     hl.release(lease)
     assert script_calls(stats) == 2
-    assert stats.info("commandstats")["cmdstat_evalsha"]["failed_calls"] == 0
+    assert stats.info("commandstats")["cmdstat_fcall"]["failed_calls"] == 0  # as functions
 
 
 def test_context_manager_at_depth_8_costs_two_calls(hl: HiLok, stats: redis.Redis) -> None:

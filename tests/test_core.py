@@ -14,6 +14,7 @@ from celery_hilok._core import (
     ACQUIRE,
     HANDOFF_TTL_MS,
     KEEPALIVE,
+    LIBRARY,
     MODE_CODES,
     QUEUE_TTL_MS,
     REFRESH,
@@ -24,6 +25,7 @@ from celery_hilok._core import (
     Acquisition,
     Blocked,
     Granted,
+    Library,
     Protocol,
     Request,
     Sleep,
@@ -82,8 +84,24 @@ def test_scripts_are_prelude_plus_body_addressed_by_sha1() -> None:
     prelude = ACQUIRE.source.split("\n-- acquire:")[0]
     for script in scripts:
         assert script.source.startswith(prelude)
+        assert script.source.endswith(f"\nreturn {script.name}(CALL_KEYS, CALL_ARGV)\n")
         assert script.sha == hashlib.sha1(script.source.encode()).hexdigest()
     assert len({s.sha for s in scripts}) == 4
+
+
+def test_the_library_holds_every_script_as_a_function_named_by_its_code() -> None:
+    first, _, code = LIBRARY.source.partition("\n")
+    assert first == f"#!lua name={LIBRARY.name}" and LIBRARY.name.endswith(LIBRARY.tag)
+    prelude = ACQUIRE.source.split("\n", 1)[1].split("\n-- acquire:")[0]
+    assert code.startswith(prelude)
+    for script in (ACQUIRE, RELEASE, REFRESH, STATUS):
+        assert script.function == f"hilok_{LIBRARY.tag}_{script.name}"
+        assert f"function_name = '{script.function}', callback = {script.name}," in code
+        body = script.source.split("\n", 1)[1].removeprefix(prelude).rsplit("\nreturn ", 1)[0]
+        assert body.strip() in code  # the same body, as a script or as a function
+    assert "flags = { 'allow-oom' }" in code and "flags = { 'no-writes' }" in code
+    # another version of the code is another library: both can live on one server
+    assert Library(["acquire"]).tag != LIBRARY.tag
 
 
 # -- call layout ----------------------------------------------------------------------------

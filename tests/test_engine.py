@@ -28,7 +28,7 @@ from celery_hilok import (
     QueuedRequest,
 )
 from celery_hilok._core import (
-    ACQUIRE,
+    LIBRARY,
     SUBSCRIBE,
     Acquisition,
     Blocked,
@@ -1004,19 +1004,30 @@ def test_restart_loses_locks_but_scripts_come_back(
         hl.release(again)
 
 
-def test_script_flush_falls_back_to_eval(hl: Locks, redis_client: redis.Redis) -> None:
+def test_the_library_is_loaded_again_after_a_function_flush(
+    hl: Locks, redis_client: redis.Redis
+) -> None:
     hl.release(hl.acquire("z/a", "read"))
-    redis_client.script_flush()
-    assert redis_client.script_exists(ACQUIRE.sha) == [False]
-    lease = hl.acquire("z/a", "write", block=False)
-    assert redis_client.script_exists(ACQUIRE.sha) == [True]
-    redis_client.script_flush()
-    assert hl.status("z/a").held
-    redis_client.script_flush()
-    hl.refresh(lease)
-    redis_client.script_flush()
-    hl.release(lease)
+    assert redis_client.function_list(library=LIBRARY.name)
+    lease: Lease | None = None
+    for step in ("acquire", "status", "refresh", "release"):
+        redis_client.function_flush()  # as after a restart without persistence
+        if step == "acquire":
+            lease = hl.acquire("z/a", "write", block=False)
+        elif step == "status":
+            assert hl.status("z/a").held
+        elif step == "refresh":
+            assert lease is not None
+            hl.refresh(lease)
+        else:
+            assert lease is not None
+            hl.release(lease)
+        assert redis_client.function_list(library=LIBRARY.name)  # loaded again
     assert not hl.status("z/a").held
+    assert hl._functions  # still calling functions: nothing refused them
+
+
+# -- keys -----------------------------------------------------------------------------------
 
 
 # -- keys -----------------------------------------------------------------------------------

@@ -131,6 +131,25 @@ def test_a_release_grants_the_next_waiter_by_itself(
     hl.release(hl.acquire("d/x", "read", block=False))
 
 
+def test_tickets_that_differ_past_14_digits_keep_their_order(
+    hl: HiLok, client: redis.Redis, namespace: str
+) -> None:
+    """Tickets have 16 digits; Lua writes a number with 14 when it joins it to a string, so
+    a ticket compared that way (as a score bound) rounds up past the next ones, and two
+    waiters each found the other in front: neither was ever granted (a stall until they
+    timed out, seen under load when waiters queue within the same 100 microseconds)."""
+    # Tickets and tokens count on from the tree's counter: make them 16-digit neighbours
+    # whose 14-digit spelling (5e+15) is larger than the next ones.
+    client.set(f"{namespace}:{{tk}}::n", 4_999_999_999_999_950, px=60_000)
+    held = hl.acquire("tk/x", "write")
+    first, second = Ghost(hl, [("tk/x", "write")]), Ghost(hl, [("tk/x", "write")])
+    hl.release(held)
+    assert first.holds() and second.queued()  # first come, first served
+    assert first.leave() == [1]
+    assert second.holds()
+    assert second.leave() == [1]
+
+
 def test_readers_go_in_together_and_a_writer_keeps_its_place(
     hl: HiLok, told: Callable[[Ghost], list[str]]
 ) -> None:

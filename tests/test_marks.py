@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from celery_hilok import _core, _marks
-from celery_hilok._core import ACQUIRE, MODE_CODES, REFRESH, RELEASE, STATUS, related
+from celery_hilok._core import ACQUIRE, LIBRARY, MODE_CODES, REFRESH, RELEASE, STATUS, related
 from celery_hilok._marks import CONFLICTS, MARKS, PLACES, grants_conflict, lua_tables
 from celery_hilok.paths import KeySpace
 from tests import _reference
@@ -102,8 +102,10 @@ def test_table_is_consistent_with_the_core() -> None:
 
 def test_lua_tables_are_rendered_before_the_prelude() -> None:
     common = (resources.files("celery_hilok") / "_scripts" / "common.lua").read_text("utf-8")
+    prelude = lua_tables() + "\n" + common + "\n"
     for script in (ACQUIRE, RELEASE, REFRESH, STATUS):
-        assert script.source.startswith(lua_tables() + "\n" + common + "\n")
+        assert script.source.split("\n", 1)[1].startswith(prelude)  # after KEYS/ARGV
+    assert LIBRARY.source.split("\n", 1)[1].startswith(prelude)  # after the shebang
     for name in ("LEAF_MARK", "INTENT_MARK", "CONFLICTS", "CONFLICTING"):
         assert re.search(rf"^local {name} = ", lua_tables(), re.M), name
         assert not re.search(rf"^local {name}\b", common, re.M), name  # defined once
@@ -144,8 +146,8 @@ def test_upper_node_rule_is_gray_rule_on_every_shared_node(mode1: str, mode2: st
 LUA_BODY = """
 local function b(v) if v then return 1 end return 0 end
 local out, leaf, intent, sizes, table, self = {}, {}, {}, {}, {}, {}
-for i = 1, #ARGV, 4 do
-  out[#out + 1] = b(conflict(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]))
+for i = 1, #CALL_ARGV, 4 do
+  out[#out + 1] = b(conflict(CALL_ARGV[i], CALL_ARGV[i + 1], CALL_ARGV[i + 2], CALL_ARGV[i + 3]))
 end
 for _, c in ipairs({ 'S', 'X', 'N' }) do
   leaf[#leaf + 1] = LEAF_MARK[c]
@@ -162,7 +164,7 @@ return { out, leaf, intent, sizes, table, self }
 
 def test_lua_conflict_agrees_with_python(redis_client: redis.Redis) -> None:
     common = (resources.files("celery_hilok") / "_scripts" / "common.lua").read_text("utf-8")
-    source = lua_tables() + "\n" + common + "\n" + LUA_BODY
+    source = "local CALL_ARGV = ARGV\n" + lua_tables() + "\n" + common + "\n" + LUA_BODY
     cases = [
         (m1, p, m2, q)
         for m1, m2 in itertools.product(MODES, repeat=2)

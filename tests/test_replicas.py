@@ -179,9 +179,12 @@ def test_a_waiter_with_wait_replicas_gets_the_lock_on_release(
 def test_wait_survives_a_script_flush(master_url: str, namespace: str) -> None:
     with HiLok(master_url, namespace=namespace, wait_replicas=1) as hl:
         hl.release(hl.acquire("f", "write"))
-        hl.redis.script_flush()
+        hl.redis.function_flush()  # the FCALL is refused, the library loaded, FCALL + WAIT again
         lease = hl.acquire("f", "write")
         hl.release(lease)
+        hl._functions = False  # the same by EVALSHA: NOSCRIPT, then EVAL + WAIT
+        hl.redis.script_flush()
+        hl.release(hl.acquire("f", "write"))
 
 
 @pytest.mark.parametrize(
@@ -290,7 +293,7 @@ def test_async_frozen_replica_makes_the_acquire_fail(
                 with pytest.raises(LockNotReplicated, match="0 of 1 replica"):
                     await hl.acquire("p/q", "write")
                 assert not (await hl.status("p/q")).held
-            await hl.redis.script_flush()
-            await hl.release(await hl.acquire("p/q", "write"))  # NOSCRIPT: EVAL, then WAIT
+            await hl.redis.function_flush()
+            await hl.release(await hl.acquire("p/q", "write"))  # loaded, then FCALL + WAIT
 
     asyncio.run(main())

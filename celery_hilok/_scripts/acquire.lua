@@ -20,136 +20,139 @@
 -- Cost: O(depth) commands per grant (each O(log n)), whatever the number of waiters and
 -- holders elsewhere in the tree.
 
-local handle, ttl = ARGV[1], tonumber(ARGV[2])
-local register, qttl = ARGV[3] == '1', tonumber(ARGV[4])
-local ntrees, ngrants = tonumber(ARGV[5]), tonumber(ARGV[6])
-local nonce, channel = ARGV[7], ARGV[8]
-local grants = read_grants(ngrants, 9, TREE_SIZE * ntrees + 1, false, true)
-local prefix = handle .. '|'
+local function acquire(keys, args)
+  begin(keys, args, FULL_TREE)
+  local handle, ttl = ARGV[1], tonumber(ARGV[2])
+  local register, qttl = ARGV[3] == '1', tonumber(ARGV[4])
+  local ntrees, ngrants = tonumber(ARGV[5]), tonumber(ARGV[6])
+  local nonce, channel = ARGV[7], ARGV[8]
+  local grants = read_grants(ngrants, 9, TREE_SIZE * ntrees + 1, false, true)
+  local prefix = handle .. '|'
 
-for _, g in ipairs(grants) do g.member = prefix .. g.mode .. '|' .. g.path end
+  for _, g in ipairs(grants) do g.member = prefix .. g.mode .. '|' .. g.path end
 
-local holding = 0
-local queued = {}   -- tree -> somebody waits there (its queue exists)
-local tickets = {}  -- tree -> this request's ticket there (false: not queued)
-for _, g in ipairs(grants) do
-  if queued[g.tree] == nil then
-    queued[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
-    tickets[g.tree] = queued[g.tree]
-      and (tonumber(redis.call('ZSCORE', tree_key(g.tree, 'q'), g.member)) or false)
+  local holding = 0
+  local queued = {}   -- tree -> somebody waits there (its queue exists)
+  local tickets = {}  -- tree -> this request's ticket there (false: not queued)
+  for _, g in ipairs(grants) do
+    if queued[g.tree] == nil then
+      queued[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
+      tickets[g.tree] = queued[g.tree]
+        and (tonumber(redis.call('ZSCORE', tree_key(g.tree, 'q'), g.member)) or false)
+    end
   end
-end
 
--- does the holder hold a live grant in the tree (so it skips the queue)? Asked only when
--- somebody waits; a grant a release handed to it is not in its index yet
-local held = {}
-local function held_in(tree)
-  if held[tree] == nil then
-    held[tree] = false
+  -- does the holder hold a live grant in the tree (so it skips the queue)? Asked only when
+  -- somebody waits; a grant a release handed to it is not in its index yet
+  local held = {}
+  local function held_in(tree)
+    if held[tree] == nil then
+      held[tree] = false
+      for _, g in ipairs(grants) do
+        if g.tree == tree and not held[tree] then
+          local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
+          held[tree] = holds_live(g.hl) or (score ~= nil and score > NOW)
+        end
+      end
+    end
+    return held[tree]
+  end
+
+  local function join_queue()
+    if not register then return end
     for _, g in ipairs(grants) do
-      if g.tree == tree and not held[tree] then
+      if held_in(g.tree) then holding = 1 end
+    end
+    local info = table.concat({ channel, nonce, ttl, ngrants, holding }, '|')
+    for _, g in ipairs(grants) do
+      local tree = g.tree
+      local seq = tickets[tree]
+      if not seq then
+        seq = next_number(tree)
+        tickets[tree] = seq
+      end
+      local q, qx, qc = tree_key(tree, 'q'), tree_key(tree, 'qx'), tree_key(tree, 'qc')
+      sweep_queue(tree)
+      redis.call('ZADD', q, 'NX', seq, g.member)
+      redis.call('ZADD', qx, NOW + qttl, g.member)
+      redis.call('HSET', qc, g.member, info)
+      bump(q, qttl)
+      bump(qx, qttl)
+      bump(qc, qttl)
+      for level = 1, g.depth do
+        local key = wait_key(g, level, mark_of(g, level))
+        redis.call('ZADD', key, 'NX', seq, g.member)
+        bump(key, qttl)
+      end
+    end
+  end
+
+  -- 1. live holders. Usually none of the sets that could conflict exists at all: one EXISTS
+  -- over all of them settles that (and step 2 is skipped where nobody waits).
+  local holds, waits = {}, {}
+  for _, g in ipairs(grants) do
+    conflict_sets(g, 0, holds)
+    if queued[g.tree] then conflict_sets(g, 4, waits) end
+  end
+  if any_exists(holds) then
+    for _, g in ipairs(grants) do
+      local m, exp = holder_in_way(g, handle)
+      if m then
+        join_queue()
+        return { 0, m, exp - NOW, 'held', holding }
+      end
+    end
+  end
+
+  -- 2. earlier waiters on the request's chains, in trees where this holder holds nothing yet
+  if #waits > 0 and any_exists(waits) then
+    for _, g in ipairs(grants) do
+      local w = queued[g.tree] and not held_in(g.tree)
+        and waiter_in_way(g, handle, tickets[g.tree] or nil)
+      if w then
+        join_queue()
+        local wexp = tonumber(redis.call('ZSCORE', tree_key(g.tree, 'qx'), w)) or NOW
+        return { 0, w, wexp - NOW, 'queued', holding }
+      end
+    end
+  end
+
+  -- 3. grant. A key of another type at one of the names written below (put there by someone
+  -- else) fails the call without leaving half a grant behind: what was added is taken back
+  -- (a renewal's extended lease stays: the holder held it already) and the error raised.
+  local exp = NOW + ttl
+  local fresh = {}
+  local tokens = {}
+  local undo = {}
+  local ok, err = pcall(function()
+    for i, g in ipairs(grants) do
+      local token, made_by = nil, nonce
+      -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
+      local entry = redis.call('HGET', tree_key(g.tree, 'h'), g.member)
+      if entry then
         local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
-        held[tree] = holds_live(g.hl) or (score ~= nil and score > NOW)
+        if score and score > NOW then
+          local old_token, _, old_nonce = split_entry(entry)
+          token, made_by = old_token, old_nonce
+        end
       end
-    end
-  end
-  return held[tree]
-end
-
-local function join_queue()
-  if not register then return end
-  for _, g in ipairs(grants) do
-    if held_in(g.tree) then holding = 1 end
-  end
-  local info = table.concat({ channel, nonce, ttl, ngrants, holding }, '|')
-  for _, g in ipairs(grants) do
-    local tree = g.tree
-    local seq = tickets[tree]
-    if not seq then
-      seq = next_number(tree)
-      tickets[tree] = seq
-    end
-    local q, qx, qc = tree_key(tree, 'q'), tree_key(tree, 'qx'), tree_key(tree, 'qc')
-    sweep_queue(tree)
-    redis.call('ZADD', q, 'NX', seq, g.member)
-    redis.call('ZADD', qx, NOW + qttl, g.member)
-    redis.call('HSET', qc, g.member, info)
-    bump(q, qttl)
-    bump(qx, qttl)
-    bump(qc, qttl)
-    for level = 1, g.depth do
-      local key = wait_key(g, level, mark_of(g, level))
-      redis.call('ZADD', key, 'NX', seq, g.member)
-      bump(key, qttl)
-    end
-  end
-end
-
--- 1. live holders. Usually none of the sets that could conflict exists at all: one EXISTS
--- over all of them settles that (and step 2 is skipped where nobody waits).
-local holds, waits = {}, {}
-for _, g in ipairs(grants) do
-  conflict_sets(g, 0, holds)
-  if queued[g.tree] then conflict_sets(g, 4, waits) end
-end
-if any_exists(holds) then
-  for _, g in ipairs(grants) do
-    local m, exp = holder_in_way(g, handle)
-    if m then
-      join_queue()
-      return { 0, m, exp - NOW, 'held', holding }
-    end
-  end
-end
-
--- 2. earlier waiters on the request's chains, in trees where this holder holds nothing yet
-if #waits > 0 and any_exists(waits) then
-  for _, g in ipairs(grants) do
-    local w = queued[g.tree] and not held_in(g.tree)
-      and waiter_in_way(g, handle, tickets[g.tree] or nil)
-    if w then
-      join_queue()
-      local wexp = tonumber(redis.call('ZSCORE', tree_key(g.tree, 'qx'), w)) or NOW
-      return { 0, w, wexp - NOW, 'queued', holding }
-    end
-  end
-end
-
--- 3. grant. A key of another type at one of the names written below (put there by someone
--- else) fails the call without leaving half a grant behind: what was added is taken back
--- (a renewal's extended lease stays: the holder held it already) and the error raised.
-local exp = NOW + ttl
-local fresh = {}
-local tokens = {}
-local undo = {}
-local ok, err = pcall(function()
-  for i, g in ipairs(grants) do
-    local token, made_by = nil, nonce
-    -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
-    local entry = redis.call('HGET', tree_key(g.tree, 'h'), g.member)
-    if entry then
-      local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
-      if score and score > NOW then
-        local old_token, _, old_nonce = split_entry(entry)
-        token, made_by = old_token, old_nonce
+      if not token then
+        token = fresh[g.tree]
+        if token == nil then
+          token = next_number(g.tree)
+          fresh[g.tree] = token
+        end
       end
+      place(g, g.member, exp, token, made_by, ttl, undo)
+      tokens[i] = tonumber(token)
     end
-    if not token then
-      token = fresh[g.tree]
-      if token == nil then
-        token = next_number(g.tree)
-        fresh[g.tree] = token
-      end
-    end
-    place(g, g.member, exp, token, made_by, ttl, undo)
-    tokens[i] = tonumber(token)
+  end)
+  if not ok then
+    take_back(undo)
+    error(err, 0)  -- as it came: Redis's error code (WRONGTYPE, OOM...) first
   end
-end)
-if not ok then
-  take_back(undo)
-  error(err, 0)  -- as it came: Redis's error code (WRONGTYPE, OOM...) first
+  for _, g in ipairs(grants) do
+    if tickets[g.tree] then unqueue(g, g.member) end
+  end
+  return { 1, tokens }
 end
-for _, g in ipairs(grants) do
-  if tickets[g.tree] then unqueue(g, g.member) end
-end
-return { 1, tokens }

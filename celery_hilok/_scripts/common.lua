@@ -23,9 +23,22 @@
 -- eight sets of the node (hold is, ix, s, x, then wait is, ix, s, x; acquire and release),
 -- or only the set of the grant's own mark (refresh).
 
-local t = redis.call('TIME')
-local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Per call. The scripts are loaded once as one library of Redis Functions (FCALL), or run
+-- one by one (EVALSHA, where a server refuses functions); either way each entry point
+-- starts with begin(), which sets these for the call: the call's KEYS and ARGV, the
+-- server's clock (NOW in ms, NOW_US in us) and the layout of its tree key blocks.
+local KEYS, ARGV, NOW, NOW_US, TREE_NAMES, TREE_SIZE
+
+-- the tree key blocks: all six keys (acquire, release, status), or the holder table (refresh)
+local FULL_TREE = { n = 1, q = 2, qx = 3, qc = 4, h = 5, hx = 6, size = 6 }
+local HOLDER_TREE = { h = 1, hx = 2, size = 2 }
+
+local function begin(keys, args, layout)
+  KEYS, ARGV, TREE_NAMES, TREE_SIZE = keys, args, layout, layout.size
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 
 -- most expired members one write sweeps from a set (bounded work per call; a set written
 -- often is kept clean, one written rarely expires with its key's TTL)
@@ -136,10 +149,8 @@ local function own_key(g, level)
   return hold_key(g, level, mark_of(g, level))
 end
 
--- key `name` of the tree block of tree number `tree`; TREE_NAMES lists the block's keys
--- (each script sets it to the slice it receives)
-local TREE_NAMES = { n = 1, q = 2, qx = 3, qc = 4, h = 5, hx = 6 }
-local TREE_SIZE = 6
+-- key `name` of the tree block of tree number `tree` (TREE_NAMES: the layout of the
+-- call's blocks, see begin())
 local function tree_key(tree, name)
   return KEYS[TREE_SIZE * (tree - 1) + TREE_NAMES[name]]
 end
@@ -152,7 +163,7 @@ end
 
 -- does the holder of index `hl` hold a live grant in the tree?
 local function holds_live(hl)
-  return #redis.call('ZRANGEBYSCORE', hl, '(' .. NOW, '+inf', 'LIMIT', 0, 1) > 0
+  return #redis.call('ZRANGEBYSCORE', hl, string.format('(%d', NOW), '+inf', 'LIMIT', 0, 1) > 0
 end
 
 -- make the tree's holder table live long enough for an entry of `ttl`
@@ -226,7 +237,8 @@ end
 -- anywhere) in wait set `key`, with its ticket; dead ones met on the way are swept
 local function waiter_in_front(tree, key, handle, before)
   local prefix = handle .. '|'
-  local upper = before and ('(' .. before) or '+inf'
+  -- (string.format, not '..': Lua writes a number with 14 digits, a ticket has 16)
+  local upper = before and string.format('(%d', before) or '+inf'
   local start, dead = 0, 0
   while true do
     local batch = redis.call('ZRANGEBYSCORE', key, '-inf', upper, 'WITHSCORES', 'LIMIT', start, 16)
@@ -249,7 +261,7 @@ local function holder_in(key, handle)
   local prefix = handle .. '|'
   local start, size = 0, 16
   while true do
-    local batch = redis.call('ZRANGEBYSCORE', key, '(' .. NOW, '+inf', 'WITHSCORES', 'LIMIT', start, size)
+    local batch = redis.call('ZRANGEBYSCORE', key, string.format('(%d', NOW), '+inf', 'WITHSCORES', 'LIMIT', start, size)
     if #batch == 0 then return nil end
     for i = 1, #batch, 2 do
       if string.sub(batch[i], 1, #prefix) ~= prefix then return batch[i], tonumber(batch[i + 1]) end

@@ -29,124 +29,126 @@
 -- lock below the released node, or several locks) is told to ask again. Each waiter told
 -- hears it on its own process's channel: "<handle> <handle> ...".
 
-TREE_SIZE = 6
-local handle, scope = ARGV[1], ARGV[2]
-local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
-local handoff = tonumber(ARGV[5])
-local grants = read_grants(ngrants, 6, TREE_SIZE * ntrees + 1, false, true)
-local FRONT = 16
+local function release(keys, args)
+  begin(keys, args, FULL_TREE)
+  local handle, scope = ARGV[1], ARGV[2]
+  local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local handoff = tonumber(ARGV[5])
+  local grants = read_grants(ngrants, 6, TREE_SIZE * ntrees + 1, false, true)
+  local FRONT = 16
 
-local result = {}
-local freed = {}
-local waiting = {}  -- tree -> somebody waits there (its queue exists)
-for i, g in ipairs(grants) do
-  local member = handle .. '|' .. g.mode .. '|' .. g.path
-  local entry = redis.call('HGET', tree_key(g.tree, 'h'), member)
-  local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), member))
-  if score == nil then
-    -- its marks are gone: released (0), unless its holder entry shows it ran out (2)
-    result[i] = (entry and select(2, split_entry(entry)) <= NOW) and 2 or 0
-  elseif score > NOW then result[i] = 1 else result[i] = 2 end
-  local keep = scope == '-'
-  if not keep and scope ~= '' then
-    keep = not entry or select(3, split_entry(entry)) ~= scope
-  end
-  if keep then
-    result[i] = 0
-  else
-    for level = 1, g.depth do redis.call('ZREM', own_key(g, level), member) end
-    drop_entry(g.tree, g.hl, member)
-  end
-  if waiting[g.tree] == nil then
-    waiting[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
-  end
-  -- nobody waits in the tree: nothing to withdraw, nobody to hand on to
-  if waiting[g.tree] and (unqueue(g, member) == 1 or result[i] == 1) then
-    freed[#freed + 1] = g
-  end
-end
-
-local told = {}    -- channel -> handles to tell
-local order = {}   -- channels in the order first told
-local function notify(channel, who)
-  if told[channel] == nil then told[channel] = {}; order[#order + 1] = channel end
-  table.insert(told[channel], who)
-end
-
--- can waiter c (one lock on g's chain) be granted now? 'held': a live holder of another
--- handle is in its way; 'queued': an earlier waiter is (ticket false: c's holder held
--- something in the tree when it queued, so it skips the queue)
-local function grantable(c, who, ticket)
-  if holder_in_way(c, who) then return 'held' end
-  if ticket ~= false and waiter_in_way(c, who, ticket) then return 'queued' end
-  return 'yes'
-end
-
-local function hand_on(g)
-  local sets = conflict_sets(g, 4, {})
-  if not any_exists(sets) then return end
-  local tree = g.tree
-  local qc = tree_key(tree, 'qc')
-  local candidates, seen, cutoff = {}, {}, math.huge
-  for _, key in ipairs(sets) do
-    local batch = redis.call('ZRANGE', key, 0, FRONT - 1, 'WITHSCORES')
-    for i = 1, #batch, 2 do
-      local m = batch[i]
-      if not seen[m] then
-        seen[m] = true
-        candidates[#candidates + 1] = { member = m, ticket = tonumber(batch[i + 1]), key = key }
-      end
+  local result = {}
+  local freed = {}
+  local waiting = {}  -- tree -> somebody waits there (its queue exists)
+  for i, g in ipairs(grants) do
+    local member = handle .. '|' .. g.mode .. '|' .. g.path
+    local entry = redis.call('HGET', tree_key(g.tree, 'h'), member)
+    local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), member))
+    if score == nil then
+      -- its marks are gone: released (0), unless its holder entry shows it ran out (2)
+      result[i] = (entry and select(2, split_entry(entry)) <= NOW) and 2 or 0
+    elseif score > NOW then result[i] = 1 else result[i] = 2 end
+    local keep = scope == '-'
+    if not keep and scope ~= '' then
+      keep = not entry or select(3, split_entry(entry)) ~= scope
     end
-    -- past the last entry read from a full batch, an unread earlier waiter may exist
-    if #batch == 2 * FRONT then cutoff = math.min(cutoff, tonumber(batch[#batch])) end
-  end
-  table.sort(candidates, function(a, b)
-    return a.ticket < b.ticket or (a.ticket == b.ticket and a.member < b.member)
-  end)
-  local ahead = {}  -- waiters in front of the rest, still waiting: {handle, mode, path}
-  for _, c in ipairs(candidates) do
-    if c.ticket > cutoff then break end
-    local who, mode, path = parse_member(c.member)
-    local info = fields(redis.call('HGET', qc, c.member) or '||0|0|0')
-    local channel, nonce, ttl, count = info[1], info[2], tonumber(info[3]), tonumber(info[4])
-    local holding = info[5] == '1'  -- its holder held something in the tree: it skips the queue
-    local behind = false
-    if not holding then
-      for _, a in ipairs(ahead) do
-        if a[1] ~= who and conflict(a[2], a[3], mode, path) then behind = true; break end
-      end
-    end
-    if behind then
-      ahead[#ahead + 1] = { who, mode, path }  -- it keeps its place in front of later ones
-    elseif not queued_live(tree, c.member) then
-      redis.call('ZREM', c.key, c.member)  -- gone: its other wait marks go when met
+    if keep then
+      result[i] = 0
     else
-      local granted = false
-      local here = count == 1 and covers(path, g.path)
-      if here then
-        local _, slashes = string.gsub(path, '/', '')
-        local lock = { mode = mode, depth = slashes + 1, tree = tree, path = path,
-                       base = g.base, size = g.size }
-        local ticket = c.ticket
-        if holding then ticket = false end
-        local verdict = grantable(lock, who, ticket)
-        if verdict == 'yes' then
-          local lease = math.min(ttl, handoff)
-          place(lock, c.member, NOW + lease, next_number(tree), nonce, lease, {})
-          unqueue(lock, c.member)
-          granted = true
-        elseif verdict == 'queued' then
-          here = false  -- its holder may hold something in the tree by now: let it ask
+      for level = 1, g.depth do redis.call('ZREM', own_key(g, level), member) end
+      drop_entry(g.tree, g.hl, member)
+    end
+    if waiting[g.tree] == nil then
+      waiting[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
+    end
+    -- nobody waits in the tree: nothing to withdraw, nobody to hand on to
+    if waiting[g.tree] and (unqueue(g, member) == 1 or result[i] == 1) then
+      freed[#freed + 1] = g
+    end
+  end
+
+  local told = {}    -- channel -> handles to tell
+  local order = {}   -- channels in the order first told
+  local function notify(channel, who)
+    if told[channel] == nil then told[channel] = {}; order[#order + 1] = channel end
+    table.insert(told[channel], who)
+  end
+
+  -- can waiter c (one lock on g's chain) be granted now? 'held': a live holder of another
+  -- handle is in its way; 'queued': an earlier waiter is (ticket false: c's holder held
+  -- something in the tree when it queued, so it skips the queue)
+  local function grantable(c, who, ticket)
+    if holder_in_way(c, who) then return 'held' end
+    if ticket ~= false and waiter_in_way(c, who, ticket) then return 'queued' end
+    return 'yes'
+  end
+
+  local function hand_on(g)
+    local sets = conflict_sets(g, 4, {})
+    if not any_exists(sets) then return end
+    local tree = g.tree
+    local qc = tree_key(tree, 'qc')
+    local candidates, seen, cutoff = {}, {}, math.huge
+    for _, key in ipairs(sets) do
+      local batch = redis.call('ZRANGE', key, 0, FRONT - 1, 'WITHSCORES')
+      for i = 1, #batch, 2 do
+        local m = batch[i]
+        if not seen[m] then
+          seen[m] = true
+          candidates[#candidates + 1] = { member = m, ticket = tonumber(batch[i + 1]), key = key }
         end
       end
-      if channel ~= '' and (granted or not here) then notify(channel, who) end
-      if not granted then ahead[#ahead + 1] = { who, mode, path } end
+      -- past the last entry read from a full batch, an unread earlier waiter may exist
+      if #batch == 2 * FRONT then cutoff = math.min(cutoff, tonumber(batch[#batch])) end
+    end
+    table.sort(candidates, function(a, b)
+      return a.ticket < b.ticket or (a.ticket == b.ticket and a.member < b.member)
+    end)
+    local ahead = {}  -- waiters in front of the rest, still waiting: {handle, mode, path}
+    for _, c in ipairs(candidates) do
+      if c.ticket > cutoff then break end
+      local who, mode, path = parse_member(c.member)
+      local info = fields(redis.call('HGET', qc, c.member) or '||0|0|0')
+      local channel, nonce, ttl, count = info[1], info[2], tonumber(info[3]), tonumber(info[4])
+      local holding = info[5] == '1'  -- its holder held something in the tree: it skips the queue
+      local behind = false
+      if not holding then
+        for _, a in ipairs(ahead) do
+          if a[1] ~= who and conflict(a[2], a[3], mode, path) then behind = true; break end
+        end
+      end
+      if behind then
+        ahead[#ahead + 1] = { who, mode, path }  -- it keeps its place in front of later ones
+      elseif not queued_live(tree, c.member) then
+        redis.call('ZREM', c.key, c.member)  -- gone: its other wait marks go when met
+      else
+        local granted = false
+        local here = count == 1 and covers(path, g.path)
+        if here then
+          local _, slashes = string.gsub(path, '/', '')
+          local lock = { mode = mode, depth = slashes + 1, tree = tree, path = path,
+                         base = g.base, size = g.size }
+          local ticket = c.ticket
+          if holding then ticket = false end
+          local verdict = grantable(lock, who, ticket)
+          if verdict == 'yes' then
+            local lease = math.min(ttl, handoff)
+            place(lock, c.member, NOW + lease, next_number(tree), nonce, lease, {})
+            unqueue(lock, c.member)
+            granted = true
+          elseif verdict == 'queued' then
+            here = false  -- its holder may hold something in the tree by now: let it ask
+          end
+        end
+        if channel ~= '' and (granted or not here) then notify(channel, who) end
+        if not granted then ahead[#ahead + 1] = { who, mode, path } end
+      end
     end
   end
-end
 
-for _, g in ipairs(freed) do hand_on(g) end
-for _, channel in ipairs(order) do
-  redis.call('PUBLISH', channel, table.concat(told[channel], ' '))
+  for _, g in ipairs(freed) do hand_on(g) end
+  for _, channel in ipairs(order) do
+    redis.call('PUBLISH', channel, table.concat(told[channel], ' '))
+  end
+  return result
 end
-return result

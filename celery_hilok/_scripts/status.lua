@@ -6,26 +6,29 @@
 --        s, x) for node i, root first, and queue = {member, ticket, remaining ms, ...} in
 --        queue order. Read-only.
 
-local depth = tonumber(ARGV[1])
-local levels = {}
-for level = 1, depth do
-  local marks = {}
-  for idx = 1, 4 do
-    local key = KEYS[6 + 4 * (level - 1) + idx]
-    local live = redis.call('ZRANGEBYSCORE', key, '(' .. NOW, '+inf', 'WITHSCORES')
-    for i = 2, #live, 2 do live[i] = tonumber(live[i]) - NOW end
-    marks[idx] = live
+local function status(keys, args)
+  begin(keys, args, FULL_TREE)
+  local depth = tonumber(ARGV[1])
+  local levels = {}
+  for level = 1, depth do
+    local marks = {}
+    for idx = 1, 4 do
+      local key = KEYS[6 + 4 * (level - 1) + idx]
+      local live = redis.call('ZRANGEBYSCORE', key, string.format('(%d', NOW), '+inf', 'WITHSCORES')
+      for i = 2, #live, 2 do live[i] = tonumber(live[i]) - NOW end
+      marks[idx] = live
+    end
+    levels[level] = marks
   end
-  levels[level] = marks
-end
-local queue = {}
-local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-for i = 1, #entries, 2 do
-  local exp = tonumber(redis.call('ZSCORE', KEYS[3], entries[i]))
-  if exp and exp > NOW then
-    queue[#queue + 1] = entries[i]
-    queue[#queue + 1] = entries[i + 1]
-    queue[#queue + 1] = exp - NOW
+  local queue = {}
+  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    local exp = tonumber(redis.call('ZSCORE', KEYS[3], entries[i]))
+    if exp and exp > NOW then
+      queue[#queue + 1] = entries[i]
+      queue[#queue + 1] = entries[i + 1]
+      queue[#queue + 1] = exp - NOW
+    end
   end
+  return { levels, queue }
 end
-return { levels, queue }
