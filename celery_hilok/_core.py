@@ -296,11 +296,27 @@ one that died meanwhile blocks the lock no longer than this."""
 class Protocol:
     """Builds the calls of one namespace and decodes their replies."""
 
-    __slots__ = ("keys", "separator")
+    __slots__ = ("_blocks", "keys", "separator")
 
     def __init__(self, namespace: str, separator: str) -> None:
         self.keys = KeySpace(namespace)
         self.separator = separator
+        # one lock's keys and arguments but its holder's: most calls are of one lock
+        self._blocks: dict[Request, tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...]]] = {}
+
+    def _single(self, handle: str, req: Request) -> tuple[list[str], tuple[Any, ...]]:
+        """:meth:`_layout` of one lock (of every tree key and full node blocks), and the
+        grant's arguments: the same lists, from a cache."""
+        block = self._blocks.get(req)
+        if block is None:
+            tree = req.path.tree
+            nodes = tuple(k for node in req.path.chain for k in self.keys.node_block(tree, node))
+            args = (req.code, req.path.depth, 1, req.path.canonical)
+            if len(self._blocks) >= 4096:
+                self._blocks.clear()
+            block = self._blocks[req] = (self.keys.tree_keys(tree), nodes, args)
+        tree_keys, nodes, args = block
+        return [*tree_keys, self.keys.holder_key(req.path.tree, handle), *nodes], args
 
     # -- key blocks ---------------------------------------------------------------------
 
@@ -347,6 +363,14 @@ class Protocol:
     ) -> Call:
         """Acquire ``requests`` for ``handle``; ``nonce`` names this call (see :meth:`undo`);
         a release tells a waiting request on ``channel`` (its client's) that it may go."""
+        if len(requests) == 1:
+            keys, grant = self._single(handle, requests[0])
+            return Call(
+                ACQUIRE,
+                keys,
+                [handle, int(ttl * 1000), 1 if register else 0, QUEUE_TTL_MS, 1, 1, nonce,
+                 channel, *grant],
+            )  # fmt: skip
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
         args: list[str | int] = [
             handle,
@@ -369,6 +393,9 @@ class Protocol:
         ``scope`` limits what is released: ``""`` everything, :data:`WITHDRAW_ONLY` no grant
         (only waiting requests), an acquire call's nonce only the grants that call made.
         """
+        if len(requests) == 1:
+            keys, grant = self._single(handle, requests[0])
+            return Call(RELEASE, keys, [handle, scope, 1, 1, HANDOFF_TTL_MS, *grant])
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
         args: list[str | int] = [handle, scope, ntrees, len(placed), HANDOFF_TTL_MS]
         for req, tree in placed:
@@ -407,6 +434,8 @@ class Protocol:
         def key(item: tuple[str, Request]) -> object:
             return (item[0], item[1].path.tree) if per_tree else item[0]
 
+        if len(items) == 1:
+            return [([0], self.release(items[0][0], [items[0][1]]))]
         out = []
         # budgeted by what a release writes (its own marks), not by the sets it only reads
         for part in _batches(items, key, tree_keys=6, node_keys=1):

@@ -457,6 +457,7 @@ class Client(Generic[C]):
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         # the scripts go as FCALL of the library until the server refuses it (see _send)
         self._functions = True
+        self._parsed: dict[tuple[str, str], Request] = {}  # see _requests
         # the channel on which releases tell this client's waiters that the lock is theirs
         self._channel = self._protocol.keys.channel(secrets.token_urlsafe(12))
         self._waker: _Waker = self._waker_class(self)
@@ -483,6 +484,8 @@ class Client(Generic[C]):
         grant does not exist, so a release would report it lost (and mark it released
         while its holder goes on renewing it), a refresh would find it gone."""
         for lease in leases:
+            if type(lease) is Lease and lease._owner is self:
+                continue  # granted by this client: checked when it was made
             if not isinstance(lease, Lease):
                 raise InvalidArgument(
                     f"cannot {what} {lease!r:.80}: expected a Lease, got {type(lease).__name__}"
@@ -614,7 +617,7 @@ class Client(Generic[C]):
         check: WaitCheck | None = None,
     ) -> Flow[list[Lease]]:
         block, timeout, ttl, handle = _options(options)
-        requests = normalise_requests(locks, self.separator)
+        requests = self._requests(locks)
         lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
         limit = check_timeout(timeout)
         if not self._cluster or len({r.path.tree for r in requests}) == 1:
@@ -638,6 +641,20 @@ class Client(Generic[C]):
             raise
         order = {req: i for i, req in enumerate(requests)}
         return sorted(leases, key=lambda lease: order[lease.request])
+
+    def _requests(self, locks: Iterable[tuple[str, Mode]]) -> list[Request]:
+        """The parsed requests of ``locks``; one (path, mode) pair from a cache."""
+        if type(locks) is list and len(locks) == 1 and type(locks[0]) is tuple:
+            one = locks[0]
+            if len(one) == 2 and type(one[0]) is str and type(one[1]) is str:
+                cached = self._parsed.get(one)
+                if cached is None:
+                    (cached,) = normalise_requests(locks, self.separator)
+                    if len(self._parsed) >= 4096:
+                        self._parsed.clear()
+                    self._parsed[one] = cached
+                return [cached]
+        return normalise_requests(locks, self.separator)
 
     def _acquire_group(
         self,
