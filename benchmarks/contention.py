@@ -50,7 +50,7 @@ from celery_hilok import AsyncHiLok, Lease, _core
 from celery_hilok.paths import KeySpace
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT_COMMANDS = ("cmdstat_evalsha", "cmdstat_eval")
+SCRIPT_COMMANDS = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall")
 #: redis-py >= 8 fails a call past the pool's size: at most this many acquires in flight.
 GATE = 32
 

@@ -22,7 +22,7 @@ class OursBackend:
     """AsyncHiLok instances, each with its own client built from the URL (the usual way)."""
 
     name = "ours"
-    script_commands: tuple[str, ...] = ("cmdstat_evalsha", "cmdstat_eval")
+    script_commands: tuple[str, ...] = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall")
 
     def __init__(self, url: str, namespace: str = "bench") -> None:
         self.url = url
