@@ -360,22 +360,26 @@ class Protocol:
         register: bool,
         nonce: str,
         channel: str = "",
+        new: bool = False,
     ) -> Call:
         """Acquire ``requests`` for ``handle``; ``nonce`` names this call (see :meth:`undo`);
-        a release tells a waiting request on ``channel`` (its client's) that it may go."""
+        a release tells a waiting request on ``channel`` (its client's) that it may go.
+        ``new``: the first call for a handle just made, of which nothing can exist yet (the
+        script then looks nothing of it up)."""
+        flags = (1 if register else 0) | (2 if new else 0)
         if len(requests) == 1:
             keys, grant = self._single(handle, requests[0])
             return Call(
                 ACQUIRE,
                 keys,
-                [handle, int(ttl * 1000), 1 if register else 0, QUEUE_TTL_MS, 1, 1, nonce,
+                [handle, int(ttl * 1000), flags, QUEUE_TTL_MS, 1, 1, nonce,
                  channel, *grant],
             )  # fmt: skip
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
         args: list[str | int] = [
             handle,
             int(ttl * 1000),
-            1 if register else 0,
+            flags,
             QUEUE_TTL_MS,
             ntrees,
             len(placed),
@@ -639,9 +643,11 @@ class Acquisition:
     """
 
     __slots__ = (
+        "asked_new",
         "block",
         "call",
         "can_wait",
+        "channel",
         "deadline",
         "fresh",
         "handle",
@@ -680,12 +686,23 @@ class Acquisition:
         self.holding = False  # as of the last refusal
         self.last: Blocked | None = None  # the last refusal
         self.nonce = secrets.token_hex(6)
-        self.call = protocol.acquire(self.handle, requests, ttl, self.can_wait, self.nonce, channel)
+        self.channel = channel
+        self.asked_new = self.fresh
+        # the first call of a handle made here looks nothing of it up; the next ones do (a
+        # release may have handed it the lock, or it holds a ticket)
+        self.call = protocol.acquire(
+            self.handle, requests, ttl, self.can_wait, self.nonce, channel, self.fresh
+        )
 
     def step(self, reply: list[object], now: float) -> list[int] | Sleep:
         outcome = self.protocol.decode_acquire(reply)
         if isinstance(outcome, Granted):
             return outcome.tokens
+        if self.asked_new:  # asked as a new holder: not any more
+            self.asked_new = False
+            self.call = self.protocol.acquire(
+                self.handle, self.requests, self.ttl, self.can_wait, self.nonce, self.channel
+            )
         self.holding = outcome.holding
         if not self.can_wait or (self.deadline is not None and now >= self.deadline):
             raise self._not_acquired(outcome)

@@ -354,8 +354,19 @@ def test_granted_at_once() -> None:
     assert attempt.fresh
     assert check_handle(attempt.handle) == attempt.handle
     assert attempt.call.args[0] == attempt.handle
-    assert attempt.call.args[2] == 1  # a blocking acquire joins the queue when refused
+    # a blocking acquire joins the queue when refused (1), and a handle made here is new (2)
+    assert attempt.call.args[2] == 3
     assert attempt.step([1, [42]], 100.0) == [42]
+
+
+def test_only_the_first_call_of_a_new_handle_says_it_is_new() -> None:
+    attempt = _acquisition(timeout=1.0)
+    assert attempt.call.args[2] == 3
+    assert attempt.step(blocked_reply(ms=10_000), 100.0) is SUBSCRIBE
+    # refused: it may be queued now, or be handed the lock: the next call looks it up
+    assert attempt.call.args[2] == 1
+    given = _acquisition(handle="given-handle-1")
+    assert given.call.args[2] == 1  # a handle from the caller may hold or wait already
 
 
 def test_blocked_subscribes_then_sleeps_then_gives_up() -> None:
@@ -387,7 +398,7 @@ def test_blocking_without_timeout_sleeps_at_most_keepalive() -> None:
 
 def test_non_blocking_refusal() -> None:
     attempt = _acquisition(block=False)
-    assert attempt.call.args[2] == 0  # never joins the queue
+    assert attempt.call.args[2] == 2  # never joins the queue (and is new)
     with pytest.raises(LockNotAcquired) as info:
         attempt.step(blocked_reply("w-handle-1|S|a", 1000, "queued"), 100.0)
     message = str(info.value)
@@ -399,7 +410,7 @@ def test_non_blocking_refusal() -> None:
 def test_zero_timeout_is_one_try() -> None:
     attempt = _acquisition(timeout=0)
     assert not attempt.can_wait
-    assert attempt.call.args[2] == 0
+    assert attempt.call.args[2] == 2
     with pytest.raises(LockNotAcquired):
         attempt.step(blocked_reply(), 100.0)
 

@@ -2,7 +2,8 @@
 --
 -- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder index and its chain's full
 --       node blocks.
--- ARGV: handle, ttl ms, register (1: join the wait queue when refused), queue entry ttl ms,
+-- ARGV: handle, ttl ms, flags (1: join the wait queue when refused; 2: a new holder, whose
+--       first call this is: nothing of it exists yet), queue entry ttl ms,
 --       tree count, grant count, nonce of this call, the caller's wake-up channel, then per
 --       grant: mode, depth, tree index, canonical path.
 -- Reply: {1, {token per grant}} when granted;
@@ -23,7 +24,9 @@
 local function acquire(keys, args)
   begin(keys, args, FULL_TREE)
   local handle, ttl = ARGV[1], tonumber(ARGV[2])
-  local register, qttl = ARGV[3] == '1', tonumber(ARGV[4])
+  local flags, qttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local register = flags % 2 == 1
+  local new = flags >= 2  -- no grant or holder entry of this handle to look up
   local ntrees, ngrants = tonumber(ARGV[5]), tonumber(ARGV[6])
   local nonce, channel = ARGV[7], ARGV[8]
   local grants = read_grants(ngrants, 9, TREE_SIZE * ntrees + 1, false, true)
@@ -48,7 +51,7 @@ local function acquire(keys, args)
   local function held_in(tree)
     if held[tree] == nil then
       held[tree] = false
-      for _, g in ipairs(grants) do
+      for _, g in ipairs(new and {} or grants) do
         if g.tree == tree and not held[tree] then
           local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
           held[tree] = holds_live(g.hl) or (score ~= nil and score > NOW)
@@ -128,7 +131,7 @@ local function acquire(keys, args)
     for i, g in ipairs(grants) do
       local token, made_by = nil, nonce
       -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
-      local entry = redis.call('HGET', tree_key(g.tree, 'h'), g.member)
+      local entry = not new and redis.call('HGET', tree_key(g.tree, 'h'), g.member)
       if entry then
         local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
         if score and score > NOW then
