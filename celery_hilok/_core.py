@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple
 
@@ -121,16 +122,24 @@ class Request:
 
     @classmethod
     def parse(cls, path: object, mode: object, separator: str) -> Request:
+        if type(path) is str and type(mode) is str:
+            return _request(path, mode, separator)  # (a Request is immutable: shared)
         return cls(parse_path(path, separator), check_mode(mode))
 
     def describe(self) -> str:
         return f"{self.mode} lock on {self.path.text!r}"
 
 
+@lru_cache(maxsize=4096)
+def _request(path: str, mode: str, separator: str) -> Request:
+    return Request(parse_path(path, separator), check_mode(mode))
+
+
 def _lua(name: str) -> str:
     return (resources.files("celery_hilok") / "_scripts" / f"{name}.lua").read_text("utf-8")
 
 
+@lru_cache(maxsize=1)
 def _prelude() -> str:
     # the mark table's Lua definitions, generated from our own constants (never from input)
     return lua_tables() + "\n" + _lua("common")
@@ -296,27 +305,12 @@ one that died meanwhile blocks the lock no longer than this."""
 class Protocol:
     """Builds the calls of one namespace and decodes their replies."""
 
-    __slots__ = ("_blocks", "keys", "separator")
+    __slots__ = ("_chains", "keys", "separator")
 
     def __init__(self, namespace: str, separator: str) -> None:
         self.keys = KeySpace(namespace)
         self.separator = separator
-        # one lock's keys and arguments but its holder's: most calls are of one lock
-        self._blocks: dict[Request, tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...]]] = {}
-
-    def _single(self, handle: str, req: Request) -> tuple[list[str], tuple[Any, ...]]:
-        """:meth:`_layout` of one lock (of every tree key and full node blocks), and the
-        grant's arguments: the same lists, from a cache."""
-        block = self._blocks.get(req)
-        if block is None:
-            tree = req.path.tree
-            nodes = tuple(k for node in req.path.chain for k in self.keys.node_block(tree, node))
-            args = (req.code, req.path.depth, 1, req.path.canonical)
-            if len(self._blocks) >= 4096:
-                self._blocks.clear()
-            block = self._blocks[req] = (self.keys.tree_keys(tree), nodes, args)
-        tree_keys, nodes, args = block
-        return [*tree_keys, self.keys.holder_key(req.path.tree, handle), *nodes], args
+        self._chains: dict[tuple[Request, bool], tuple[str, ...]] = {}  # see _chain_keys
 
     # -- key blocks ---------------------------------------------------------------------
 
@@ -337,18 +331,31 @@ class Protocol:
         placed: list[tuple[Request, int]] = []
         for handle, req in items:
             tree = req.path.tree
-            chain = req.path.chain
             keys.append(space.holder_key(tree, handle))
-            if full:
-                for node in chain:
-                    keys.extend(space.node_block(tree, node))
-            else:
-                leaf, intent = _MARKS[req.mode]
-                last = len(chain) - 1
-                for level, node in enumerate(chain):
-                    keys.append(space.node_block(tree, node)[leaf if level == last else intent])
+            keys.extend(self._chain_keys(req, full))
             placed.append((req, trees[tree]))
         return keys, placed, len(trees)
+
+    def _chain_keys(self, req: Request, full: bool) -> tuple[str, ...]:
+        """The node blocks of ``req``'s chain, root first (see :meth:`_layout`), from a
+        cache: most calls are of a few hot locks."""
+        cached = self._chains.get((req, full))
+        if cached is not None:
+            return cached
+        tree, chain, space = req.path.tree, req.path.chain, self.keys
+        if full:
+            keys = tuple(k for node in chain for k in space.node_block(tree, node))
+        else:
+            leaf, intent = _MARKS[req.mode]
+            last = len(chain) - 1
+            keys = tuple(
+                space.node_block(tree, node)[leaf if level == last else intent]
+                for level, node in enumerate(chain)
+            )
+        if len(self._chains) >= 4096:
+            self._chains.clear()
+        self._chains[(req, full)] = keys
+        return keys
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -367,14 +374,6 @@ class Protocol:
         ``new``: the first call for a handle just made, of which nothing can exist yet (the
         script then looks nothing of it up)."""
         flags = (1 if register else 0) | (2 if new else 0)
-        if len(requests) == 1:
-            keys, grant = self._single(handle, requests[0])
-            return Call(
-                ACQUIRE,
-                keys,
-                [handle, int(ttl * 1000), flags, QUEUE_TTL_MS, 1, 1, nonce,
-                 channel, *grant],
-            )  # fmt: skip
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
         args: list[str | int] = [
             handle,
@@ -397,9 +396,6 @@ class Protocol:
         ``scope`` limits what is released: ``""`` everything, :data:`WITHDRAW_ONLY` no grant
         (only waiting requests), an acquire call's nonce only the grants that call made.
         """
-        if len(requests) == 1:
-            keys, grant = self._single(handle, requests[0])
-            return Call(RELEASE, keys, [handle, scope, 1, 1, HANDOFF_TTL_MS, *grant])
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
         args: list[str | int] = [handle, scope, ntrees, len(placed), HANDOFF_TTL_MS]
         for req, tree in placed:
@@ -438,8 +434,6 @@ class Protocol:
         def key(item: tuple[str, Request]) -> object:
             return (item[0], item[1].path.tree) if per_tree else item[0]
 
-        if len(items) == 1:
-            return [([0], self.release(items[0][0], [items[0][1]]))]
         out = []
         # budgeted by what a release writes (its own marks), not by the sets it only reads
         for part in _batches(items, key, tree_keys=6, node_keys=1):
@@ -687,12 +681,16 @@ class Acquisition:
         self.last: Blocked | None = None  # the last refusal
         self.nonce = secrets.token_hex(6)
         self.channel = channel
-        self.asked_new = self.fresh
         # the first call of a handle made here looks nothing of it up; the next ones do (a
         # release may have handed it the lock, or it holds a ticket)
-        self.call = protocol.acquire(
-            self.handle, requests, ttl, self.can_wait, self.nonce, channel, self.fresh
-        )
+        self.asked_new = self.fresh
+        self.call = self._make_call()
+
+    def _make_call(self) -> Call:
+        return self.protocol.acquire(
+            self.handle, self.requests, self.ttl, self.can_wait, self.nonce, self.channel,
+            self.asked_new,
+        )  # fmt: skip
 
     def step(self, reply: list[object], now: float) -> list[int] | Sleep:
         outcome = self.protocol.decode_acquire(reply)
@@ -700,9 +698,7 @@ class Acquisition:
             return outcome.tokens
         if self.asked_new:  # asked as a new holder: not any more
             self.asked_new = False
-            self.call = self.protocol.acquire(
-                self.handle, self.requests, self.ttl, self.can_wait, self.nonce, self.channel
-            )
+            self.call = self._make_call()
         self.holding = outcome.holding
         if not self.can_wait or (self.deadline is not None and now >= self.deadline):
             raise self._not_acquired(outcome)

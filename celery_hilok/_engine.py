@@ -292,6 +292,11 @@ class WakeTable:
             event.set()
 
 
+def _library_missing(reply: object) -> bool:
+    """Is ``reply`` an FCALL refused because the server lacks the library?"""
+    return isinstance(reply, ResponseError) and str(reply).startswith("Function not found")
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -457,7 +462,6 @@ class Client(Generic[C]):
         self._eviction_checked = self._cluster  # CONFIG GET would ask one node of many
         # the scripts go as FCALL of the library until the server refuses it (see _send)
         self._functions = True
-        self._parsed: dict[tuple[str, str], Request] = {}  # see _requests
         # the channel on which releases tell this client's waiters that the lock is theirs
         self._channel = self._protocol.keys.channel(secrets.token_urlsafe(12))
         self._waker: _Waker = self._waker_class(self)
@@ -555,7 +559,7 @@ class Client(Generic[C]):
             return False
         text = str(reply)
         return (
-            text.startswith("Function not found")
+            _library_missing(reply)
             or "unknown command" in text  # Redis before 7, or FCALL renamed away
             or (isinstance(reply, NoPermissionError) and "'fcall'" in text)
         )
@@ -565,7 +569,7 @@ class Client(Generic[C]):
         server will not run functions, use EVALSHA from now on."""
         if not self._functions:
             return  # NOSCRIPT: the calls go again by source
-        if str(refusal).startswith("Function not found"):
+        if _library_missing(refusal):
             (loaded,) = yield Execute([("FUNCTION LOAD", "REPLACE", LIBRARY.source)], shield)
             if not isinstance(loaded, RedisError):
                 return
@@ -617,7 +621,7 @@ class Client(Generic[C]):
         check: WaitCheck | None = None,
     ) -> Flow[list[Lease]]:
         block, timeout, ttl, handle = _options(options)
-        requests = self._requests(locks)
+        requests = normalise_requests(locks, self.separator)
         lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
         limit = check_timeout(timeout)
         if not self._cluster or len({r.path.tree for r in requests}) == 1:
@@ -641,20 +645,6 @@ class Client(Generic[C]):
             raise
         order = {req: i for i, req in enumerate(requests)}
         return sorted(leases, key=lambda lease: order[lease.request])
-
-    def _requests(self, locks: Iterable[tuple[str, Mode]]) -> list[Request]:
-        """The parsed requests of ``locks``; one (path, mode) pair from a cache."""
-        if type(locks) is list and len(locks) == 1 and type(locks[0]) is tuple:
-            one = locks[0]
-            if len(one) == 2 and type(one[0]) is str and type(one[1]) is str:
-                cached = self._parsed.get(one)
-                if cached is None:
-                    (cached,) = normalise_requests(locks, self.separator)
-                    if len(self._parsed) >= 4096:
-                        self._parsed.clear()
-                    self._parsed[one] = cached
-                return [cached]
-        return normalise_requests(locks, self.separator)
 
     def _acquire_group(
         self,

@@ -393,12 +393,12 @@ class AsyncHiLok(_engine.Client[AsyncClient]):
                     seen = counter()
                 if shield and (cancelled or isinstance(error, asyncio.CancelledError)):
                     if held is None:
-                        held = error if isinstance(error, asyncio.CancelledError) else None
-                        held = held or asyncio.CancelledError()
+                        cut = isinstance(error, asyncio.CancelledError)
+                        held = error if cut else asyncio.CancelledError()
                     if error is not None:  # cut short by the cancellation: carry it out
                         error = None
                         try:
-                            value = await _carried_out(self._perform(effect))
+                            value, _ = await _carried_out(self._perform(effect))
                         except BaseException as exc:
                             error = exc
                 elif cancelled and not isinstance(error, asyncio.CancelledError):
@@ -446,27 +446,27 @@ def _cancel_counter() -> Callable[[], int]:
     return counter  # type: ignore[no-any-return]
 
 
-async def _carried_out(coro: Awaitable[T]) -> T:
+async def _carried_out(coro: Awaitable[T]) -> tuple[T, asyncio.CancelledError | None]:
     """Run ``coro`` to its end in a task of its own, whatever cancellations the calling task
-    gets meanwhile (the caller re-raises the one it holds)."""
+    gets meanwhile; its result, and the first cancellation that came (for the caller to
+    raise once it is done)."""
     task = asyncio.ensure_future(coro)
+    cancelled: asyncio.CancelledError | None = None
     while True:
         try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                return task.result()
+            return await asyncio.shield(task), cancelled
+        except asyncio.CancelledError as exc:
+            if task.done():  # the task itself was cancelled: that is its outcome
+                return task.result(), cancelled
+            cancelled = cancelled or exc
 
 
 async def _shielded(coro: Awaitable[Any]) -> None:
     """Run ``coro`` to the end even if the caller is being cancelled (the cancellation is
     raised when it is done)."""
-    task = asyncio.ensure_future(coro)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+    _, cancelled = await _carried_out(coro)
+    if cancelled is not None:
+        raise cancelled
 
 
 class _Hold(AbstractAsyncContextManager[Lease]):
