@@ -298,8 +298,9 @@ _HOLDER_TREE_KEYS: Final = slice(4, 6)  # h, hx: refresh
 
 HANDOFF_TTL_MS: Final = 5000
 """The first lease of a lock a release hands to a waiter (at most the waiter's own ttl): the
-waiter renews it to its full ttl when it wakes (at the latest after :data:`KEEPALIVE`), and
-one that died meanwhile blocks the lock no longer than this."""
+waiter renews it to its full ttl when it wakes (at the latest after :data:`KEEPALIVE`), or,
+in a ``with`` block, takes it from the release's message and its refresher renews it within
+a third of this; one that died meanwhile blocks the lock no longer than this."""
 
 
 class Protocol:
@@ -552,14 +553,34 @@ def related(a: str, b: str) -> bool:
     return a == b or (b.startswith(a) and b[len(a)] == "/")
 
 
-def wakes(message: str, attempt: Acquisition) -> bool:
-    """Should a release's message on the client's channel wake ``attempt``?
+class Handed(NamedTuple):
+    """A lock a release granted to a waiting acquire call, as the release's message says."""
 
-    The message lists the handles of the waiters the release told: those it granted the
-    lock to (they ask once more and find it theirs) and those it found in front of the line
-    with a lock it could not grant there (below the released node, or several locks).
-    """
-    return attempt.handle in message.split(" ")
+    nonce: str  # of the acquire call that asked for it (Acquisition.nonce)
+    token: int
+    lease: float  # seconds it lasts from the release (the hand-off lease, at most its ttl)
+
+
+def told(message: str) -> dict[str, Handed | None]:
+    """The waiters a release's message on a client's channel tells, by handle: those it
+    granted the lock to, with the grant, and those it found in front of the line with a
+    lock it could not grant there (below the released node, or several locks): None, ask
+    again. A word that does not parse only wakes (its holder asks again)."""
+    out: dict[str, Handed | None] = {}
+    for word in message.split(" "):
+        handle, _, grant = word.partition("/")
+        nonce, _, rest = grant.partition("/")
+        token, _, lease = rest.partition("/")
+        if token.isdigit() and lease.isdigit():
+            out[handle] = Handed(nonce, int(token), int(lease) / 1000)
+        else:
+            out.setdefault(handle, None)
+    return out
+
+
+def wakes(message: str, attempt: Acquisition) -> bool:
+    """Should a release's message on the client's channel wake ``attempt``?"""
+    return attempt.handle in told(message)
 
 
 def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:

@@ -29,6 +29,7 @@ from ._core import (
     Acquisition,
     Blocked,
     Call,
+    Handed,
     Mode,
     Request,
     by_tree,
@@ -37,7 +38,7 @@ from ._core import (
     check_ttl,
     check_wait_replicas,
     normalise_requests,
-    wakes,
+    told,
 )
 from ._core import Protocol as Calls
 from ._redis import (
@@ -169,12 +170,14 @@ def _options(options: AcquireOptions) -> tuple[bool, float | None, float | None,
 class Wait:
     """One blocked acquire waiting for releases on the channels of its trees."""
 
-    __slots__ = ("attempt", "channels", "event")
+    __slots__ = ("attempt", "channels", "event", "handed")
 
     def __init__(self, channels: set[str], attempt: Acquisition, event: Any) -> None:
         self.channels = channels
         self.attempt = attempt
         self.event = event
+        # the lock a release granted this attempt, as its message said (set before event)
+        self.handed: Handed | None = None
 
 
 _TOLD_KEPT: Final = 1024
@@ -186,7 +189,7 @@ class WakeTable:
     the connection and feed messages here).
 
     A release tells the waiters it granted the lock to, or found at the front of the line,
-    on their client's channel (see :func:`~celery_hilok._core.wakes`); a subscription is
+    on their client's channel (see :func:`~celery_hilok._core.told`); a subscription is
     confirmed by the server's ``subscribe`` reply, which the first waiter on a channel waits
     for so that no release between its refusal and its subscription slips by.
     """
@@ -198,8 +201,9 @@ class WakeTable:
         self._confirmed: dict[str, Any] = {}
         self._confirmed_at: dict[str, float] = {}
         # handles a message named while no wait of theirs was registered (a release that
-        # came between a refusal and the registration), with when: kept for add()
-        self._told: OrderedDict[str, float] = OrderedDict()
+        # came between a refusal and the registration), with when and what it granted: kept
+        # for add()
+        self._told: OrderedDict[str, tuple[float, Handed | None]] = OrderedDict()
         self.on_idle: Callable[[], None] | None = None
         """Called when the last waiter leaves (the asyncio waker ends a while later)."""
 
@@ -224,8 +228,9 @@ class WakeTable:
                     new.append(channel)
                 self._waits.setdefault(channel, set()).add(wait)
             live = not new and all(self._confirmed_at.get(c, since) < since for c in channels)
-            told = self._told.pop(attempt.handle, None)
-            if told is not None and told >= since:
+            early = self._told.pop(attempt.handle, None)
+            if early is not None and early[0] >= since:
+                wait.handed = _for(attempt, early[1])
                 wait.event.set()
             return wait, new, [self._confirmed[c] for c in channels], live
 
@@ -267,18 +272,20 @@ class WakeTable:
             if event is not None:
                 event.set()
         elif kind == "message":
-            data = _text(message["data"])
+            words = told(_text(message["data"]))
             with self._lock:
                 waits = list(self._waits.get(channel, ()))
             woken = set()
             for wait in waits:
-                if wakes(data, wait.attempt):
+                handle = wait.attempt.handle
+                if handle in words:
+                    wait.handed = _for(wait.attempt, words[handle])
                     wait.event.set()
-                    woken.add(wait.attempt.handle)
+                    woken.add(handle)
             now = time.monotonic()
             with self._lock:
-                for handle in set(data.split(" ")) - woken:
-                    self._told[handle] = now
+                for handle in words.keys() - woken:
+                    self._told[handle] = (now, words[handle])
                     self._told.move_to_end(handle)
                 while len(self._told) > _TOLD_KEPT:
                     self._told.popitem(last=False)
@@ -290,6 +297,12 @@ class WakeTable:
             events += [w.event for ws in self._waits.values() for w in ws]
         for event in events:
             event.set()
+
+
+def _for(attempt: Acquisition, handed: Handed | None) -> Handed | None:
+    """``handed`` if it is the grant ``attempt``'s own call asked for (its nonce), else None
+    (an earlier call of the same handle: it only wakes the attempt, which asks again)."""
+    return handed if handed is not None and handed.nonce == attempt.nonce else None
 
 
 def _library_missing(reply: object) -> bool:
@@ -335,7 +348,8 @@ class RefreshSchedule:
         looks again)."""
         with self._lock:
             self.leases[id(lease)] = lease
-            self._tick_due = min(self._tick_due, now + _interval(lease))
+            due = min(now, lease.renewed_at) + _interval(lease)
+            self._tick_due = min(self._tick_due, due)
             return self._tick_due < self._wake_by
 
     def discard(self, lease: Lease) -> bool:
@@ -371,7 +385,7 @@ class RefreshSchedule:
         back, so its holder hears of it now rather than go on unprotected. A lease released
         (or handed over) while the tick was in flight is not lost."""
         if alive is None:
-            alive = [now - lease.renewed_at < lease.ttl for lease in leases]
+            alive = [now - lease.renewed_at < lease.term for lease in leases]
         out = []
         with self._lock:
             for lease, ok in zip(leases, alive, strict=True):
@@ -382,8 +396,10 @@ class RefreshSchedule:
 
 
 def _interval(lease: Lease) -> float:
-    """How often a kept lease is renewed: its own interval, at most a third of its ttl."""
-    third = lease.ttl / 3
+    """How often a kept lease is renewed: its own interval, at most a third of its ttl (or
+    of what it is known to last now, if shorter: a lock handed over by a release, until it
+    is first renewed)."""
+    third = min(lease.ttl, lease.term) / 3
     return third if lease.refresh_interval is None else min(lease.refresh_interval, third)
 
 
@@ -619,14 +635,21 @@ class Client(Generic[C]):
         locks: Iterable[tuple[str, Mode]],
         options: AcquireOptions,
         check: WaitCheck | None = None,
+        kept: bool = False,
     ) -> Flow[list[Lease]]:
+        """Acquire ``locks`` (see :class:`AcquireOptions`); ``check`` may stop a wait.
+        ``kept``: the lease goes to the refresher at once (a ``with`` block), so a lock a
+        release hands over may be taken from its message, for the hand-off lease, without
+        a call (see :meth:`_acquire_group`)."""
         block, timeout, ttl, handle = _options(options)
         requests = normalise_requests(locks, self.separator)
         lease_ttl = self.ttl if ttl is None else check_ttl(ttl)
         limit = check_timeout(timeout)
         if not self._cluster or len({r.path.tree for r in requests}) == 1:
             return (
-                yield from self._acquire_group(requests, handle, lease_ttl, block, limit, check)
+                yield from self._acquire_group(
+                    requests, handle, lease_ttl, block, limit, check, kept
+                )
             )
         # A cluster runs one script per slot: take the trees one by one, in sorted order (so
         # that two such acquires never wait for each other in a cycle), within one time
@@ -654,9 +677,19 @@ class Client(Generic[C]):
         block: bool,
         timeout: float | None,
         check: WaitCheck | None = None,
+        kept: bool = False,
     ) -> Flow[list[Lease]]:
         """One atomic acquire of ``requests`` (one script per try), waiting as needed;
-        ``check`` may stop the wait (see :class:`WaitCheck`)."""
+        ``check`` may stop the wait (see :class:`WaitCheck`).
+
+        A release that grants the lock to a waiter says so in its message, with the token
+        (release.lua). A lease that will be ``kept`` alive at once is taken from there,
+        without asking again: it lasts the hand-off lease (its ``term``) from the last
+        refused call at the latest (the release came after it), until the refresher first
+        renews it for its ttl, due within a third of that. One whose last call is older
+        than half the hand-off lease (a waiter asks again every KEEPALIVE, so only a
+        stalled process) asks again, and so do those with ``wait_replicas`` (the grant
+        must be seen on replicas first)."""
         if not self._eviction_checked:
             yield from self._check_eviction()
         started = time.monotonic()
@@ -671,9 +704,14 @@ class Client(Generic[C]):
             channel=self._channel,
         )
         wait: Wait | None = None
+        take = kept and not self.wait_replicas
+        sent = started  # when the last call went (replaced before it is read)
         try:
             while True:
                 if wait is not None:
+                    handed = wait.handed
+                    if take and handed and time.monotonic() - sent < handed.lease / 2:
+                        return self._taken(attempt, handed, sent, started)
                     wait.event.clear()
                 sent = time.monotonic()
                 replies = yield from self._send([attempt.call], wait=self.wait_replicas > 0)
@@ -725,6 +763,15 @@ class Client(Generic[C]):
             metrics.acquired(leases)
         return leases
 
+    def _taken(
+        self, attempt: Acquisition, handed: Handed, sent: float, started: float
+    ) -> list[Lease]:
+        """The lock a release granted ``attempt`` and told it of. The grant came after the
+        last refused call was ``sent``: from then on it lasts at least the hand-off lease."""
+        leases = self._granted(attempt, [handed.token], sent, started, True)
+        leases[0].term = min(handed.lease, attempt.ttl)
+        return leases
+
     def _register(self, attempt: Acquisition, sent: float) -> Flow[tuple[Wait, bool]]:
         """Wait for wake-ups: subscribe to the client's own channel if nobody did yet, and
         wait for the server to confirm it (without confirmation the waiter still works,
@@ -752,7 +799,7 @@ class Client(Generic[C]):
 
     def _enter(self, path: str, mode: Mode, options: AcquireOptions) -> Flow[Lease]:
         """The start of a ``with`` block: acquire, then keep the lease alive."""
-        (lease,) = yield from self._acquire([(path, mode)], options)
+        (lease,) = yield from self._acquire([(path, mode)], options, kept=True)
         self.keep_alive(lease)
         return lease
 
@@ -794,6 +841,7 @@ class Client(Generic[C]):
                 lease.renewed_at = sent
                 if new_ttl is not None:
                     lease.ttl = new_ttl
+                lease.term = lease.ttl
         return [bool(c) for c in codes]
 
     def _tick(self, leases: list[Lease]) -> Flow[None]:

@@ -47,6 +47,7 @@ class Lease:
         "refresh_interval",
         "released",
         "renewed_at",
+        "term",
         "token",
         "ttl",
         "waited",
@@ -75,6 +76,10 @@ class Lease:
         # When the lease was last known to run for ``ttl`` more seconds (local monotonic
         # clock, measured before the call that granted or renewed it, so never late).
         self.renewed_at = time.monotonic()
+        # How long from ``renewed_at`` it is known to last: its ttl, except for a lock a
+        # release handed over and the holder took from the release's message (the short
+        # hand-off lease, until the refresher first renews it).
+        self.term = ttl
         self._on_lost: list[Callable[[Lease], Any]] = []
         # Set by the driver that made the grant (see the class docstring).
         self.granted_at: float | None = None

@@ -34,7 +34,6 @@ ENGINE_COMMANDS = (
     # run inside the scripts (Redis 7 checks these against the user's ACL too)
     "time",
     "exists",
-    "get",
     "set",
     "hget",
     "hset",
@@ -57,8 +56,9 @@ FUNCTION_COMMANDS = (
 """The same with the scripts as Redis Functions (the faster way; docs/operations.md): the
 client loads the library where it is missing (a new server, a restart, FUNCTION FLUSH)."""
 
-INSPECT_COMMANDS = ("scan",)
-"""What the ``hilok`` command (``celery hilok tree``...) needs on top of the engine's."""
+INSPECT_COMMANDS = ("scan", "get")
+"""What the ``hilok`` command (``celery hilok tree``...) needs on top of the engine's: it walks
+the namespace, and reads the Celery holder directories (task names) and release notes."""
 
 PASSWORD = "acl-test-pw"
 USER = "hilok"

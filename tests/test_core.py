@@ -25,6 +25,7 @@ from celery_hilok._core import (
     Acquisition,
     Blocked,
     Granted,
+    Handed,
     Library,
     Protocol,
     Request,
@@ -38,6 +39,7 @@ from celery_hilok._core import (
     normalise_requests,
     parse_member,
     related,
+    told,
     wakes,
 )
 from celery_hilok._engine import RefreshSchedule, WakeTable
@@ -546,6 +548,18 @@ def test_a_message_wakes_the_waiters_it_names_only() -> None:
     assert wakes("someone-else front-0001", named)
     assert not wakes("front-0001 someone-else", other)  # it would only be refused again
     assert not wakes("front-00011", named)
+    assert wakes("front-0001/ab12/1700000000000001/5000", named)  # granted: its word says so
+    assert not wakes("front-00011/ab12/1700000000000001/5000", named)
+
+
+def test_a_message_says_which_waiters_it_granted_the_lock_to() -> None:
+    assert told("a-000001 b-000001/0f0f/1700000000000123/2500") == {
+        "a-000001": None,  # ask again
+        "b-000001": Handed("0f0f", 1700000000000123, 2.5),
+    }
+    # a word that does not parse only wakes its holder; a grant wins over a bare name
+    assert told("c-000001/x/y/z c-000002/n/1/") == {"c-000001": None, "c-000002": None}
+    assert told("d-000001 d-000001/n/7/100") == {"d-000001": Handed("n", 7, 0.1)}
 
 
 # -- the refresh schedule -------------------------------------------------------------------
@@ -564,6 +578,18 @@ def test_refresh_schedule_wakes_the_runner_only_for_a_sooner_tick() -> None:
     assert schedule.add(_kept(0.3), 105.0)  # due at 105.1: must wake it
     kept, delay = schedule.wait(105.0, 5.0)
     assert kept and delay == pytest.approx(0.1)
+
+
+def test_a_lock_taken_from_a_release_message_is_renewed_within_its_short_term() -> None:
+    schedule = RefreshSchedule()
+    handed = _kept(30.0)
+    handed.renewed_at, handed.term = 100.0, 5.0  # the hand-off lease, from the last call
+    schedule.add(handed, 100.5)
+    kept, delay = schedule.wait(100.5, 60.0)
+    assert kept and delay == pytest.approx(5.0 / 3 - 0.5)  # a third of its term, not of 30 s
+    # Redis down: a lease not renewed for its term has run out, whatever its ttl says
+    assert schedule.lost([handed], None, 104.0) == []
+    assert schedule.lost([handed], None, 105.5) == [handed]
 
 
 def test_refresh_schedule_tick_renews_everything_and_plans_the_next() -> None:
@@ -601,3 +627,27 @@ def test_a_message_before_the_wait_is_registered_is_kept_for_it() -> None:
     table.deliver({"type": "message", "channel": "ch", "data": "late-00001"})
     wait, _, _, _ = table.add(attempt, {"ch"}, time.monotonic() + 1)
     assert not wait.event.is_set()
+    table.remove(wait)
+
+
+def test_the_wake_table_hands_an_attempt_the_grant_its_own_call_asked_for() -> None:
+    table = WakeTable(threading.Event)
+    attempt = waiting(("a/b", "write"), handle="took-00001")
+    wait, _, _, _ = table.add(attempt, {"ch"}, time.monotonic())
+    table.deliver({"type": "subscribe", "channel": "ch", "data": 1})
+    # a grant made for another call of the same handle (another nonce) only wakes it
+    table.deliver({"type": "message", "channel": "ch", "data": "took-00001/beef/9/5000"})
+    first = wait.handed
+    assert wait.event.is_set() and first is None
+    wait.event.clear()
+    word = f"took-00001/{attempt.nonce}/1700000000000042/5000"
+    table.deliver({"type": "message", "channel": "ch", "data": f"other-0001 {word}"})
+    assert wait.event.is_set() and wait.handed == Handed(attempt.nonce, 1700000000000042, 5.0)
+    table.remove(wait)
+    # and one told before its wait was registered is kept for it, grant and all
+    later = waiting(("a/b", "write"), handle="took-00002")
+    sent = time.monotonic()
+    word = f"took-00002/{later.nonce}/1700000000000043/800"
+    table.deliver({"type": "message", "channel": "ch", "data": word})
+    wait, _, _, _ = table.add(later, {"ch"}, sent)
+    assert wait.event.is_set() and wait.handed == Handed(later.nonce, 1700000000000043, 0.8)

@@ -13,6 +13,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis
@@ -28,6 +30,7 @@ from celery_hilok import (
     QueuedRequest,
 )
 from celery_hilok._core import (
+    HANDOFF_TTL_MS,
     LIBRARY,
     SUBSCRIBE,
     Acquisition,
@@ -35,6 +38,7 @@ from celery_hilok._core import (
     Mode,
     Request,
     new_handle,
+    told,
 )
 from celery_hilok._engine import WaitCheck
 from tests._drivers import DRIVERS, Driver, Locks, release_lease
@@ -85,6 +89,25 @@ def wait_for_waiter(hl: Locks, path: str, mode: Mode) -> QueuedRequest:
 
     wait_until(queued, f"a queued {mode} request on {path!r}")
     return found[0]
+
+
+@contextmanager
+def live_channel(hl: Locks, pool: ThreadPoolExecutor) -> Iterator[None]:
+    """Keep ``hl``'s wake-up channel subscribed and confirmed meanwhile, by a waiter of its
+    own on another tree: a waiter refused then needs no second ask (see
+    ``Client._register``), so what a release does to it is what the test says, not a race
+    with that ask."""
+    blocker = hl.acquire("live-channel/x", "write")
+    other = pool.submit(lambda: hl.acquire("live-channel/x", "write", timeout=20))
+    wait_for_waiter(hl, "live-channel/x", "write")
+    engine: Any = getattr(hl, "locks", hl)  # the HiLok, or the AsyncHiLok behind the bridge
+    table = engine._waker.table
+    wait_until(lambda: engine._channel in table._confirmed_at, "the channel's subscription")
+    try:
+        yield
+    finally:
+        hl.release(blocker)
+        hl.release(other.result(timeout=20))
 
 
 def holders(hl: Locks, path: str) -> set[tuple[str, str, str, str]]:
@@ -448,8 +471,10 @@ def test_a_release_hands_the_lock_to_the_queue_front_and_tells_only_it(
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"
         hl.release(held_x)
         message = pubsub.get_message(timeout=5)
-        # the release granted A there and then, and told A alone (on its client's channel)
-        assert message is not None and message["data"].decode().split(" ") == [a]
+        # the release granted A there and then, and told A alone (on its client's channel),
+        # with the grant
+        assert message is not None and list(told(message["data"].decode())) == [a]
+        assert told(message["data"].decode())[a] is not None
         assert pubsub.get_message(timeout=0.2) is None
     lease_a = first.result(timeout=10)
     assert lease_a.handle == a and lease_a.contended
@@ -862,6 +887,75 @@ def test_context_manager_refreshes_in_the_background(hl: Locks) -> None:
             hl.acquire("c", "read", block=False)
     assert not lease.lost
     assert not hl.status("c/r").held
+
+
+def test_a_with_block_takes_a_lock_a_release_handed_it_from_the_message(
+    hl: Locks, pool: ThreadPoolExecutor, redis_client: redis.Redis
+) -> None:
+    """The release grants the waiter the lock and says so with the token: a ``with`` block
+    takes it without asking again, for the short hand-off lease, and its refresher soon
+    renews it for the block's ttl (and puts it in its holder's index)."""
+    before = _all_keys(redis_client)
+    held = hl.acquire("ho/x", "write")
+    inside, leave = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def block() -> None:
+        with hl.write("ho/x", ttl=10.0, timeout=20) as lease:
+            seen["term"], seen["token"] = lease.term, lease.token
+            inside.set()
+            assert leave.wait(20)
+            seen["renewed"] = lease.term
+
+    with live_channel(hl, pool):
+        done = pool.submit(block)
+        wait_for_waiter(hl, "ho/x", "write")
+        hl.release(held)
+        assert inside.wait(20), "the waiter did not get the lock"
+    assert seen["term"] == HANDOFF_TTL_MS / 1000  # taken from the message: not asked again
+    assert isinstance(seen["token"], int) and seen["token"] > held.token
+    (holder,) = hl.status("ho/x").holders
+    assert holder.ttl <= HANDOFF_TTL_MS / 1000
+    # renewed within a third of the hand-off lease, for its own ttl
+    wait_until(lambda: hl.status("ho/x").holders[0].ttl > HANDOFF_TTL_MS / 1000, "a renewal")
+    leave.set()
+    done.result(timeout=20)
+    assert seen["renewed"] == 10.0
+    assert not hl.status("ho/x").held
+    # and the release's note of the grant went when the grant entered the holder's index
+    assert all(key.endswith(b"::n") for key in _all_keys(redis_client) - before)
+
+
+def test_a_holder_that_took_a_handed_lock_still_skips_the_queue_in_its_tree(
+    hl: Locks, pool: ThreadPoolExecutor, redis_client: redis.Redis
+) -> None:
+    """A lock taken from a release's message is not in its holder's index until renewed;
+    the release notes it under the holder's handle, so the holder's next acquire in the
+    tree does not queue behind a waiter that waits for the holder itself (which would
+    stall both)."""
+    before = _all_keys(redis_client)
+    held = hl.acquire("re/a", "write")
+    got: dict[str, object] = {}
+
+    def block() -> None:
+        with hl.write("re/a", ttl=10.0, timeout=20) as lease:
+            got["term"] = lease.term
+            # c waits for "re" (queued before this request): it waits for this very holder
+            inner = hl.acquire("re/a/x", "read", handle=lease.handle, block=False)
+            hl.release(inner)
+            got["inner"] = inner.token
+
+    with live_channel(hl, pool):
+        b = pool.submit(block)
+        wait_for_waiter(hl, "re/a", "write")
+        c = pool.submit(lambda: hl.acquire("re", "write", timeout=20))
+        wait_for_waiter(hl, "re", "write")
+        hl.release(held)
+        b.result(timeout=20)  # LockNotAcquired here: it queued behind c
+    assert got["term"] == HANDOFF_TTL_MS / 1000  # (the hand-off path, not a second ask)
+    hl.release(c.result(timeout=20))  # and c gets "re" once b is done
+    # the note of b's grant went with its release (b left before its first renewal)
+    assert all(key.endswith(b"::n") for key in _all_keys(redis_client) - before)
 
 
 def test_context_manager_raises_lock_lost_on_exit(hl: Locks) -> None:

@@ -18,7 +18,8 @@ import pytest
 import redis
 
 from celery_hilok import HiLok, LockNotAcquired
-from celery_hilok._core import HANDOFF_TTL_MS, Request, new_handle
+from celery_hilok._core import HANDOFF_TTL_MS, Handed, Request, new_handle
+from celery_hilok._core import told as told_of
 from tests._redis import RedisServer
 from tests._wait import wait_for
 from tests.test_fairness import wait_past_server_time
@@ -83,45 +84,58 @@ class Ghost:
         return [int(c) for c in codes]
 
 
-@pytest.fixture
-def told(client: redis.Redis) -> Iterator[Callable[[Ghost], list[str]]]:
-    """Subscribe to ghosts' channels; ``told(ghost)`` lists the handles its channel heard."""
-    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-    heard: dict[str, list[str]] = {}
+class Heard:
+    """Subscribed to ghosts' channels: ``heard(ghost)`` lists the handles its channel was
+    told, ``heard.words(ghost)`` the messages' words as they came (a granted waiter's word
+    carries its grant: "<handle>/<nonce>/<token>/<lease ms>")."""
 
-    def listen(ghost: Ghost) -> list[str]:
+    def __init__(self, client: redis.Redis) -> None:
+        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self.heard: dict[str, list[str]] = {}
+
+    def words(self, ghost: Ghost) -> list[str]:
         channel = ghost.channel
-        if channel not in heard:
-            heard[channel] = []
-            pubsub.subscribe(channel)
-            message = pubsub.get_message(timeout=5)
+        if channel not in self.heard:
+            self.heard[channel] = []
+            self.pubsub.subscribe(channel)
+            message = self.pubsub.get_message(timeout=5)
             assert message is not None and message["type"] == "subscribe"
         # A release publishes before it replies, so its messages are on their way by now:
         # read until the line stays quiet (the first wait is long, for a busy machine).
         timeout = 0.5
-        while (message := pubsub.get_message(timeout=timeout)) is not None:
+        while (message := self.pubsub.get_message(timeout=timeout)) is not None:
             timeout = 0.05
             if message["type"] == "message":
                 name = message["channel"].decode()
-                heard[name] += message["data"].decode().split(" ")
-        return heard[channel]
+                self.heard[name] += message["data"].decode().split(" ")
+        return self.heard[channel]
 
+    def __call__(self, ghost: Ghost) -> list[str]:
+        return [word.split("/")[0] for word in self.words(ghost)]
+
+
+@pytest.fixture
+def told(client: redis.Redis) -> Iterator[Heard]:
+    heard = Heard(client)
     try:
-        yield listen
+        yield heard
     finally:
-        pubsub.close()
+        heard.pubsub.close()
 
 
-def test_a_release_grants_the_next_waiter_by_itself(
-    hl: HiLok, told: Callable[[Ghost], list[str]]
-) -> None:
+def test_a_release_grants_the_next_waiter_by_itself(hl: HiLok, told: Heard) -> None:
     held = hl.acquire("d/x", "write")
     ghost = Ghost(hl, [("d/x", "write")])
     assert told(ghost) == []
     hl.release(held)
-    # The release made the grant (the ghost never asked again) and said so on its channel.
+    # The release made the grant (the ghost never asked again) and said so on its channel,
+    # with what it granted: the ghost's call (its nonce), the token, the lease.
     assert ghost.holds() and not ghost.queued()
-    assert told(ghost) == [ghost.handle]
+    (word,) = told.words(ghost)
+    (handed,) = told_of(word).values()
+    assert handed is not None and told_of(word) == {ghost.handle: handed}, word
+    assert handed == Handed(ghost.nonce, handed.token, HANDOFF_TTL_MS / 1000)
+    assert handed.token > held.token
     (grant,) = hl.status("d/x").holders
     assert 0 < grant.ttl <= HANDOFF_TTL_MS / 1000  # a short first lease
     with pytest.raises(LockNotAcquired, match="held by"):
@@ -150,9 +164,7 @@ def test_tickets_that_differ_past_14_digits_keep_their_order(
     assert second.leave() == [1]
 
 
-def test_readers_go_in_together_and_a_writer_keeps_its_place(
-    hl: HiLok, told: Callable[[Ghost], list[str]]
-) -> None:
+def test_readers_go_in_together_and_a_writer_keeps_its_place(hl: HiLok, told: Heard) -> None:
     held = hl.acquire("c", "write")
     r1, r2 = Ghost(hl, [("c", "read")]), Ghost(hl, [("c", "read")])
     writer = Ghost(hl, [("c", "write")])
@@ -173,9 +185,7 @@ def test_readers_go_in_together_and_a_writer_keeps_its_place(
         assert told(ghost) == [ghost.handle]
 
 
-def test_a_waiter_below_the_released_node_is_told_not_granted(
-    hl: HiLok, told: Callable[[Ghost], list[str]]
-) -> None:
+def test_a_waiter_below_the_released_node_is_told_not_granted(hl: HiLok, told: Heard) -> None:
     held = hl.acquire("b", "write")
     below = Ghost(hl, [("b/x/y", "write")])
     several = Ghost(hl, [("b", "read"), ("b/z", "read")])
@@ -190,9 +200,7 @@ def test_a_waiter_below_the_released_node_is_told_not_granted(
     assert not below.holds() and not several.holds()
 
 
-def test_a_dead_waiter_is_passed_over(
-    hl: HiLok, client: redis.Redis, told: Callable[[Ghost], list[str]]
-) -> None:
+def test_a_dead_waiter_is_passed_over(hl: HiLok, client: redis.Redis, told: Heard) -> None:
     held = hl.acquire("e", "write")
     dead = Ghost(hl, [("e", "write")], queue_ttl_ms=50)  # stops renewing its entry
     alive = Ghost(hl, [("e", "write")])
@@ -205,9 +213,7 @@ def test_a_dead_waiter_is_passed_over(
     assert alive.leave() == [1]
 
 
-def test_a_waiter_that_holds_in_the_tree_is_granted_past_the_queue(
-    hl: HiLok, told: Callable[[Ghost], list[str]]
-) -> None:
+def test_a_waiter_that_holds_in_the_tree_is_granted_past_the_queue(hl: HiLok, told: Heard) -> None:
     # R reads g/a; W writes g/b; A (write g) waits for R and W; R then waits for g/b.
     r = hl.acquire("g/a", "read")
     w = hl.acquire("g/b", "write")

@@ -34,23 +34,37 @@ local function acquire(keys, args)
 
   for _, g in ipairs(grants) do g.member = prefix .. g.mode .. '|' .. g.path end
 
+  -- Usually nobody waits in the request's trees and no set that could conflict exists at
+  -- all: one EXISTS over the trees' queues and those sets settles both (steps 1 and 2 are
+  -- then skipped); else each is asked on its own.
+  local holds, waits = {}, {}
+  for _, g in ipairs(grants) do conflict_sets(g, 0, holds) end
+  local probe, seen = {}, {}
+  for _, g in ipairs(grants) do
+    if not seen[g.tree] then seen[g.tree] = true; probe[#probe + 1] = tree_key(g.tree, 'q') end
+  end
+  for _, key in ipairs(holds) do probe[#probe + 1] = key end
+  local busy = any_exists(probe)
+
   local holding = 0
   local queued = {}   -- tree -> somebody waits there (its queue exists)
   local tickets = {}  -- tree -> this request's ticket there (false: not queued)
   for _, g in ipairs(grants) do
     if queued[g.tree] == nil then
-      queued[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
+      queued[g.tree] = busy and redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
       tickets[g.tree] = queued[g.tree]
         and (tonumber(redis.call('ZSCORE', tree_key(g.tree, 'q'), g.member)) or false)
     end
   end
 
   -- does the holder hold a live grant in the tree (so it skips the queue)? Asked only when
-  -- somebody waits; a grant a release handed to it is not in its index yet
+  -- somebody waits; a grant a release handed to it is not in its index until renewed, but
+  -- noted under its bare handle in the holder table (release.lua)
   local held = {}
   local function held_in(tree)
     if held[tree] == nil then
-      held[tree] = false
+      held[tree] = not new
+        and (tonumber(redis.call('HGET', tree_key(tree, 'h'), handle)) or 0) > NOW
       for _, g in ipairs(new and {} or grants) do
         if g.tree == tree and not held[tree] then
           local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
@@ -90,14 +104,11 @@ local function acquire(keys, args)
     end
   end
 
-  -- 1. live holders. Usually none of the sets that could conflict exists at all: one EXISTS
-  -- over all of them settles that (and step 2 is skipped where nobody waits).
-  local holds, waits = {}, {}
+  -- 1. live holders (where any set that could conflict exists)
   for _, g in ipairs(grants) do
-    conflict_sets(g, 0, holds)
     if queued[g.tree] then conflict_sets(g, 4, waits) end
   end
-  if any_exists(holds) then
+  if busy and any_exists(holds) then
     for _, g in ipairs(grants) do
       local m, exp = holder_in_way(g, handle)
       if m then

@@ -159,7 +159,10 @@ end
 --
 -- h holds every grant's entry (member -> token|expiry|nonce) and hx when each entry may go;
 -- a holder's own index (the grant's first key, "<tree>::hl:<handle>": member -> expiry)
--- answers "does this holder hold anything live in the tree" in O(log n).
+-- answers "does this holder hold anything live in the tree" in O(log n). A release that
+-- hands a lock to a waiter cannot name that holder's index (a key not in its KEYS), so it
+-- notes the grant in h under the bare handle (handle -> expiry, gone with the hand-off
+-- lease) until the holder renews the grant into its index.
 
 -- does the holder of index `hl` hold a live grant in the tree?
 local function holds_live(hl)
@@ -172,6 +175,15 @@ local function bump_table(tree, ttl)
   bump(tree_key(tree, 'hx'), ttl + grace(ttl))
 end
 
+-- drop the note a release made under the bare handle of `member`'s holder (see above): the
+-- grant is in the holder's index now, or no longer held
+local function drop_note(tree, member)
+  local handle = string.match(member, '^[^|]*')
+  if redis.call('HDEL', tree_key(tree, 'h'), handle) == 1 then
+    redis.call('ZREM', tree_key(tree, 'hx'), handle)
+  end
+end
+
 -- write holder entry `member` (and, given `hl`, the holder's index); `ttl` sets how long the
 -- entry is kept (the caller bumps the table: bump_table). 1 if the entry is new.
 local function put_entry(tree, hl, member, token, exp, nonce, ttl)
@@ -179,7 +191,8 @@ local function put_entry(tree, hl, member, token, exp, nonce, ttl)
   local new = redis.call('HSET', h, member, holder_entry(token, exp, nonce))
   redis.call('ZADD', hx, exp + grace(ttl), member)
   if hl then  -- (released grants leave it; one that ran out goes with the key's TTL)
-    redis.call('ZADD', hl, exp, member)
+    -- an entry already there but not in the index: a grant a release handed over
+    if redis.call('ZADD', hl, exp, member) == 1 and new == 0 then drop_note(tree, member) end
     bump(hl, ttl)
   end
   return new
@@ -187,7 +200,7 @@ end
 
 -- drop holder entry `member` (and, given `hl`, its place in the holder's index)
 local function drop_entry(tree, hl, member)
-  if hl then redis.call('ZREM', hl, member) end
+  if hl and redis.call('ZREM', hl, member) == 0 then drop_note(tree, member) end
   if redis.call('HDEL', tree_key(tree, 'h'), member) == 0 then return 0 end
   redis.call('ZREM', tree_key(tree, 'hx'), member)
   return 1
@@ -343,10 +356,17 @@ local function take_back(undo)
   end
 end
 
--- a new fencing token of the tree: larger than every token (and ticket) issued before in it
+-- a new fencing token of the tree: larger than every token (and ticket) issued before in it.
+-- Usually the server's clock in us is: one SET that also returns the number before; only
+-- when that was as large (two numbers in one us, or a clock set back) a second SET.
+local NUMBER_TTL = 604800000
 local function next_number(tree)
   local n = tree_key(tree, 'n')
-  local value = string.format('%d', math.max((tonumber(redis.call('GET', n)) or 0) + 1, NOW_US))
-  redis.call('SET', n, value, 'PX', 604800000)
+  local value = string.format('%d', NOW_US)
+  local before = tonumber(redis.call('SET', n, value, 'PX', NUMBER_TTL, 'GET'))
+  if before and before >= NOW_US then
+    value = string.format('%d', before + 1)
+    redis.call('SET', n, value, 'PX', NUMBER_TTL)
+  end
   return value
 end

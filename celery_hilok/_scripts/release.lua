@@ -27,7 +27,12 @@
 -- does not keep it long), and the next ones are looked at as if it held it (readers go in
 -- together, a writer after them waits). A waiter in front that cannot be granted here (a
 -- lock below the released node, or several locks) is told to ask again. Each waiter told
--- hears it on its own process's channel: "<handle> <handle> ...".
+-- hears it on its own process's channel, one word each: "<handle>" (ask again) or, for a
+-- waiter granted here, "<handle>/<nonce>/<token>/<lease ms>" (the grant its call of that
+-- nonce asked for, with its fencing token and how long it lasts from now: a waiter that
+-- keeps its lease alive takes it from the message, without a call). Until the holder renews
+-- it into its own index, the grant is noted in the holder table under the bare handle (its
+-- expiry), so that the holder's next acquires in the tree see it holds something there.
 
 local function release(keys, args)
   begin(keys, args, FULL_TREE)
@@ -133,14 +138,17 @@ local function release(keys, args)
           local verdict = grantable(lock, who, ticket)
           if verdict == 'yes' then
             local lease = math.min(ttl, handoff)
-            place(lock, c.member, NOW + lease, next_number(tree), nonce, lease, {})
+            local token = next_number(tree)
+            place(lock, c.member, NOW + lease, token, nonce, lease, {})
             unqueue(lock, c.member)
-            granted = true
+            redis.call('HSET', tree_key(tree, 'h'), who, string.format('%d', NOW + lease))
+            redis.call('ZADD', tree_key(tree, 'hx'), NOW + lease, who)
+            granted = who .. '/' .. nonce .. '/' .. token .. '/' .. string.format('%d', lease)
           elseif verdict == 'queued' then
             here = false  -- its holder may hold something in the tree by now: let it ask
           end
         end
-        if channel ~= '' and (granted or not here) then notify(channel, who) end
+        if channel ~= '' and (granted or not here) then notify(channel, granted or who) end
         if not granted then ahead[#ahead + 1] = { who, mode, path } end
       end
     end

@@ -21,9 +21,10 @@ from tests.test_acl import ENGINE_COMMANDS
 
 pytestmark = pytest.mark.celery_worker
 
-CELERY_COMMANDS = ("del",)
+CELERY_COMMANDS = ("del", "get")
 """What a Celery worker needs on top of the engine's commands: dropping a finished chain's
-hand-over claims and its process's holder directory."""
+hand-over claims and its process's holder directory, and reading the note a forced release
+left when it finds a lease lost."""
 
 PASSWORD = "celery-acl-pw"
 RESULT_TIMEOUT = 60.0
