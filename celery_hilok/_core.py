@@ -31,7 +31,6 @@ __all__ = [
     "Script",
     "new_handle",
     "next_wait",
-    "wakes",
 ]
 
 Mode = Literal["read", "write", "read-node"]
@@ -576,11 +575,6 @@ def told(message: str) -> dict[str, Handed | None]:
         else:
             out.setdefault(handle, None)
     return out
-
-
-def wakes(message: str, attempt: Acquisition) -> bool:
-    """Should a release's message on the client's channel wake ``attempt``?"""
-    return attempt.handle in told(message)
 
 
 def next_wait(now: float, deadline: float | None, blocked: Blocked) -> float:

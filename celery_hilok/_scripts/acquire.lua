@@ -63,8 +63,7 @@ local function acquire(keys, args)
   local held = {}
   local function held_in(tree)
     if held[tree] == nil then
-      held[tree] = not new
-        and (tonumber(redis.call('HGET', tree_key(tree, 'h'), handle)) or 0) > NOW
+      held[tree] = not new and noted(tree, handle)
       for _, g in ipairs(new and {} or grants) do
         if g.tree == tree and not held[tree] then
           local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))

@@ -175,8 +175,19 @@ local function bump_table(tree, ttl)
   bump(tree_key(tree, 'hx'), ttl + grace(ttl))
 end
 
--- drop the note a release made under the bare handle of `member`'s holder (see above): the
--- grant is in the holder's index now, or no longer held
+-- note a grant a release handed to `handle` (see above), until `exp`
+local function note_grant(tree, handle, exp)
+  redis.call('HSET', tree_key(tree, 'h'), handle, string.format('%d', exp))
+  redis.call('ZADD', tree_key(tree, 'hx'), exp, handle)
+end
+
+-- does a release's note say that `handle` holds a live grant in the tree?
+local function noted(tree, handle)
+  return (tonumber(redis.call('HGET', tree_key(tree, 'h'), handle)) or 0) > NOW
+end
+
+-- drop the note a release made under the bare handle of `member`'s holder: the grant is in
+-- the holder's index now, or no longer held
 local function drop_note(tree, member)
   local handle = string.match(member, '^[^|]*')
   if redis.call('HDEL', tree_key(tree, 'h'), handle) == 1 then

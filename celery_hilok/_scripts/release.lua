@@ -141,8 +141,7 @@ local function release(keys, args)
             local token = next_number(tree)
             place(lock, c.member, NOW + lease, token, nonce, lease, {})
             unqueue(lock, c.member)
-            redis.call('HSET', tree_key(tree, 'h'), who, string.format('%d', NOW + lease))
-            redis.call('ZADD', tree_key(tree, 'hx'), NOW + lease, who)
+            note_grant(tree, who, NOW + lease)
             granted = who .. '/' .. nonce .. '/' .. token .. '/' .. string.format('%d', lease)
           elseif verdict == 'queued' then
             here = false  -- its holder may hold something in the tree by now: let it ask
