@@ -368,18 +368,20 @@ class Protocol:
         nonce: str,
         channel: str = "",
         new: bool = False,
+        queue_ttl_ms: int = QUEUE_TTL_MS,
     ) -> Call:
         """Acquire ``requests`` for ``handle``; ``nonce`` names this call (see :meth:`undo`);
         a release tells a waiting request on ``channel`` (its client's) that it may go.
         ``new``: the first call for a handle just made, of which nothing can exist yet (the
-        script then looks nothing of it up)."""
+        script then looks nothing of it up). ``queue_ttl_ms``: how long a request refused
+        (with ``register``) stays in the queue unless asked again."""
         flags = (1 if register else 0) | (2 if new else 0)
         keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
         args: list[str | int] = [
             handle,
             int(ttl * 1000),
             flags,
-            QUEUE_TTL_MS,
+            queue_ttl_ms,
             ntrees,
             len(placed),
             nonce,
@@ -664,6 +666,7 @@ class Acquisition:
         "last",
         "nonce",
         "protocol",
+        "queue_ttl_ms",
         "requests",
         "subscribed",
         "timeout",
@@ -681,8 +684,10 @@ class Acquisition:
         timeout: float | None,
         now: float,
         channel: str = "",
+        queue_ttl_ms: int = QUEUE_TTL_MS,
     ) -> None:
         self.protocol = protocol
+        self.queue_ttl_ms = queue_ttl_ms
         self.requests = requests
         self.fresh = handle is None
         self.handle = new_handle() if handle is None else check_handle(handle)
@@ -704,7 +709,7 @@ class Acquisition:
     def _make_call(self) -> Call:
         return self.protocol.acquire(
             self.handle, self.requests, self.ttl, self.can_wait, self.nonce, self.channel,
-            self.asked_new,
+            self.asked_new, self.queue_ttl_ms,
         )  # fmt: skip
 
     def step(self, reply: list[object], now: float) -> list[int] | Sleep:

@@ -747,6 +747,56 @@ class Client(Generic[C]):
             if wait is not None:
                 self._waker.table.remove(wait)
 
+    def _enqueue(
+        self,
+        locks: Iterable[tuple[str, Mode]],
+        *,
+        handle: str,
+        ttl: float,
+        queue_ttl: float,
+        channel: str,
+        withdraw_on_error: bool,
+    ) -> Flow[list[Lease] | LockNotAcquired]:
+        """One try for ``locks`` that, refused, leaves the request waiting without a waiter
+        in this process (the Celery integration's ``park`` policy): granted, the leases;
+        refused, the refusal (not raised), and the request keeps its place in the queue for
+        ``queue_ttl`` seconds, a release telling ``channel`` when it granted it the lock (or
+        when to ask again). A later call of the same handle keeps that place and renews it.
+        A call whose reply never came withdraws what it may have left if
+        ``withdraw_on_error``; else that runs out by itself, unless asked again."""
+        requests = normalise_requests(locks, self.separator)
+        if self._cluster and len({r.path.tree for r in requests}) > 1:
+            raise InvalidArgument(
+                "a request parked in Redis Cluster must lock paths of one tree (one slot): "
+                f"got {', '.join(r.describe() for r in requests)}"
+            )
+        queue_ms = int(check_ttl(queue_ttl, "queue_ttl") * 1000)
+        sent = time.monotonic()
+        attempt = Acquisition(
+            self._protocol,
+            requests,
+            handle=handle,
+            ttl=check_ttl(ttl),
+            block=True,
+            timeout=None,
+            now=sent,
+            channel=channel,
+            queue_ttl_ms=queue_ms,
+        )
+        try:
+            (reply,) = yield from self._send([attempt.call])
+        except BaseException as exc:
+            cleanup = attempt.cleanup(exc)
+            if withdraw_on_error and cleanup is not None:
+                yield from self._quietly(cleanup, "withdraw a parked request")
+            raise
+        outcome = self._protocol.decode_acquire(reply)
+        if isinstance(outcome, Blocked):
+            refusal = attempt._not_acquired(outcome, "at once (it waits in the queue)")
+            assert isinstance(refusal, LockNotAcquired)
+            return refusal
+        return self._granted(attempt, outcome.tokens, sent, sent, False)
+
     def _granted(
         self, attempt: Acquisition, tokens: list[int], sent: float, started: float, waited: bool
     ) -> list[Lease]:

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 from . import _engine
 from ._core import Mode
 from ._redis import client_kind, waker_log_level
+from .errors import LockNotAcquired
 from .lease import Lease, LockStatus
 
 if TYPE_CHECKING:
@@ -213,6 +214,29 @@ class HiLok(_engine.Client[SyncClient]):
         """:meth:`acquire_many` whose wait ``check`` may stop (the Celery integration's
         ``wait`` policy: see :class:`~celery_hilok._engine.WaitCheck`)."""
         return self._drive(self._acquire(locks, options, check))
+
+    def _park(
+        self,
+        locks: Iterable[tuple[str, Mode]],
+        *,
+        handle: str,
+        ttl: float,
+        queue_ttl: float,
+        channel: str,
+        withdraw_on_error: bool = True,
+    ) -> list[Lease] | LockNotAcquired:
+        """One try that, refused, leaves the request in the queue (the Celery
+        integration's ``park`` policy: see :meth:`~celery_hilok._engine.Client._enqueue`)."""
+        return self._drive(
+            self._enqueue(
+                locks,
+                handle=handle,
+                ttl=ttl,
+                queue_ttl=queue_ttl,
+                channel=channel,
+                withdraw_on_error=withdraw_on_error,
+            )
+        )
 
     def read(
         self, path: str, **options: Unpack[_engine.AcquireOptions]

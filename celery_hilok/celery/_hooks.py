@@ -30,6 +30,7 @@ from celery._state import get_current_app, get_current_task
 
 from ._runtime import ATTEMPT_HEADER, HEADER, Handover, close_runtimes, runtime
 from .locks import STATE_ATTR, begin, locks_of
+from .park import parking, stop_parking
 from .request import release_in_main_process
 from .task import HiLokTask, keeps
 from .unique import release_after_run, release_for_request
@@ -131,6 +132,21 @@ def on_process_shutdown(**_: Any) -> None:
     close_runtimes()
 
 
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Start the worker's parking (main process), which sends parked tasks again when their
+    locks are granted: at once, so that tasks parked while no worker ran are sent."""
+    app = getattr(sender, "app", None) or get_current_app()
+    try:
+        if any(isinstance(t, HiLokTask) for t in app.tasks.values()):
+            parking(app)
+    except Exception as exc:
+        log.warning("celery_hilok: parked tasks are not sent from this worker: %s", exc)
+
+
+def on_worker_shutdown(**_: Any) -> None:
+    stop_parking()
+
+
 def connect() -> None:
     """Connect the receivers (idempotent: each has a dispatch_uid)."""
     pairs = [
@@ -140,6 +156,8 @@ def connect() -> None:
         (signals.task_revoked, on_revoked),
         (signals.worker_process_init, on_process_init),
         (signals.worker_process_shutdown, on_process_shutdown),
+        (signals.worker_ready, on_worker_ready),
+        (signals.worker_shutdown, on_worker_shutdown),
     ]
     for sig, receiver in pairs:
         sig.connect(receiver, weak=False, dispatch_uid=f"celery_hilok.{receiver.__name__}")

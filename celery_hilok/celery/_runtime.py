@@ -37,6 +37,9 @@ EXEC_HEADER: Final = "hilok_exec"
 """Request key with the fresh handle the worker's main process made for one execution."""
 ATTEMPT_HEADER: Final = "hilok_attempt"
 """Message header counting the contention retries of a task so far."""
+PARKED_ATTR: Final = "_hilok_parked"
+"""Attribute of a task request that parked (``park`` policy): the call goes on, sent again
+later, so what it claimed for the call (``hilok_unique``) stays."""
 CLAIM_TTL: Final = 86400.0
 """Seconds the hand-over claims of a handle are remembered after their last use."""
 

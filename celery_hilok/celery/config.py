@@ -25,15 +25,15 @@ __all__ = [
     "setting",
 ]
 
-POLICIES: Final = ("retry", "wait", "fail", "skip")
+POLICIES: Final = ("park", "retry", "wait", "fail", "skip")
 """What a task does when its locks are taken: see :class:`~celery_hilok.HiLokTask`."""
 
 ON_DUPLICATE: Final = ("return", "raise")
 """What publishing a unique task does while an identical call is queued or running."""
 
 TASK_OPTIONS: Final[Mapping[str, Any]] = {
-    "hilok_on_contention": "retry",
-    "hilok_timeout": None,  # "wait": seconds to wait; None waits as long as it takes
+    "hilok_on_contention": "park",
+    "hilok_timeout": None,  # "park", "wait": seconds to wait; None waits as long as it takes
     "hilok_ttl": 30.0,  # lease of a running task's locks, refreshed while it runs
     "hilok_refresh_interval": None,  # seconds between refreshes; None: a third of the ttl
     "hilok_keep": False,

@@ -183,8 +183,15 @@ class TaskLocks:
         )
 
     def _refused(
-        self, error: LockNotAcquired, action: str, attempt: int, countdown: float | None = None
+        self,
+        error: LockNotAcquired,
+        action: str,
+        attempt: int,
+        countdown: float | None = None,
+        **fields: Any,
     ) -> None:
+        """Tell of a refusal (signal and event) and what the task does: ``action``, with
+        ``fields`` for the event (a parked task's ``hilok_position``)."""
         self._tell(
             hilok_lock_refused,
             {"error": error, "action": action, "countdown": countdown},
@@ -195,6 +202,7 @@ class TaskLocks:
             hilok_blocker=error.blocker,
             hilok_countdown=countdown,
             hilok_retries=attempt,
+            **fields,
         )
 
     def _released(self, leases: Sequence[Lease], why: str) -> None:

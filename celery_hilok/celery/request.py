@@ -41,6 +41,7 @@ from kombu.asynchronous import get_event_loop
 from .._core import new_handle
 from ._events import EVENT_TYPE, EVENTS_FLAG, HANDLE_PREFIX, WORKER_KEY
 from ._runtime import EXEC_HEADER, HEADER, Handover, runtime
+from .park import PARK_KEY, parking
 from .task import HiLokTask
 from .unique import release_for_request
 
@@ -68,6 +69,11 @@ class HiLokRequest(Request):  # type: ignore[misc]
         self._request_dict[EVENTS_FLAG] = self._sends_task_events()
         # The worker's node name (the threads pool's request.hostname is the machine's).
         self._request_dict[WORKER_KEY] = self._hostname
+        # Where a release tells this worker of a grant to the task, should it park.
+        try:
+            self._request_dict[PARK_KEY] = parking(self.task.app).channel
+        except Exception as exc:  # no lock client here: the park policy falls back to retry
+            log.warning("%s: cannot park tasks in this worker: %s", self.task.name, exc)
 
     def _sends_task_events(self) -> bool:
         """Does the worker send task events now (``-E``, or enabled by a control command)?"""

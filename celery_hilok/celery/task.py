@@ -24,9 +24,23 @@ from .._unique import claim_name, unique_key
 from ..errors import LockNotAcquired
 from ..lease import Lease
 from ..sync import HiLok
+from ._events import worker_name
 from ._runtime import ATTEMPT_HEADER, runtime
 from .config import TASK_OPTIONS, check_task_option, setting
 from .locks import TaskLocks, begin, explicit_handover, locks_of, option
+from .park import (
+    EXPIRED_HEADER,
+    PARK_KEY,
+    PARKED,
+    PARKED_ATTR,
+    PARKED_KEY,
+    QUEUE_TTL,
+    expired_error,
+    record,
+    save,
+)
+from .park import forget as forget_parked
+from .park import take as take_parked
 from .spec import LockSpec, Mode, task_signature
 from .unique import UniqueSpec, publish_once
 
@@ -157,6 +171,10 @@ class HiLokTask(Task):  # type: ignore[misc]
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Acquire the task's locks, all at once, before the body runs."""
         state = begin(self, self.request)
+        expired = expired_error(_header(self.request, EXPIRED_HEADER))
+        if expired is not None:  # parked past its hilok_timeout: sent again to fail here
+            state._refused(expired, "fail", 0)
+            raise expired
         # What was handed over is held already (and renewed): acquire the rest. A second
         # delivery of a chain step acquires the handed locks too, as a holder of its own.
         handed = {(lease.path, lease.mode) for lease in state.inherited}
@@ -173,9 +191,14 @@ class HiLokTask(Task):  # type: ignore[misc]
         hl = state.rt.hilok
         attempt = _contention_retries(self.request)
         started = time.monotonic()
+        channel = None
+        if policy == "park":
+            policy, channel = self._park_channel(state, wanted)
         watch = _HandoverWatch(state) if policy == "wait" and not self.request.is_eager else None
         try:
-            if watch is not None:
+            if channel is not None:
+                leases = self._acquire_or_park(state, wanted, ttl, handle, channel)
+            elif watch is not None:
                 timeout = option(self, "hilok_timeout")
                 leases = hl._acquire_many_checked(
                     wanted, watch.check, timeout=timeout, ttl=ttl, handle=handle
@@ -205,6 +228,81 @@ class HiLokTask(Task):  # type: ignore[misc]
         state.own = leases
         state._hold(leases)
         state._acquired(leases, time.monotonic() - started, attempt)
+
+    def _park_channel(
+        self, state: TaskLocks, wanted: list[tuple[str, Mode]]
+    ) -> tuple[str, str | None]:
+        """The ``park`` policy where it applies: ("park", the channel of the worker's
+        :class:`~celery_hilok.celery.park.Parking`); else the policy it falls back to."""
+        request = self.request
+        if request.is_eager:
+            return "wait", None  # the caller's thread: no pool slot to give back
+        if option(self, "hilok_timeout") == 0:
+            return "fail", None
+        channel = getattr(request, PARK_KEY, None)
+        trees = {path.split(state.rt.separator, 1)[0] for path, _ in wanted}
+        if (
+            not isinstance(channel, str)  # not run by a HiLokRequest (a custom Request)
+            or state.source is not None  # runs under a handed-over handle: it holds on
+            or (state.rt.hilok._cluster and len(trees) > 1)
+        ):
+            return "retry", None
+        return "park", channel
+
+    def _acquire_or_park(
+        self,
+        state: TaskLocks,
+        wanted: list[tuple[str, Mode]],
+        ttl: float,
+        handle: str,
+        channel: str,
+    ) -> list[Lease]:
+        """The ``park`` policy: the locks, or (raising ``Ignore``) the task parked in their
+        queue, to be sent again holding them (see :mod:`celery_hilok.celery.park`)."""
+        rt, hl = state.rt, state.rt.hilok
+        refusal = hl._park(wanted, handle=handle, ttl=ttl, queue_ttl=QUEUE_TTL, channel=channel)
+        if not isinstance(refusal, LockNotAcquired):
+            return refusal
+        timeout = option(self, "hilok_timeout")
+        keep_ttl = float(option(self, "hilok_keep_ttl"))
+        parked = record(self, handle, wanted, keep_ttl, timeout, worker_name(self.request))
+        try:
+            position = save(rt, parked)
+            # Asked again now that the record is there: a release that came between the
+            # first call and the record told a worker of a task it could not find yet.
+            again = hl._park(wanted, handle=handle, ttl=ttl, queue_ttl=QUEUE_TTL, channel=channel)
+        except BaseException:
+            forget_parked(rt, handle)
+            rt.release_named(handle, wanted, "its parking failed")
+            raise
+        if not isinstance(again, LockNotAcquired):
+            if take_parked(rt, handle, handle):
+                forget_parked(rt, handle)
+                return again
+            raise Ignore("parked, and granted: a worker sends it again")
+        state._refused(again, "park", 0, hilok_position=position)
+        log.info(
+            "%s[%s] parked (%s waiting ahead of it in its tree): %s",
+            self.name,
+            self.request.id,
+            "?" if position is None else position,
+            again,
+        )
+        self._store_parked(str(self.request.id), again, position)
+        setattr(self.request, PARKED_ATTR, True)
+        raise Ignore(f"parked: {again}")
+
+    def _store_parked(self, task_id: str, exc: LockNotAcquired, position: int | None) -> None:
+        """Store state PARKED (not ready: the task runs when it is sent again)."""
+        if _ignores_result(self, self.request):
+            return
+        meta = {**skipped_result(exc), "position": position}
+        del meta[SKIPPED]
+        meta[PARKED_KEY] = True
+        try:
+            self.backend.store_result(task_id, meta, PARKED, request=self.request)
+        except Exception as error:  # no result backend, or it is down: the log line stays
+            log.warning("%s[%s]: could not store its PARKED state: %s", self.name, task_id, error)
 
     def _store_skipped(self, task_id: str, exc: LockNotAcquired) -> None:
         """Store the ``skip`` policy's result, so that the caller's ``AsyncResult`` is
@@ -343,6 +441,12 @@ def _ignores_result(task: Any, request: Any) -> bool:
 def keeps(task: Any) -> bool:
     """Does ``task`` hand its locks to the next step? Only a HiLokTask with hilok_keep."""
     return isinstance(task, HiLokTask) and bool(option(task, "hilok_keep"))
+
+
+def _header(request: Any, name: str) -> Any:
+    headers = request.headers or {}
+    value = headers.get(name) if isinstance(headers, dict) else None
+    return getattr(request, name, None) if value is None else value
 
 
 def _contention_retries(request: Any) -> int:

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from .._redis import translate
 from .._unique import claim, claim_name, parse_claim_name, release, unique_key
 from ..errors import DuplicateTask, InvalidArgument
-from ._runtime import Runtime, runtime
+from ._runtime import PARKED_ATTR, Runtime, runtime
 from .config import check_task_option
 from .locks import option
 from .spec import _plain, bound_arguments, template_names
@@ -372,8 +372,8 @@ def release_after_run(task: Any, request: Any, state: str | None, retval: Any) -
     name = claim_of(request)
     if name is None:
         return
-    if state == states.RETRY:
-        return  # its retry (the same call) holds the claim on
+    if state == states.RETRY or getattr(request, PARKED_ATTR, False):
+        return  # its retry, or (parked) its next sending, is the same call: it holds on
     if state == states.REJECTED and getattr(retval, "requeue", False):
         return  # back in the queue: still the queued call
     release_claim(runtime(task.app), name, getattr(request, "id", None), f"task {state}")

@@ -46,7 +46,10 @@ def lab(app: Celery) -> redis.Redis:
     key = (os.getpid(), url)
     client = _clients.get(key)
     if client is None:
-        client = _clients[key] = redis.Redis.from_url(url, decode_responses=True)
+        # no socket timeout shorter than a gate (redis-py 8 defaults to 5 s)
+        client = _clients[key] = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=GATE_TIMEOUT + 10
+        )
     return client
 
 
@@ -129,7 +132,7 @@ def register(app: Celery) -> SimpleNamespace:
         return body(self, run, name or f"read {tenant}", gate, work)
 
     t = SimpleNamespace()
-    for policy in ("retry", "wait", "fail", "skip"):
+    for policy in ("park", "retry", "wait", "fail", "skip"):
         setattr(
             t,
             f"write_{policy}",
@@ -148,6 +151,13 @@ def register(app: Celery) -> SimpleNamespace:
         hilok_write=ACCOUNT,
         hilok_max_retries=2,
         **FAST_RETRY,
+    )(write)
+    t.write_park_timeout = task(
+        "write_park_timeout",
+        base=HiLokTask,
+        hilok_write=ACCOUNT,
+        hilok_on_contention="park",
+        hilok_timeout=1.0,
     )(write)
     t.write_short_wait = task(
         "write_short_wait",

@@ -96,11 +96,16 @@ class WorkerProcess:
     """``celery -A tests.celery.app worker -P prefork`` as a subprocess, on its own queue."""
 
     def __init__(
-        self, config: dict[str, Any], concurrency: int = 2, *extra: str, pool: str = "prefork"
+        self,
+        config: dict[str, Any],
+        concurrency: int = 2,
+        *extra: str,
+        pool: str = "prefork",
+        queue: str | None = None,
     ) -> None:
         self.pool = pool
-        self.queue = f"proc-{uuid.uuid4().hex[:8]}"
-        self.ready_key = f"lab:ready:{self.queue}"
+        self.queue = queue or f"proc-{uuid.uuid4().hex[:8]}"
+        self.ready_key = f"lab:ready:{self.queue}:{uuid.uuid4().hex[:8]}"
         self.config = {**config, "task_default_queue": self.queue}
         self.concurrency = concurrency
         self.extra = extra
@@ -201,8 +206,10 @@ def worker_factory(
 ) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def factory(concurrency: int = 2, *extra: str, pool: str = "prefork") -> WorkerProcess:
-        worker = WorkerProcess(hilok_config, concurrency, *extra, pool=pool)
+    def factory(
+        concurrency: int = 2, *extra: str, pool: str = "prefork", queue: str | None = None
+    ) -> WorkerProcess:
+        worker = WorkerProcess(hilok_config, concurrency, *extra, pool=pool, queue=queue)
         started.append(worker)
         return worker.start(lab)
 

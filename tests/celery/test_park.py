@@ -1,0 +1,136 @@
+"""The ``park`` policy on real prefork workers: a refused task gives its pool slot back,
+keeps its place in the lock's queue, and is sent again, already holding the lock, when its
+turn comes. Checked from the bodies' recorded intervals, not from times."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import pytest
+import redis
+from celery.result import AsyncResult
+
+from celery_hilok import HiLok, LockNotAcquired
+from celery_hilok.celery.park import PARKED, index_key
+from tests._wait import wait_for
+from tests.celery.app import app as test_app
+from tests.celery.app import events, open_gate, tasks
+from tests.celery.conftest import WorkerProcess
+
+pytestmark = pytest.mark.celery_worker
+
+RESULT_TIMEOUT = 30.0
+
+
+def account(run: str, name: str = "a1") -> str:
+    return f"{run}/tenants/t1/accounts/{name}"
+
+
+def intervals(lab: redis.Redis, run: str) -> dict[str, tuple[float, float]]:
+    """(start, end) of each body that ran, by name; a body that ran twice fails."""
+    starts: dict[str, float] = {}
+    out: dict[str, tuple[float, float]] = {}
+    for e in events(lab, run):
+        if e["kind"] == "start":
+            assert e["name"] not in starts, f"{e['name']} ran twice"
+            starts[e["name"]] = e["t"]
+        elif e["kind"] == "end":
+            out[e["name"]] = (starts[e["name"]], e["t"])
+    return out
+
+
+def started(lab: redis.Redis, run: str, name: str) -> Callable[[], bool]:
+    return lambda: any(e["kind"] == "start" and e["name"] == name for e in events(lab, run))
+
+
+def parked(result: AsyncResult) -> Callable[[], bool]:
+    return lambda: result.state == PARKED
+
+
+def test_parked_tasks_free_the_pool_and_run_in_order_holding_the_lock(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    worker = worker_factory(2)
+    q = worker.queue
+    first = tasks.write_park.apply_async((run, "t1", "a1", "first", "g"), queue=q)
+    wait_for(started(lab, run, "first"), what="the first task to start")
+    later = []
+    for name in ("second", "third", "fourth"):
+        result = tasks.write_park.apply_async((run, "t1", "a1", name), queue=q)
+        wait_for(parked(result), what=f"{name} to park")
+        later.append(result)
+    # Both pool slots are free again (one runs `first`): tasks on other paths run now.
+    free = [
+        tasks.write_park.apply_async((run, "t1", f"free{i}", f"free{i}"), queue=q)
+        for i in range(3)
+    ]
+    assert [r.get(timeout=RESULT_TIMEOUT) for r in free] == ["free0", "free1", "free2"]
+    assert not started(lab, run, "second")()
+    waiters = hl.status(account(run)).waiters
+    assert len(waiters) == 3  # parked in the lock's queue, in order
+    open_gate(lab, run, "g")
+    assert first.get(timeout=RESULT_TIMEOUT) == "first"
+    assert [r.get(timeout=RESULT_TIMEOUT) for r in later] == ["second", "third", "fourth"]
+    ran = intervals(lab, run)
+    order = ["first", "second", "third", "fourth"]
+    for before, after in zip(order, order[1:], strict=False):
+        assert ran[before][1] <= ran[after][0], f"{after} started before {before} ended"
+    # The same task id ran (the caller's AsyncResult), once each, holding the lock.
+    starts = [e for e in events(lab, run) if e["kind"] == "start" and e["name"] in order[1:]]
+    assert [e["id"] for e in starts] == [r.id for r in later]
+    assert all(e["tokens"].get(account(run)) for e in starts)
+    wait_for(lambda: not hl.status(account(run)).holders, what="the last release")
+    assert not hl.redis.zcard(index_key(hl.namespace)), "parked records left behind"
+
+
+def test_a_revoked_parked_task_leaves_the_queue(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    worker = worker_factory(2)
+    q = worker.queue
+    first = tasks.write_park.apply_async((run, "t1", "a1", "first", "g"), queue=q)
+    wait_for(started(lab, run, "first"), what="the first task to start")
+    dropped = tasks.write_park.apply_async((run, "t1", "a1", "dropped"), queue=q)
+    wait_for(parked(dropped), what="the task to park")
+    after = tasks.write_park.apply_async((run, "t1", "a1", "after"), queue=q)
+    wait_for(parked(after), what="the next task to park")
+    assert len(hl.status(account(run)).waiters) == 2
+    test_app.control.revoke(dropped.id, destination=[worker.node])
+    wait_for(lambda: dropped.state == "REVOKED", what="the parked task to be dropped")
+    assert len(hl.status(account(run)).waiters) == 1  # only `after` waits now
+    open_gate(lab, run, "g")
+    assert first.get(timeout=RESULT_TIMEOUT) == "first"
+    assert after.get(timeout=RESULT_TIMEOUT) == "after"
+    assert "dropped" not in intervals(lab, run)
+
+
+def test_a_parked_task_fails_when_its_timeout_passes(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    worker = worker_factory(2)
+    q = worker.queue
+    first = tasks.write_park.apply_async((run, "t1", "a1", "first", "g"), queue=q)
+    wait_for(started(lab, run, "first"), what="the first task to start")
+    late = tasks.write_park_timeout.apply_async((run, "t1", "a1", "late"), queue=q)
+    with pytest.raises(LockNotAcquired) as caught:
+        late.get(timeout=RESULT_TIMEOUT)
+    assert caught.value.path == account(run) and caught.value.mode == "write"
+    assert "hilok_timeout" in str(caught.value)
+    assert not hl.status(account(run)).waiters
+    open_gate(lab, run, "g")
+    assert first.get(timeout=RESULT_TIMEOUT) == "first"
+    assert "late" not in intervals(lab, run)
+
+
+def test_parked_tasks_wait_in_redis_while_no_worker_runs(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    blocker = hl.acquire(account(run), "write", ttl=30)
+    first = worker_factory(1)
+    result = tasks.write_park.apply_async((run, "t1", "a1", "later"), queue=first.queue)
+    wait_for(parked(result), what="the task to park")
+    first.stop()
+    hl.release(blocker)  # granted to the parked task: nobody hears of it
+    assert not started(lab, run, "later")()
+    worker_factory(1, queue=first.queue)  # a worker starts: it finds the parked task
+    assert result.get(timeout=RESULT_TIMEOUT) == "later"
+    assert not hl.redis.zcard(index_key(hl.namespace)), "parked records left behind"
