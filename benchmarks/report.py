@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             None if share is None else share >= CELERY_LOCKED_SHARE,
             "skipped: " + celery["skipped"] if celery.get("skipped") else "distinct/unlocked",
         )
+    park = results.get("celery-contention", {}).get("results", {}).get("park")
+    if park:
+        for target, bound, value, met in celery_contention_targets(park):
+            add(f"Celery under contention (park): {target}", bound, value, met, "issue 13")
     return out
 
 
@@ -281,6 +286,8 @@ def markdown(results: dict[str, Any]) -> str:
         parts += ["", _celery_section(results["celery"])]
     if "contention" in results:
         parts += ["", contention_section(results["contention"])]
+    if "celery-contention" in results:
+        parts += ["", celery_contention_section(results["celery-contention"])]
     if results.get("targets"):
         rows = [
             [
@@ -940,6 +947,125 @@ def contention_section(c: dict[str, Any]) -> str:
             "",
             _table(["acquire by", "median ms", "p90", "max", "n"], table),
         ]
+    return "\n".join(lines)
+
+
+# Targets of issue 13 for the new default policy (park); see benchmarks/celery_contention.py.
+CC_BUSY = 0.85
+CC_OUT_OF_ORDER = 5
+CC_REINDEX_AFTER_S = 0.25
+CC_FREE_S = 0.5
+
+
+def celery_contention_targets(
+    policy: dict[str, Any],
+) -> list[tuple[str, str, float | None, bool | None]]:
+    """(target, goal, value, met) of issue 13 for one policy's results."""
+    hot = policy.get("hot", {})
+    rx = policy.get("reindex", {})
+    free = policy.get("free", {})
+
+    def check(value: Any, ok: Callable[[float], bool]) -> tuple[float | None, bool | None]:
+        return (None, None) if value is None else (float(value), ok(float(value)))
+
+    rows: list[tuple[str, str, float | None, bool | None]] = []
+    value, met = check(hot.get("busy"), lambda v: v >= CC_BUSY)
+    rows.append(("hot path lock busy", f">= {CC_BUSY:.0%}", value, met))
+    value, met = check(hot.get("out_of_order"), lambda v: v <= CC_OUT_OF_ORDER)
+    rows.append(("hot path out-of-order pairs", f"<= {CC_OUT_OF_ORDER}", value, met))
+    value, met = check(rx.get("after_ahead_s"), lambda v: v <= CC_REINDEX_AFTER_S)
+    rows.append(("reindex after the edits ahead, s", f"<= {CC_REINDEX_AFTER_S:g} s", value, met))
+    value, met = check(free.get("free_done_s"), lambda v: v <= CC_FREE_S)
+    rows.append(("free tasks done, s", f"<= {CC_FREE_S:g} s", value, met))
+    return rows
+
+
+def celery_contention_section(cc: dict[str, Any]) -> str:
+    """Issue 13's scenarios: rows are the metrics, columns the policies."""
+    policies: list[str] = cc.get("policies", [])
+    res: dict[str, dict[str, Any]] = cc.get("results", {})
+    sz: dict[str, Any] = cc.get("sizes", {})
+
+    def cell(scenario: str, fn: Callable[[dict[str, Any]], str]) -> list[str]:
+        cells = []
+        for p in policies:
+            r = res.get(p, {}).get(scenario)
+            cells.append(DASH if r is None else fn(r))
+        return cells
+
+    def done(r: dict[str, Any]) -> str:
+        if r["completed"]:
+            return "yes"
+        states = ", ".join(f"{k} {v}" for k, v in sorted(r.get("states", {}).items()))
+        return f"**no** ({states})"
+
+    hot_n = sz.get("hot_tasks", 0)
+    hot_body = sz.get("hot_body", 0.0)
+    edits = max(1, round(sz.get("edit_stream", 0.0) / sz.get("edit_gap", 1.0)))
+    rows: list[list[str]] = [
+        ["hot: makespan, s", *cell("hot", lambda r: _fmt(r.get("makespan_s"), ".2f"))],
+        ["hot: lock busy", *cell("hot", lambda r: _fmt(r.get("busy"), ".0%"))],
+        [
+            f"hot: out-of-order pairs (of {hot_n * (hot_n - 1) // 2})",
+            *cell("hot", lambda r: str(r.get("out_of_order", DASH))),
+        ],
+        ["hot: longest wait, s", *cell("hot", lambda r: _fmt(r.get("max_wait_s"), ".2f"))],
+        ["hot: contention retries", *cell("hot", lambda r: str(r["retries"]))],
+        ["hot: all tasks completed", *cell("hot", done)],
+        [
+            "reindex: started after the edits ahead ended, s",
+            *cell("reindex", lambda r: _fmt(r.get("after_ahead_s"), ".2f")),
+        ],
+        [
+            "reindex: later edits that started before it",
+            *cell(
+                "reindex",
+                lambda r: f"{r.get('overtaking_edits', DASH)} of {r.get('edits_behind', DASH)}",
+            ),
+        ],
+        ["reindex: its wait, s", *cell("reindex", lambda r: _fmt(r.get("wait_s"), ".2f"))],
+        [
+            "reindex: longest edit wait, s",
+            *cell("reindex", lambda r: _fmt(r.get("max_edit_wait_s"), ".2f")),
+        ],
+        [
+            "reindex: stream done (last edit end), s",
+            *cell("reindex", lambda r: _fmt(r.get("stream_done_s"), ".2f")),
+        ],
+        ["reindex: contention retries", *cell("reindex", lambda r: str(r["retries"]))],
+        ["reindex: all tasks completed", *cell("reindex", done)],
+        ["free: free tasks done, s", *cell("free", lambda r: _fmt(r.get("free_done_s"), ".2f"))],
+        ["free: busy tasks done, s", *cell("free", lambda r: _fmt(r.get("busy_done_s"), ".2f"))],
+        ["free: contention retries", *cell("free", lambda r: str(r["retries"]))],
+        ["free: all tasks completed", *cell("free", done)],
+    ]
+    goals = {
+        "hot: lock busy": f">= {CC_BUSY:.0%}",
+        "hot: out-of-order pairs": f"<= {CC_OUT_OF_ORDER}",
+        "reindex: started after the edits ahead ended, s": f"<= {CC_REINDEX_AFTER_S:g}",
+        "free: free tasks done, s": f"<= {CC_FREE_S:g}",
+    }
+    for row in rows:
+        row.append(next((g for k, g in goals.items() if row[0].startswith(k)), ""))
+    lines = [
+        f"### 8. Celery under contention (issue 13): a {cc.get('pool')} worker, concurrency "
+        f"{cc.get('concurrency')}, every policy",
+        "",
+        f"hot: {hot_n} tasks write one path, {hot_body * 1000:g} ms each, sent "
+        f"{sz.get('hot_gap', 0) * 1000:g} ms apart (ideal makespan {hot_n * hot_body:.2f} s). "
+        f"reindex: {edits} edits of {sz.get('edit_body', 0) * 1000:g} ms "
+        f"(`tenants/t/docs/<d>`, {sz.get('docs')} docs), one sent every "
+        f"{sz.get('edit_gap', 0) * 1000:g} ms, and a {sz.get('reindex_body', 0) * 1000:g} ms "
+        f"reindex (`tenants/t`) sent {sz.get('reindex_at')} s into the stream. free: "
+        f"{sz.get('busy_tasks')} tasks of {sz.get('busy_body', 0) * 1000:g} ms on one path, "
+        f"then {sz.get('free_tasks')} of {sz.get('free_body', 0) * 1000:g} ms on paths of "
+        "their own. Times from the sends (by the sender) and the bodies' start and end; "
+        "busy: the bodies' time over first body start to last body end.",
+        "",
+        _table(["metric", *policies, "target (park)"], rows),
+    ]
+    for p, why in cc.get("skipped", {}).items():
+        lines += ["", f"{p}: skipped ({why})."]
     return "\n".join(lines)
 
 

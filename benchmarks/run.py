@@ -9,7 +9,9 @@
 tables to stdout, everything measured to ``benchmarks/results/latest.json`` (``--output``).
 Parts: rate (uncontended acquire+release, with the physical floor), wakeup, fairness,
 handoff, refresh, celery, contention (issue 12: the engine under contention, see
-:mod:`benchmarks.contention`); ``--parts`` picks some. The seed library runs in its own
+:mod:`benchmarks.contention`), celery-contention (issue 13: Celery tasks under contention,
+every ``hilok_on_contention`` policy side by side, see :mod:`benchmarks.celery_contention`);
+``--parts`` picks some. The seed library runs in its own
 virtualenv (built on first use) as a subprocess; its measurements are interleaved with
 ours round by round, so that machine noise hits both alike and the ratios stay meaningful.
 """
@@ -34,13 +36,22 @@ from typing import Any
 
 import redis
 
-from benchmarks import celery_bench, contention, ours, report
+from benchmarks import celery_bench, celery_contention, contention, ours, report
 from benchmarks.seed import SeedProcess, SeedUnavailable, ensure_venv
 from tests._redis import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
-PARTS = ("rate", "wakeup", "fairness", "handoff", "refresh", "celery", "contention")
+PARTS = (
+    "rate",
+    "wakeup",
+    "fairness",
+    "handoff",
+    "refresh",
+    "celery",
+    "contention",
+    "celery-contention",
+)
 
 #: (holder mode, holder path, waiter mode, waiter path); each path gets a unique prefix.
 WAKEUP_CASES = (
@@ -85,6 +96,10 @@ class Config:
     celery_rounds: int = 2
     #: sizes of the contention part (issue 12)
     contention: contention.Sizes = field(default_factory=contention.Sizes)
+    #: sizes of the Celery contention part (issue 13)
+    celery_contention: celery_contention.Sizes = field(default_factory=celery_contention.Sizes)
+    #: policies of the Celery contention part (None: every one of its POLICIES known here)
+    celery_contention_policies: tuple[str, ...] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -107,6 +122,7 @@ QUICK = Config(
     celery_skip=10,
     celery_rounds=1,
     contention=contention.QUICK,
+    celery_contention=celery_contention.QUICK,
 )
 
 
@@ -281,6 +297,14 @@ class Runner:
         seed = self.seed.request if self.seed is not None else None
         return contention.run(self.url, self.cfg.contention, seed, say)
 
+    # 8 ------------------------------------------------------------------------------------
+
+    def celery_contention(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return celery_contention.run(
+            self.url, cfg.celery_contention, policies=cfg.celery_contention_policies, say=say
+        )
+
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median rate and CPU per op over the rounds of one cell, and each round's values."""
@@ -349,6 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny durations")
     parser.add_argument("--no-seed", action="store_true", help="do not measure the seed library")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    parser.add_argument(
+        "--policies",
+        help="comma list of hilok_on_contention policies of the celery-contention part "
+        f"(default: those of {','.join(celery_contention.POLICIES)} this version knows)",
+    )
     parser.add_argument("--rounds", type=int, help="rounds of the rate part (default 3)")
     parser.add_argument("--duration", type=float, help="seconds per rate measurement")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of rate vs depth here")
@@ -390,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.rounds = args.rounds
     if args.duration:
         cfg.duration = args.duration
+    if args.policies:
+        cfg.celery_contention_policies = tuple(p for p in args.policies.split(",") if p)
     parts = [p for p in PARTS if p in args.parts.split(",")]
 
     started = time.time()
@@ -427,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             "refresh": runner.refresh,
             "celery": runner.celery,
             "contention": runner.contention,
+            "celery-contention": runner.celery_contention,
         }
         for part in parts:
             t0 = time.perf_counter()

@@ -38,7 +38,16 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = json.loads(output.read_text())
-    for part in ("rate", "wakeup", "fairness", "handoff", "refresh", "celery", "contention"):
+    for part in (
+        "rate",
+        "wakeup",
+        "fairness",
+        "handoff",
+        "refresh",
+        "celery",
+        "contention",
+        "celery-contention",
+    ):
         assert part in results, part
     assert results["rate"]["rates"] and results["rate"]["floors"]
     assert results["meta"]["seed"] is None
@@ -50,5 +59,11 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
         assert rows[row], row
     assert rows["holder"]["holder"]["n"] > 0
     assert "### 7. Contention (issue 12)" in done.stdout
+    # issue 13: every policy this version has of park, retry and wait, every scenario
+    cc = results["celery-contention"]
+    assert "retry" in cc["policies"] and "wait" in cc["policies"]
+    for policy in cc["policies"]:
+        assert set(cc["results"][policy]) == {"hot", "reindex", "free"}, policy
+    assert "### 8. Celery under contention (issue 13)" in done.stdout
     if with_chart:
         assert chart.stat().st_size > 0
