@@ -93,7 +93,8 @@ def _ended(sender: Any = None, kwargs: Any = None, state: Any = None, **_: Any) 
     if not name.startswith(PREFIX) or not isinstance(kwargs, dict) or "run" not in kwargs:
         return
     run = str(kwargs["run"])
-    if state == "RETRY":
+    # a contention retry, or a parked execution (the park policy: sent again later)
+    if state == "RETRY" or getattr(sender.request, "_hilok_parked", False):
         _client().incr(RETRIES + run)
     else:
         _client().rpush(ENDS + run, str(state))

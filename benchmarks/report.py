@@ -1010,7 +1010,7 @@ def celery_contention_section(cc: dict[str, Any]) -> str:
             *cell("hot", lambda r: str(r.get("out_of_order", DASH))),
         ],
         ["hot: longest wait, s", *cell("hot", lambda r: _fmt(r.get("max_wait_s"), ".2f"))],
-        ["hot: contention retries", *cell("hot", lambda r: str(r["retries"]))],
+        ["hot: contention retries (park: parkings)", *cell("hot", lambda r: str(r["retries"]))],
         ["hot: all tasks completed", *cell("hot", done)],
         [
             "reindex: started after the edits ahead ended, s",
@@ -1032,11 +1032,14 @@ def celery_contention_section(cc: dict[str, Any]) -> str:
             "reindex: stream done (last edit end), s",
             *cell("reindex", lambda r: _fmt(r.get("stream_done_s"), ".2f")),
         ],
-        ["reindex: contention retries", *cell("reindex", lambda r: str(r["retries"]))],
+        [
+            "reindex: contention retries (park: parkings)",
+            *cell("reindex", lambda r: str(r["retries"])),
+        ],
         ["reindex: all tasks completed", *cell("reindex", done)],
         ["free: free tasks done, s", *cell("free", lambda r: _fmt(r.get("free_done_s"), ".2f"))],
         ["free: busy tasks done, s", *cell("free", lambda r: _fmt(r.get("busy_done_s"), ".2f"))],
-        ["free: contention retries", *cell("free", lambda r: str(r["retries"]))],
+        ["free: contention retries (park: parkings)", *cell("free", lambda r: str(r["retries"]))],
         ["free: all tasks completed", *cell("free", done)],
     ]
     goals = {

@@ -376,6 +376,8 @@ def _describe_waiter(w: QueuedGrant) -> str:
 def _describe_task(task: TaskInfo | None) -> str:
     if task is None:
         return ""
+    if task.parked:
+        return f"  task {task.task}[{task.task_id}] parked (by {task.worker})"
     return f"  task {task.task}[{task.task_id}] on {task.worker} pid {task.pid}"
 
 

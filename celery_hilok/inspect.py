@@ -52,6 +52,7 @@ class TaskInfo:
     task: str
     worker: str
     pid: int
+    parked: bool = False  # a parked task (the park policy): no process runs it yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,8 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
 
 def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
     """The Celery task of each handle, from the directories worker processes publish
-    (``<namespace>:celery:holders:<worker>:<pid>``, see ``celery_hilok.celery``)."""
+    (``<namespace>:celery:holders:<worker>:<pid>``, see ``celery_hilok.celery``) and the
+    records of parked tasks (``<namespace>:celery:parked:<handle>``)."""
     client = hl.redis
     keys = list(client.scan_iter(match=f"{hl.namespace}:celery:holders:*", count=1000))
     if not keys:
@@ -184,6 +186,17 @@ def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
                     str(entry["task_id"]), str(entry["task"]), str(doc["worker"]), int(doc["pid"])
                 )
         except (ValueError, KeyError, TypeError):  # not ours, or from another version
+            continue
+    for parked in client.zrange(f"{hl.namespace}:celery:parked", 0, -1):
+        handle = parked.decode() if isinstance(parked, bytes) else str(parked)
+        raw = client.get(f"{hl.namespace}:celery:parked:{handle}")
+        try:
+            doc = json.loads(raw) if raw else None
+            if isinstance(doc, dict) and handle not in found:
+                found[handle] = TaskInfo(
+                    str(doc["task_id"]), str(doc["task"]), str(doc["worker"]), 0, parked=True
+                )
+        except (ValueError, KeyError, TypeError):
             continue
     return found
 

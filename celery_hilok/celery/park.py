@@ -76,6 +76,9 @@ PARKED_KEY: Final = "hilok_parked"
 PARK_KEY: Final = "hilok_park"
 """Request key with the wake-up channel of the worker's :class:`Parking`, set in the main
 process (:class:`~celery_hilok.celery.HiLokRequest`): where a parked task is told."""
+PARKED_AT_HEADER: Final = "hilok_parked_at"
+"""Message header of a parked task sent again holding its locks: when it parked (Unix
+time), for the wait its ``acquired`` event and signal report."""
 EXPIRED_HEADER: Final = "hilok_park_expired"
 """Message header of a parked task sent again to fail: its ``hilok_timeout`` passed."""
 QUEUE_TTL: Final = 60.0
@@ -154,7 +157,8 @@ def record(
     sig = task.signature_from_request(request)
     options = {k: v for k, v in dict(sig.options).items() if k != "headers"}
     headers = dict(request.headers or {})
-    headers.pop(HEADER, None)
+    for name in (HEADER, PARKED_AT_HEADER, EXPIRED_HEADER):
+        headers.pop(name, None)
     options["headers"] = headers
     content_type, encoding, data = serialization.dumps(  # type: ignore[no-untyped-call]
         [list(sig.args or ()), dict(sig.kwargs or {}), options], serializer=task.serializer
@@ -276,7 +280,7 @@ class Parking:
     # -- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = 0.05
+        backoff, failing = 0.05, False
         next_scan = 0.0
         pubsub: Any = None
         while not self._stopping.is_set():
@@ -287,7 +291,7 @@ class Parking:
                     pubsub.subscribe(self.channel)
                 wait = max(0.0, min(SCAN_EVERY, next_scan - time.monotonic()))
                 message = pubsub.get_message(timeout=wait)
-                backoff = 0.05
+                backoff, failing = 0.05, False
                 if message is not None:
                     kind = _text(message.get("type"))
                     if kind == "subscribe":
@@ -301,7 +305,10 @@ class Parking:
             except Exception as exc:  # Redis down, a record that does not load...: go on
                 if self._stopping.is_set():
                     break
-                log.warning("parked tasks: %s", exc, exc_info=not isinstance(exc, RedisError))
+                # once per outage (a warning), then quietly until Redis answers again
+                level = logging.DEBUG if failing else logging.WARNING
+                failing = isinstance(exc, (RedisError, OSError))
+                log.log(level, "parked tasks: %s", exc, exc_info=not failing)
                 if isinstance(exc, (RedisError, OSError)) and pubsub is not None:
                     try:
                         pubsub.close()
@@ -328,16 +335,21 @@ class Parking:
         return False
 
     def _scan(self) -> None:
-        if not self._leads():
-            return
+        """Look at every parked record: every worker drops the ones it heard were revoked
+        (a revoke reaches every worker) and fails the ones whose time is up; the one
+        worker that leads also asks again for the others, keeping their queue places."""
+        if not self.rt.hilok.redis.exists(index_key(self.rt.namespace)):
+            self._asked.clear()
+            return  # nothing parked: no scan, no leader
+        records = list(parked_records(self.rt))
+        lead = bool(records) and self._leads()
         now = time.monotonic()
-        seen = set()
-        for parked in parked_records(self.rt):
-            seen.add(parked.handle)
-            if self._settled(parked):
+        for parked in records:
+            if self._settled(parked) or not lead:
                 continue
             if now - self._asked.get(parked.handle, float("-inf")) >= ASK_EVERY:
                 self._ask(parked)
+        seen = {parked.handle for parked in records}
         for handle in list(self._asked):
             if handle not in seen:
                 del self._asked[handle]
@@ -393,6 +405,7 @@ class Parking:
                 )
                 self.rt.mark_handed(parked.handle, parked.keep_ttl, offer_to=parked.task_id)
                 headers[HEADER] = handover.encode()
+                headers[PARKED_AT_HEADER] = parked.parked_at
             if expired is not None:
                 headers[EXPIRED_HEADER] = expired
             options["headers"] = headers

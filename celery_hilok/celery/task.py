@@ -32,6 +32,7 @@ from .park import (
     EXPIRED_HEADER,
     PARK_KEY,
     PARKED,
+    PARKED_AT_HEADER,
     PARKED_ATTR,
     PARKED_KEY,
     QUEUE_TTL,
@@ -183,6 +184,13 @@ class HiLokTask(Task):  # type: ignore[misc]
         if state.duplicate_of is not None:
             wanted += [(p, m) for p, m, _ in state.duplicate_of.locks if (p, m) not in wanted]
         if not wanted:
+            parked_at = _header(self.request, PARKED_AT_HEADER)
+            if isinstance(parked_at, (int, float)) and state.inherited:
+                # a parked task sent again holding its locks: they were granted to it now
+                for lease in state.inherited:
+                    lease.contended = True
+                wait = max(0.0, time.time() - parked_at)
+                state._acquired(state.inherited, wait, _contention_retries(self.request))
             return
         handle = state._handle_for_acquire(self.request)
         state.announce()  # a waiting task is named in `celery hilok tree` too

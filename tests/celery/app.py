@@ -149,6 +149,7 @@ def register(app: Celery) -> SimpleNamespace:
         "write_budget",
         base=HiLokTask,
         hilok_write=ACCOUNT,
+        hilok_on_contention="retry",
         hilok_max_retries=2,
         **FAST_RETRY,
     )(write)
@@ -196,7 +197,14 @@ def register(app: Celery) -> SimpleNamespace:
         """Not a HiLokTask at all."""
         return body(self, run, step, None, 0.0)
 
-    @task("flaky", base=HiLokTask, hilok_write=ACCOUNT, max_retries=1, **FAST_RETRY)
+    @task(
+        "flaky",
+        base=HiLokTask,
+        hilok_write=ACCOUNT,
+        hilok_on_contention="retry",
+        max_retries=1,
+        **FAST_RETRY,
+    )
     def flaky(self: Task, run: str, tenant: str, account: str, fail_times: int) -> str:
         """Retries itself (self.retry) ``fail_times`` times, then succeeds."""
         tries = lab(self.app).incr(f"lab:{run}:tries")
@@ -297,7 +305,15 @@ def register(app: Celery) -> SimpleNamespace:
         base=HiLokTask,
         hilok_unique="{run}/{account}",
         hilok_write=ACCOUNT,
+        hilok_on_contention="retry",
         **FAST_RETRY,
+    )(unique_body)
+
+    t.unique_park = task(
+        "unique_park",
+        base=HiLokTask,
+        hilok_unique="{run}/{account}",
+        hilok_write=ACCOUNT,
     )(unique_body)
 
     t.unique_skip = task(

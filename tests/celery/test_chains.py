@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, chain, group
-from celery.signals import task_retry
 
 from celery_hilok import HiLok, LockNotAcquired
+from celery_hilok.celery.signals import hilok_lock_refused
 from tests._wait import wait_for
 from tests.celery import app as test_app
 from tests.celery.app import events, open_gate, tasks
@@ -106,21 +106,22 @@ def test_a_second_delivery_of_a_chain_step_never_runs_as_the_chains_holder(
     # The broker delivers step 2's message again (same id, same headers) while it runs.
     token = step2["tokens"][account(run)]
     header = {"handle": handle, "locks": [[account(run), "write", token]], "claim": True}
-    retried: list[str] = []
+    parked: list[str] = []
 
-    def on_retry(request: Any = None, **_: Any) -> None:
-        retried.append(request.id)
+    def on_refused(task_id: str = "", action: str = "", **_: Any) -> None:
+        if action == "park":
+            parked.append(task_id)
 
-    task_retry.connect(on_retry)
+    hilok_lock_refused.connect(on_refused)
     try:
         tasks.keep_step.apply_async(
             ("step 1", run, "t1", "a1", "step 2", "g2"),
             task_id=step2["id"],
             headers={"hilok": header},
         )
-        wait_for(lambda: step2["id"] in retried, what="the second delivery to wait its turn")
+        wait_for(lambda: step2["id"] in parked, what="the second delivery to wait its turn")
     finally:
-        task_retry.disconnect(on_retry)
+        hilok_lock_refused.disconnect(on_refused)
     assert [h.handle for h in hl.status(account(run)).holders] == [handle]
     open_gate(lab, run, "g2", times=2)
     assert result.get(timeout=RESULT_TIMEOUT) == "step 3"
@@ -303,6 +304,12 @@ def test_eager_policies_and_ways_out(
     releaser = threading.Timer(0.3, hl.release, (outside,))
     releaser.start()
     assert eager.write_retry.delay(run, "t1", "a1", name="late").get() == "late"
+    releaser.join()
+    # park waits in place too (no pool slot to give back in the caller's thread)
+    outside = hl.acquire(account(run), "write")
+    releaser = threading.Timer(0.3, hl.release, (outside,))
+    releaser.start()
+    assert eager.write_park.delay(run, "t1", "a1", name="parked").get() == "parked"
     releaser.join()
     with pytest.raises(ValueError, match="the body failed"):
         eager.exit.delay(run, "t1", "a1", "raise").get()

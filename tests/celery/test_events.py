@@ -196,6 +196,29 @@ def test_events_of_a_task_retried_on_contention(
 
 
 @pytest.mark.celery_worker
+def test_events_of_tasks_parked_on_contention(
+    run: str, hl: HiLok, capture: EventCapture, events_worker: WorkerProcess
+) -> None:
+    holder = hl.acquire(account(run), "write")
+    try:
+        first = tasks.write_park.apply_async((run, "t1", "a1"), queue=events_worker.queue)
+        [one] = hilok_events(capture, first.id, "contended")
+        second = tasks.write_park.apply_async((run, "t1", "a1"), queue=events_worker.queue)
+        [two] = hilok_events(capture, second.id, "contended")
+    finally:
+        hl.release(holder)
+    assert first.get(timeout=RESULT_TIMEOUT) == second.get(timeout=RESULT_TIMEOUT) == "write a1"
+    assert one["hilok_action"] == two["hilok_action"] == "park"
+    assert (one["hilok_position"], two["hilok_position"]) == (0, 1)  # places in the queue
+    assert holder.handle[:6] in one["hilok_blocker"] and one["hilok_countdown"] is None
+    # sent again holding the lock: "acquired" says how long it was parked
+    for result in (first, second):
+        [acquired] = hilok_events(capture, result.id, "acquired")
+        assert acquired["hilok_contended"] is True and acquired["hilok_wait"] > 0
+        assert acquired["hilok_retries"] == 0
+
+
+@pytest.mark.celery_worker
 def test_events_of_tasks_skipped_or_failed_on_contention(
     run: str, hl: HiLok, capture: EventCapture, events_worker: WorkerProcess
 ) -> None:

@@ -4,13 +4,16 @@ turn comes. Checked from the bodies' recorded intervals, not from times."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+
 import pytest
 import redis
 from celery.result import AsyncResult
 
 from celery_hilok import HiLok, LockNotAcquired
 from celery_hilok.celery.park import PARKED, index_key
+from celery_hilok.inspect import tasks_by_handle
 from tests._wait import wait_for
 from tests.celery.app import app as test_app
 from tests.celery.app import events, open_gate, tasks
@@ -60,19 +63,20 @@ def test_parked_tasks_free_the_pool_and_run_in_order_holding_the_lock(
         later.append(result)
     # Both pool slots are free again (one runs `first`): tasks on other paths run now.
     free = [
-        tasks.write_park.apply_async((run, "t1", f"free{i}", f"free{i}"), queue=q)
-        for i in range(3)
+        tasks.write_park.apply_async((run, "t1", f"free{i}", f"free{i}"), queue=q) for i in range(3)
     ]
     assert [r.get(timeout=RESULT_TIMEOUT) for r in free] == ["free0", "free1", "free2"]
     assert not started(lab, run, "second")()
     waiters = hl.status(account(run)).waiters
-    assert len(waiters) == 3  # parked in the lock's queue, in order
+    named = tasks_by_handle(hl)  # what `celery hilok tree` shows beside each waiter
+    assert [named[w.handle].task_id for w in waiters] == [r.id for r in later]  # in order
+    assert all(named[w.handle].parked for w in waiters)
     open_gate(lab, run, "g")
     assert first.get(timeout=RESULT_TIMEOUT) == "first"
     assert [r.get(timeout=RESULT_TIMEOUT) for r in later] == ["second", "third", "fourth"]
     ran = intervals(lab, run)
     order = ["first", "second", "third", "fourth"]
-    for before, after in zip(order, order[1:], strict=False):
+    for before, after in itertools.pairwise(order):
         assert ran[before][1] <= ran[after][0], f"{after} started before {before} ended"
     # The same task id ran (the caller's AsyncResult), once each, holding the lock.
     starts = [e for e in events(lab, run) if e["kind"] == "start" and e["name"] in order[1:]]

@@ -262,6 +262,22 @@ def test_contention_retries_keep_the_claim(
     released(tasks.unique_locked, run, "the claim to be given back")
 
 
+def test_a_parked_call_keeps_the_claim(
+    run: str, lab: redis.Redis, hl: HiLok, inproc_worker: Any
+) -> None:
+    outside = hl.acquire(f"{run}/tenants/t1/accounts/a1", "write")
+    try:
+        result = tasks.unique_park.delay(run, "t1", "a1")
+        wait_for(lambda: result.state == "PARKED", what="the call to park")
+        assert tasks.unique_park.hilok_unique_holder((run, "t1", "a1")) == result.id
+        assert tasks.unique_park.delay(run, "t2", "a1").id == result.id
+    finally:
+        hl.release(outside)
+    assert result.get(timeout=RESULT_TIMEOUT) == "done"
+    assert [e["kind"] for e in events(lab, run)] == ["start", "end"]  # ran once
+    released(tasks.unique_park, run, "the claim to be given back")
+
+
 # -- revoked, killed -----------------------------------------------------------------------
 
 

@@ -161,7 +161,7 @@ def test_all_locks_of_a_task_are_taken_at_once(run: str, lab: redis.Redis, hl: H
     # multi: write on the account and on audit/<account>, read on <run>/config (a callable).
     outside = hl.acquire(f"{run}/audit/a1", "write")
     result = tasks.multi.delay(run, "t1", "a1")
-    wait_for(lambda: result.state == "RETRY", what="multi to retry on contention")
+    wait_for(lambda: result.state == "PARKED", what="multi to park on contention")
     # Refused the audit lock, it holds none of the others either (all or nothing).
     assert is_free(hl, path(run, "t1", "a1")) and is_free(hl, f"{run}/config")
     hl.release(outside)
