@@ -192,7 +192,7 @@ def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
         raw = client.get(f"{hl.namespace}:celery:parked:{handle}")
         try:
             doc = json.loads(raw) if raw else None
-            if isinstance(doc, dict) and handle not in found:
+            if isinstance(doc, dict):  # a parked task: no process runs under its handle
                 found[handle] = TaskInfo(
                     str(doc["task_id"]), str(doc["task"]), str(doc["worker"]), 0, parked=True
                 )

@@ -203,10 +203,12 @@ def take(rt: Runtime, handle: str, who: str) -> bool:
 
 
 def forget(rt: Runtime, handle: str) -> None:
-    """The parked task ``handle`` runs (or was dropped): its record goes."""
+    """The parked task ``handle`` runs (or was dropped): its record goes. The mark of who
+    took it stays until it runs out (:data:`TAKE_TTL`), so that a worker that read the
+    record just before cannot take it and send the task a second time."""
     ns = rt.namespace
     with rt.hilok.redis.pipeline(transaction=False) as pipe:
-        pipe.delete(record_key(ns, handle), taken_key(ns, handle))
+        pipe.delete(record_key(ns, handle))
         pipe.zrem(index_key(ns), handle)
         pipe.execute()
 
