@@ -140,6 +140,23 @@ class AcquireOptions(TypedDict, total=False):
 _OPTIONS: Final = frozenset(AcquireOptions.__annotations__)
 
 
+class _Enqueue(TypedDict):
+    handle: str
+    ttl: float
+    queue_ttl: float
+    channel: str
+
+
+class EnqueueOptions(_Enqueue, total=False):
+    """The keyword arguments of the sync driver's ``_park`` (see ``Client._enqueue``):
+    the holder ``handle``, the lease ``ttl`` if granted, how long a refused request stays
+    queued unless asked again (``queue_ttl``), the ``channel`` a release tells, and whether
+    a call whose reply was lost withdraws the request (``withdraw_on_error``, default
+    True)."""
+
+    withdraw_on_error: bool
+
+
 class WaitCheck(NamedTuple):
     """A waiting acquire's second opinion (for the Celery integration): ``stop`` is called
     with the blocker after every refusal while the acquire waits, at least every ``every``
@@ -748,14 +765,7 @@ class Client(Generic[C]):
                 self._waker.table.remove(wait)
 
     def _enqueue(
-        self,
-        locks: Iterable[tuple[str, Mode]],
-        *,
-        handle: str,
-        ttl: float,
-        queue_ttl: float,
-        channel: str,
-        withdraw_on_error: bool,
+        self, locks: Iterable[tuple[str, Mode]], options: EnqueueOptions
     ) -> Flow[list[Lease] | LockNotAcquired]:
         """One try for ``locks`` that, refused, leaves the request waiting without a waiter
         in this process (the Celery integration's ``park`` policy): granted, the leases;
@@ -764,13 +774,14 @@ class Client(Generic[C]):
         when to ask again). A later call of the same handle keeps that place and renews it.
         A call whose reply never came withdraws what it may have left if
         ``withdraw_on_error``; else that runs out by itself, unless asked again."""
+        handle, ttl, channel = options["handle"], options["ttl"], options["channel"]
         requests = normalise_requests(locks, self.separator)
         if self._cluster and len({r.path.tree for r in requests}) > 1:
             raise InvalidArgument(
                 "a request parked in Redis Cluster must lock paths of one tree (one slot): "
                 f"got {', '.join(r.describe() for r in requests)}"
             )
-        queue_ms = int(check_ttl(queue_ttl, "queue_ttl") * 1000)
+        queue_ms = int(check_ttl(options["queue_ttl"], "queue_ttl") * 1000)
         sent = time.monotonic()
         attempt = Acquisition(
             self._protocol,
@@ -787,7 +798,7 @@ class Client(Generic[C]):
             (reply,) = yield from self._send([attempt.call])
         except BaseException as exc:
             cleanup = attempt.cleanup(exc)
-            if withdraw_on_error and cleanup is not None:
+            if options.get("withdraw_on_error", True) and cleanup is not None:
                 yield from self._quietly(cleanup, "withdraw a parked request")
             raise
         outcome = self._protocol.decode_acquire(reply)

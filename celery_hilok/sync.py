@@ -216,27 +216,11 @@ class HiLok(_engine.Client[SyncClient]):
         return self._drive(self._acquire(locks, options, check))
 
     def _park(
-        self,
-        locks: Iterable[tuple[str, Mode]],
-        *,
-        handle: str,
-        ttl: float,
-        queue_ttl: float,
-        channel: str,
-        withdraw_on_error: bool = True,
+        self, locks: Iterable[tuple[str, Mode]], **options: Unpack[_engine.EnqueueOptions]
     ) -> list[Lease] | LockNotAcquired:
         """One try that, refused, leaves the request in the queue (the Celery
         integration's ``park`` policy: see :meth:`~celery_hilok._engine.Client._enqueue`)."""
-        return self._drive(
-            self._enqueue(
-                locks,
-                handle=handle,
-                ttl=ttl,
-                queue_ttl=queue_ttl,
-                channel=channel,
-                withdraw_on_error=withdraw_on_error,
-            )
-        )
+        return self._drive(self._enqueue(locks, options))
 
     def read(
         self, path: str, **options: Unpack[_engine.AcquireOptions]

@@ -5,7 +5,8 @@ The lock tree mirrors the data: ``tenants/<tenant>/accounts/<account>``.
 - ``debit`` writes one account: ``hilok_write="tenants/{tenant}/accounts/{account}"``.
   Debits of one account run one at a time (each reads, works, writes the balance: without
   the lock, concurrent debits would lose updates); debits of different accounts run side by
-  side. When the account is busy the task retries later (the default policy).
+  side. When the account is busy the task parks (the default policy): it gives its pool
+  slot back, keeps its place in the account's queue, and is sent again holding the lock.
 - ``report`` reads a whole tenant: ``hilok_read="tenants/{tenant}"``. Reports of one tenant
   share the lock, and it keeps every debit of that tenant out while they add up balances,
   so a report never sees half of a transfer. It waits for the lock (``"wait"`` policy).
@@ -29,9 +30,10 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import task_postrun, task_retry, worker_ready
+from celery.signals import worker_ready
 
 from celery_hilok import HiLokTask
+from celery_hilok.celery.signals import hilok_lock_refused
 
 REDIS = os.environ.get("HILOK_DEMO_REDIS", "redis://127.0.0.1:6379")
 WORK = 0.12  # seconds each task spends "processing" while it holds its lock
@@ -142,27 +144,24 @@ def statement(self: Task, balance: int, tenant: str, account: str, label: str) -
     return f"{tenant}/{account} closed at {balance / 100:.2f}"
 
 
-def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-    label = (request.kwargs or {}).get("label") if request is not None else None
+def _on_refused(sender: Any = None, error: Any = None, action: str = "", **_: Any) -> None:
+    """A task was refused its locks: it parked (the default policy), retries, or skipped."""
+    label = (getattr(sender.request, "kwargs", None) or {}).get("label")
     if label:
-        db().rpush(
-            JOURNAL,
-            json.dumps({"kind": "retry", "label": label, "why": str(reason.exc), "t": time.time()}),
-        )
-
-
-def _on_postrun(
-    sender: Any = None, state: str | None = None, retval: Any = None, **kw: Any
-) -> None:
-    label = (kw.get("kwargs") or {}).get("label")
-    if label and state == "IGNORED":
-        db().rpush(JOURNAL, json.dumps({"kind": "skipped", "label": label, "why": str(retval)}))
+        kind = "skipped" if action == "skip" else "waited"
+        entry = {
+            "kind": kind,
+            "label": label,
+            "action": action,
+            "why": str(error),
+            "t": time.time(),
+        }
+        db().rpush(JOURNAL, json.dumps(entry))
 
 
 def _on_ready(**_: Any) -> None:
     db().set(READY, os.getpid(), ex=300)
 
 
-task_retry.connect(_on_retry, weak=False)
-task_postrun.connect(_on_postrun, weak=False)
+hilok_lock_refused.connect(_on_refused, weak=False)
 worker_ready.connect(_on_ready, weak=False)

@@ -317,15 +317,17 @@ def print_report(run: Run, worker_log: str) -> bool:
 
     print("\n== who waited for whom ==")
     retries: dict[str, list[str]] = {}
+    actions: dict[str, str] = {}
     for e in run.journal:
-        if e["kind"] == "retry":
+        if e["kind"] == "waited":
+            actions[e["label"]] = "parked" if e["action"] == "park" else "retried"
             m = BLOCKER.search(e["why"])
             if m:
                 whom = by_handle.get(m.group(3), f"holder {m.group(3)}")
                 how = "held by" if m.group(2) == "held" else "queued first:"
                 retries.setdefault(e["label"], []).append(f"{m.group(1)} {how} {whom}")
     for label, reasons in retries.items():
-        print(f"  {label}: retried {len(reasons)}x, blocked by")
+        print(f"  {label}: {actions[label]} {len(reasons)}x, blocked by")
         for reason in dict.fromkeys(reasons):
             print(f"      {reason}")
     for x in ex:

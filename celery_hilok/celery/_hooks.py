@@ -23,6 +23,7 @@ Connected once, when :mod:`celery_hilok.celery` is imported. Where each one runs
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
@@ -119,13 +120,17 @@ def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False
     release_for_request(sender, request, "revoked before it ran")
 
 
-def on_process_init(**_: Any) -> None:
-    app = get_current_app()
+def _start(app: Any, start: Callable[[Any], object], failed: str) -> None:
+    """``start(app)`` if the app has a ``HiLokTask``; a failure is logged (``failed``)."""
     try:
         if any(isinstance(t, HiLokTask) for t in app.tasks.values()):
-            runtime(app)
+            start(app)
     except Exception as exc:
-        log.warning("celery_hilok: no lock client in this worker process yet: %s", exc)
+        log.warning("celery_hilok: %s: %s", failed, exc)
+
+
+def on_process_init(**_: Any) -> None:
+    _start(get_current_app(), runtime, "no lock client in this worker process yet")
 
 
 def on_process_shutdown(**_: Any) -> None:
@@ -136,11 +141,7 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
     """Start the worker's parking (main process), which sends parked tasks again when their
     locks are granted: at once, so that tasks parked while no worker ran are sent."""
     app = getattr(sender, "app", None) or get_current_app()
-    try:
-        if any(isinstance(t, HiLokTask) for t in app.tasks.values()):
-            parking(app)
-    except Exception as exc:
-        log.warning("celery_hilok: parked tasks are not sent from this worker: %s", exc)
+    _start(app, parking, "parked tasks are not sent from this worker")
 
 
 def on_worker_shutdown(**_: Any) -> None:

@@ -8,7 +8,7 @@ No Django, no ORM: the data lives in Redis hashes, the lock tree mirrors it::
 
 - ``issue_invoice`` adds a line to one invoice (read, work, write). Lines of one invoice
   go one at a time; invoices of one tenant, and of different tenants, go side by side.
-  A busy invoice retries later (the default ``"retry"`` policy).
+  A busy invoice parks until its turn (the default ``"park"`` policy).
 - ``transfer`` moves money between two accounts of a tenant. It locks **both** accounts
   in one atomic acquire, so transfers a->b and b->a can never deadlock, and no money is
   lost or created however many run at once.
@@ -33,9 +33,10 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import task_retry, worker_ready
+from celery.signals import worker_ready
 
 from celery_hilok import HiLokTask
+from celery_hilok.celery.signals import hilok_lock_refused
 
 REDIS = os.environ.get("HILOK_TENANTS_REDIS", "redis://127.0.0.1:6379")
 WORK = 0.05  # seconds each task "works" while it holds its locks
@@ -139,9 +140,10 @@ def tenant_report(self: Task, tenant: str, label: str) -> dict[str, int]:
     return {"invoiced": second[0], "balances": second[1]}
 
 
-def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-    label = (request.kwargs or {}).get("label") if request is not None else None
-    if label:
+def _on_refused(sender: Any = None, action: str = "", **_: Any) -> None:
+    """A task was refused its locks (it parks, the default, or retries): count it."""
+    label = (getattr(sender.request, "kwargs", None) or {}).get("label")
+    if label and action in ("park", "retry"):
         db().hincrby("tenants:retries", label.split()[0], 1)
 
 
@@ -149,5 +151,5 @@ def _on_ready(**_: Any) -> None:
     db().set(READY, os.getpid(), ex=300)
 
 
-task_retry.connect(_on_retry, weak=False)
+hilok_lock_refused.connect(_on_refused, weak=False)
 worker_ready.connect(_on_ready, weak=False)

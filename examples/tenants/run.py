@@ -145,7 +145,7 @@ def check(run: Run, state: dict[str, Any]) -> bool:
     verdict(not failed, f"every task succeeded{'' if not failed else f': {failed}'}")
     verdict(len(ex) == len(state["results"]), "every task ran exactly once to its end")
     retries = ", ".join(f"{k} {v}" for k, v in sorted(state["retries"].items())) or "none"
-    print(f"  contention retries by task kind: {retries}")
+    print(f"  refused (parked or retried) by task kind: {retries}")
 
     print("\n== invoices ==")
     for tenant, invoices in LINES.items():
