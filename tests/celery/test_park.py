@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import redis
+from celery import chain
 from celery.result import AsyncResult
 
 from celery_hilok import HiLok, LockNotAcquired
@@ -140,6 +141,36 @@ def test_parked_tasks_wait_in_redis_while_no_worker_runs(
     assert result.get(timeout=RESULT_TIMEOUT) == "later"
     left = [p for p in parked_records(hl) if p.task_id == result.id]
     assert not left, f"parked records left behind: {left}"
+
+
+def test_parked_tasks_leave_every_slot_to_the_chain_step_they_wait_for(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
+) -> None:
+    # Two pool processes: step 1 runs in one, holding the lock it hands to step 2. The two
+    # tasks behind it park, so step 2 (whose message comes after theirs) gets a slot at
+    # once; they run after it, in the order they came (the `wait` policy's stall, issue 13
+    # item 3, cannot happen).
+    worker = worker_factory(2)
+    q = worker.queue
+    result = chain(
+        tasks.keep_step.s(None, run, "t1", "a1", "step 1", "s1"),
+        tasks.last_step.s(run, "t1", "a1", "step 2"),
+    ).apply_async(queue=q)
+    wait_for(started(lab, run, "step 1"), what="step 1")
+    waiters = []
+    for n in range(2):
+        waiter = tasks.write_park.apply_async((run, "t1", "a1", f"waiter {n}"), queue=q)
+        wait_for(parked(waiter), what=f"waiter {n} to park")
+        waiters.append(waiter)
+    open_gate(lab, run, "s1")
+    assert result.get(timeout=RESULT_TIMEOUT) == "step 2"
+    assert [w.get(timeout=RESULT_TIMEOUT) for w in waiters] == ["waiter 0", "waiter 1"]
+    ran = intervals(lab, run)
+    order = ["step 1", "step 2", "waiter 0", "waiter 1"]
+    assert sorted(ran, key=lambda name: ran[name][0]) == order
+    for before, after in itertools.pairwise(order):
+        assert ran[before][1] <= ran[after][0], f"{after} started before {before} ended"
+    assert "retries instead of waiting" not in worker.log()
 
 
 def test_no_parked_record_outlives_its_task(hl: HiLok) -> None:
