@@ -224,7 +224,10 @@ def parked_records(rt_or_hilok: Any, namespace: str | None = None) -> Iterator[P
     gone: list[str] = []
     for start in range(0, len(handles), 500):
         chunk = handles[start : start + 500]
-        raws = client.mget([record_key(ns, h) for h in chunk])
+        with client.pipeline(transaction=False) as pipe:  # not MGET: keys of many slots
+            for handle in chunk:
+                pipe.get(record_key(ns, handle))
+            raws = pipe.execute()
         for handle, raw in zip(chunk, raws, strict=True):
             parked = Parked.decode(raw)
             if parked is None:

@@ -21,7 +21,7 @@ from tests.test_acl import ENGINE_COMMANDS
 
 pytestmark = pytest.mark.celery_worker
 
-CELERY_COMMANDS = ("del", "get", "mget", "zrank")
+CELERY_COMMANDS = ("del", "get", "zrank")
 """What a Celery worker needs on top of the engine's commands: dropping a finished chain's
 hand-over claims and its process's holder directory, reading the note a forced release
 left when it finds a lease lost, and parking tasks (reading the parked records, a parked

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from celery_hilok import HiLok
+from celery_hilok.celery.park import parked_records
 from celery_hilok.inspect import snapshot
 from tests._cluster import RedisClusterServers
 from tests._wait import wait_for
@@ -61,7 +62,9 @@ def cluster_hl(cluster_url: str, hilok_config: dict[str, Any]) -> Iterator[HiLok
         yield hl
 
 
+@pytest.mark.parametrize("policy", ["park", "retry"])
 def test_locked_tasks_on_a_cluster_never_overlap_and_leave_nothing(
+    policy: str,
     cluster_worker: WorkerProcess,
     cluster: RedisClusterServers,
     cluster_hl: HiLok,
@@ -74,7 +77,7 @@ def test_locked_tasks_on_a_cluster_never_overlap_and_leave_nothing(
     client.close()
     assert len(shards) > 1
     results = [
-        tasks.write_retry.apply_async(
+        getattr(tasks, f"write_{policy}").apply_async(
             (r, "t1", account), {"name": f"{account}#{k}", "work": 0.02}, queue=cluster_worker.queue
         )
         for r, account, k in itertools.product(runs, ("a1", "a2"), range(2))
@@ -91,6 +94,9 @@ def test_locked_tasks_on_a_cluster_never_overlap_and_leave_nothing(
             a, b = spans[f"{account}#0"], spans[f"{account}#1"]
             assert a[1] <= b[0] or b[1] <= a[0], f"two writers of {r}/.../{account} overlapped"
     wait_for(lambda: not snapshot(cluster_hl).grants, what="every lock to be released")
+    assert not [p for p in parked_records(cluster_hl) if p.task_id in {x.id for x in results}]
+    if policy == "park":  # two writers of one account, sent together: some of them parked
+        assert "parked (" in cluster_worker.log()
 
 
 def test_a_chain_on_a_cluster_hands_its_lock_down_to_its_last_step(
