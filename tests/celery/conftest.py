@@ -28,6 +28,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_hilok import HiLok
+from celery_hilok.celery.park import stop_parking
 from tests.celery import app as test_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +65,10 @@ def inproc_worker(app: Celery) -> Iterator[Any]:
         shutdown_timeout=30.0,
         loglevel="INFO",
     ) as worker:
-        yield worker
+        try:
+            yield worker
+        finally:
+            stop_parking()  # the worker's parking thread (start_worker sends no shutdown)
 
 
 @pytest.fixture
