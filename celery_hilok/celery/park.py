@@ -268,9 +268,9 @@ class Parking:
         self._stopping.set()
         pubsub = self._pubsub
         if pubsub is not None:
-            try:
+            try:  # ends the thread's pending read at once
                 pubsub.close()
-            except (RedisError, OSError):
+            except Exception:  # the thread closing it too (redis-py's PubSub is not thread-safe)
                 pass
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
