@@ -279,6 +279,12 @@ class Waiter:
     remaining: float
 
 
+def make_member(handle: str, code: str, canonical: str) -> str:
+    """A grant's or waiting request's member in the scripts' sets (see :func:`parse_member`):
+    its holder, mode code and canonical path."""
+    return f"{handle}|{code}|{canonical}"
+
+
 def parse_member(member: str | bytes) -> tuple[str, Mode, str]:
     text = member.decode() if isinstance(member, bytes) else member
     handle, code, path = text.split("|", 2)

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
-from ._core import MODE_CODES, Request, parse_member, related
+from ._core import MODE_CODES, Request, make_member, parse_member, related
+from ._parked import parked_records
 from .lease import Lease
 from .paths import decode_canonical, parse_path
 from .sync import HiLok
@@ -137,7 +138,7 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
             grants.append((handle, grant_mode, canonical, (score - now_ms) / 1000, hkey))
     with client.pipeline(transaction=False) as pipe:
         for handle, mode, canonical, _, hkey in grants:
-            pipe.hget(hkey, f"{handle}|{MODE_CODES[mode]}|{canonical}")
+            pipe.hget(hkey, make_member(handle, MODE_CODES[mode], canonical))
         tokens = pipe.execute()
     for (handle, mode, canonical, ttl, _), token in zip(grants, tokens, strict=True):
         text = decode_canonical(canonical, sep)
@@ -169,12 +170,12 @@ def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
     records of parked tasks (``<namespace>:celery:parked:<handle>``)."""
     client = hl.redis
     keys = list(client.scan_iter(match=f"{hl.namespace}:celery:holders:*", count=1000))
-    if not keys:
-        return {}
-    with client.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.get(key)
-        documents = pipe.execute()
+    documents: list[Any] = []
+    if keys:
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+            documents = pipe.execute()
     found: dict[str, TaskInfo] = {}
     for raw in documents:
         try:
@@ -187,17 +188,8 @@ def tasks_by_handle(hl: HiLok) -> dict[str, TaskInfo]:
                 )
         except (ValueError, KeyError, TypeError):  # not ours, or from another version
             continue
-    for parked in client.zrange(f"{hl.namespace}:celery:parked", 0, -1):
-        handle = parked.decode() if isinstance(parked, bytes) else str(parked)
-        raw = client.get(f"{hl.namespace}:celery:parked:{handle}")
-        try:
-            doc = json.loads(raw) if raw else None
-            if isinstance(doc, dict):  # a parked task: no process runs under its handle
-                found[handle] = TaskInfo(
-                    str(doc["task_id"]), str(doc["task"]), str(doc["worker"]), 0, parked=True
-                )
-        except (ValueError, KeyError, TypeError):
-            continue
+    for parked in parked_records(hl):  # no process runs under a parked task's handle
+        found[parked.handle] = TaskInfo(parked.task_id, parked.task, parked.worker, 0, parked=True)
     return found
 
 

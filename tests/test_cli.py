@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from celery_hilok import HiLok
+from celery_hilok._core import new_handle
+from celery_hilok._parked import Parked, index_key, record_key
 from celery_hilok.cli import hilok
 from celery_hilok.inspect import RELEASE_NOTE_TTL, release_note, release_note_key
 
@@ -51,6 +54,25 @@ def test_tree_shows_holders_and_waiters(hl: HiLok, redis_url: str, namespace: st
     assert f"[write] holder {w.handle}" in out
     assert f"[read] holder {r.handle}" in out
     assert f"token {w.token}" in out
+
+
+def test_tree_names_a_parked_task_with_no_worker_running(
+    hl: HiLok, redis_url: str, namespace: str
+) -> None:
+    # What a task parked by the park policy leaves (celery_hilok.celery.park): its queue
+    # entry and its record; no worker process publishes a holder directory.
+    holder = hl.acquire("tenants/42", "write")
+    handle = new_handle()
+    channel = hl._protocol.keys.channel("park-test")
+    hl._park([("tenants/42", "write")], handle=handle, ttl=30, queue_ttl=60, channel=channel)
+    parked = Parked(handle, "t-1", "bank.debit", [("tenants/42", "write")], 300.0, None,
+                    time.time(), "w1@host", "application/json", "utf-8", "")  # fmt: skip
+    hl.redis.set(record_key(namespace, handle), parked.encode())
+    hl.redis.zadd(index_key(namespace), {handle: parked.parked_at})
+    out = run(redis_url, namespace, "tree")
+    assert f"(waiting write) holder {handle}" in out
+    assert "task bank.debit[t-1] parked (by w1@host)" in out
+    hl.release(holder)
 
 
 def test_tree_json_and_focus_on_a_path(hl: HiLok, redis_url: str, namespace: str) -> None:

@@ -19,9 +19,7 @@ next in line; the result becomes REVOKED), and fails one whose ``hilok_timeout``
 (the task is sent again to fail in a worker with :class:`~celery_hilok.LockNotAcquired`,
 so its errbacks and events happen as for any failure).
 
-Keys, under the namespace: ``celery:parked`` (a sorted set of parked handles, by when they
-parked), ``celery:parked:<handle>`` (the record, JSON), ``celery:parked-taken:<handle>``
-(who is sending it, for :data:`TAKE_TTL`) and ``celery:parked-scan`` (which worker scans).
+The keys and the record are in :mod:`celery_hilok._parked`.
 """
 
 from __future__ import annotations
@@ -35,16 +33,16 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any, Final
 
 from kombu import serialization
 from redis.exceptions import RedisError
 
-from .._core import Mode, Request, check_mode, told
+from .._core import Mode, Request, make_member, told
+from .._parked import Parked, index_key, parked_records, record_key, scan_key, taken_key
 from .._unique import parse_claim_name
-from ..errors import HiLokError, LockNotAcquired
+from ..errors import LockNotAcquired
 from ..lease import Lease
 from ._runtime import HEADER, PARKED_ATTR, Handover, Runtime, runtime
 from .unique import UNIQUE_HEADER, release_claim
@@ -59,7 +57,6 @@ __all__ = [
     "Parking",
     "expired_error",
     "forget",
-    "parked_records",
     "parking",
     "record",
     "save",
@@ -93,55 +90,13 @@ TAKE_TTL: Final = 30.0
 """Seconds a worker has to send a parked task it took before another may."""
 
 
-def index_key(namespace: str) -> str:
-    return f"{namespace}:celery:parked"
-
-
-def record_key(namespace: str, handle: str) -> str:
-    return f"{namespace}:celery:parked:{handle}"
-
-
-def taken_key(namespace: str, handle: str) -> str:
-    return f"{namespace}:celery:parked-taken:{handle}"
-
-
-@dataclass(frozen=True, slots=True)
-class Parked:
-    """A parked task: what it waits for and the message to send again."""
-
-    handle: str
-    task_id: str
-    task: str
-    locks: list[tuple[str, Mode]]
-    keep_ttl: float  # lease of the grant while the resent message waits in the queue
-    deadline: float | None  # Unix time its hilok_timeout ends (None: waits as long as it takes)
-    parked_at: float  # Unix time
-    worker: str
-    content_type: str
-    encoding: str
-    body: str  # base64 of the serialized [args, kwargs, options]
-
-    def encode(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def decode(cls, raw: object) -> Parked | None:
-        if not isinstance(raw, (str, bytes)):
-            return None
-        try:
-            data = json.loads(raw)
-            data["locks"] = [(str(p), check_mode(m)) for p, m in data["locks"]]
-            return cls(**data)
-        except (ValueError, KeyError, TypeError, HiLokError):
-            return None  # not ours, or from another version
-
-    def message(self) -> tuple[Any, Any, dict[str, Any]]:
-        """The task's (args, kwargs, options), as :func:`record` serialized them."""
-        payload = base64.b64decode(self.body)
-        args, kwargs, options = serialization.loads(  # type: ignore[no-untyped-call]
-            payload, self.content_type, self.encoding, accept={self.content_type}
-        )
-        return args, kwargs, dict(options)
+def message(parked: Parked) -> tuple[Any, Any, dict[str, Any]]:
+    """The task's (args, kwargs, options), as :func:`record` serialized them."""
+    payload = base64.b64decode(parked.body)
+    args, kwargs, options = serialization.loads(  # type: ignore[no-untyped-call]
+        payload, parked.content_type, parked.encoding, accept={parked.content_type}
+    )
+    return args, kwargs, dict(options)
 
 
 def record(
@@ -186,8 +141,8 @@ def save(rt: Runtime, parked: Parked) -> int | None:
     ns, handle = rt.namespace, parked.handle
     path, mode = parked.locks[0]
     req = Request.parse(path, mode, rt.separator)
-    queue = rt.hilok._protocol.keys.tree_keys(req.path.tree)[1]
-    member = f"{handle}|{req.code}|{req.path.canonical}"
+    queue = rt.hilok._protocol.keys.tree_keys(req.path.tree)[1]  # the tree's wait queue
+    member = make_member(handle, req.code, req.path.canonical)
     with rt.hilok.redis.pipeline(transaction=False) as pipe:
         pipe.set(record_key(ns, handle), parked.encode(), px=int(RECORD_TTL * 1000))
         pipe.zadd(index_key(ns), {handle: parked.parked_at})
@@ -213,31 +168,6 @@ def forget(rt: Runtime, handle: str) -> None:
         pipe.execute()
 
 
-def parked_records(rt_or_hilok: Any, namespace: str | None = None) -> Iterator[Parked]:
-    """Every parked record of the namespace (for ``celery hilok tree`` and the scan)."""
-    hl = getattr(rt_or_hilok, "hilok", rt_or_hilok)
-    ns = namespace or hl.namespace
-    client = hl.redis
-    handles = [
-        h.decode() if isinstance(h, bytes) else str(h) for h in client.zrange(index_key(ns), 0, -1)
-    ]
-    gone: list[str] = []
-    for start in range(0, len(handles), 500):
-        chunk = handles[start : start + 500]
-        with client.pipeline(transaction=False) as pipe:  # not MGET: keys of many slots
-            for handle in chunk:
-                pipe.get(record_key(ns, handle))
-            raws = pipe.execute()
-        for handle, raw in zip(chunk, raws, strict=True):
-            parked = Parked.decode(raw)
-            if parked is None:
-                gone.append(handle)
-            else:
-                yield parked
-    if gone:
-        client.zrem(index_key(ns), *gone)
-
-
 class Parking:
     """The main-process side of the ``park`` policy in one worker: a thread that hears of
     grants to parked tasks on its channel and sends them again, and that looks at every
@@ -249,7 +179,7 @@ class Parking:
         self.pid = os.getpid()
         keys = self.rt.hilok._protocol.keys
         self.channel = keys.channel("park-" + secrets.token_urlsafe(12))
-        self._scan_key = f"{self.rt.namespace}:celery:parked-scan"
+        self._scan_key = scan_key(self.rt.namespace)
         self._asked: dict[str, float] = {}  # handle -> when this worker last asked for it
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -343,11 +273,11 @@ class Parking:
         """Look at every parked record: every worker drops the ones it heard were revoked
         (a revoke reaches every worker) and fails the ones whose time is up; the one
         worker that leads also asks again for the others, keeping their queue places."""
-        if not self.rt.hilok.redis.exists(index_key(self.rt.namespace)):
+        records = list(parked_records(self.rt.hilok))
+        if not records:
             self._asked.clear()
             return  # nothing parked: no scan, no leader
-        records = list(parked_records(self.rt))
-        lead = bool(records) and self._leads()
+        lead = self._leads()
         now = time.monotonic()
         for parked in records:
             if self._settled(parked) or not lead:
@@ -402,7 +332,7 @@ class Parking:
         if not take(self.rt, parked.handle, self.channel):
             return  # another worker (or the task itself) is on it
         try:
-            args, kwargs, options = parked.message()
+            args, kwargs, options = message(parked)
             headers = dict(options.get("headers") or {})
             if leases:
                 handover = Handover(
@@ -435,7 +365,7 @@ class Parking:
                 task.backend.mark_as_revoked(parked.task_id, "revoked while parked")
         except Exception as exc:
             log.warning("%s[%s]: could not store REVOKED: %s", parked.task, parked.task_id, exc)
-        _, _, options = parked.message()
+        _, _, options = message(parked)
         name = (options.get("headers") or {}).get(UNIQUE_HEADER)
         if parse_claim_name(name) is not None:
             release_claim(self.rt, str(name), parked.task_id, "revoked while parked")

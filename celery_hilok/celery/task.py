@@ -452,6 +452,7 @@ def keeps(task: Any) -> bool:
 
 
 def _header(request: Any, name: str) -> Any:
+    """A message header of ``request``, or the request attribute Celery made of it."""
     headers = request.headers or {}
     value = headers.get(name) if isinstance(headers, dict) else None
     return getattr(request, name, None) if value is None else value
@@ -459,8 +460,7 @@ def _header(request: Any, name: str) -> Any:
 
 def _contention_retries(request: Any) -> int:
     """How many contention retries of this task came before this execution."""
-    headers = request.headers or {}
-    return int(headers.get(ATTEMPT_HEADER) or getattr(request, ATTEMPT_HEADER, 0) or 0)
+    return int(_header(request, ATTEMPT_HEADER) or 0)
 
 
 def _gave_up(exc: LockNotAcquired, attempts: int, max_retries: int) -> LockNotAcquired:

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from celery_hilok import HiLok
-from celery_hilok.celery.park import parked_records
+from celery_hilok._parked import parked_records
 from celery_hilok.inspect import snapshot
 from tests._cluster import RedisClusterServers
 from tests._wait import wait_for

@@ -13,7 +13,8 @@ from celery import chain
 from celery.result import AsyncResult
 
 from celery_hilok import HiLok, LockNotAcquired
-from celery_hilok.celery.park import PARKED, parked_records
+from celery_hilok._parked import parked_records
+from celery_hilok.celery.park import PARKED
 from celery_hilok.inspect import tasks_by_handle
 from tests._wait import wait_for
 from tests.celery.app import app as test_app
@@ -135,6 +136,9 @@ def test_parked_tasks_wait_in_redis_while_no_worker_runs(
     result = tasks.write_park.apply_async((run, "t1", "a1", "later"), queue=first.queue)
     wait_for(parked(result), what="the task to park")
     first.stop()
+    # named in `celery hilok tree` with no worker (and no worker's holder directory) left
+    [waiter] = hl.status(account(run)).waiters
+    assert tasks_by_handle(hl)[waiter.handle].task_id == result.id
     hl.release(blocker)  # granted to the parked task: nobody hears of it
     assert not started(lab, run, "later")()
     worker_factory(1, queue=first.queue)  # a worker starts: it finds the parked task
