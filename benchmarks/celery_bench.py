@@ -32,23 +32,26 @@ VARIANTS = {
 }
 
 
-def _load_app(base_url: str) -> ModuleType:
+def load_app(base_url: str, name: str = "benchmarks.celery_app") -> ModuleType:
+    """The benchmark app module ``name``, configured for the server at ``base_url``."""
     os.environ["HILOK_BENCH_REDIS"] = base_url
-    module = importlib.import_module("benchmarks.celery_app")
+    module = importlib.import_module(name)
     if base_url != module.BASE_URL:  # imported earlier with another server
         module = importlib.reload(module)
     return module
 
 
-def _start_worker(
-    base_url: str, queue: str, concurrency: int, log: IO[bytes]
+def start_worker(
+    base_url: str, queue: str, concurrency: int, log: IO[bytes], app: str = "benchmarks.celery_app"
 ) -> subprocess.Popen[bytes]:
+    """``celery -A <app> worker -P prefork -c <concurrency>`` on ``queue``, in a process
+    group of its own (its pool goes with it if it is killed); output to ``log``."""
     cmd = [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "benchmarks.celery_app",
+        app,
         "worker",
         "-P",
         "prefork",
@@ -66,21 +69,34 @@ def _start_worker(
     ]
     env = {**os.environ, "HILOK_BENCH_REDIS": base_url, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
-def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (warm shutdown), then SIGKILL to its process group after 20 s."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
+            return
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this worker leads (its pool)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
-def _tail(log: IO[bytes], size: int = 4000) -> str:
+def tail(log: IO[bytes], size: int = 4000) -> str:
+    """The last ``size`` characters a worker wrote to ``log``."""
     log.flush()
     log.seek(0)
     return log.read().decode(errors="replace")[-size:]
@@ -109,11 +125,11 @@ def _count_until(
             return first, done, now
         if worker.poll() is not None:
             raise RuntimeError(
-                f"the {variant} worker exited with {worker.returncode}:\n{_tail(log)}"
+                f"the {variant} worker exited with {worker.returncode}:\n{tail(log)}"
             )
         if now > deadline:
             raise RuntimeError(
-                f"{variant}: {done}/{tasks} tasks done in {timeout}s; worker log:\n{_tail(log)}"
+                f"{variant}: {done}/{tasks} tasks done in {timeout}s; worker log:\n{tail(log)}"
             )
         time.sleep(0.002)
 
@@ -138,14 +154,14 @@ def run_variant(
             task.apply_async(kwargs={"i": i}, queue=queue)
         before = _commandstats(counter)
         with tempfile.TemporaryFile() as log:
-            worker = _start_worker(base_url, queue, concurrency, log)
+            worker = start_worker(base_url, queue, concurrency, log)
             try:
                 first, done, now = _count_until(
                     counter, key, tasks, skip, worker, log, variant, timeout
                 )
                 after = _commandstats(counter)
             finally:
-                _stop_worker(worker)
+                stop_worker(worker)
     finally:
         counter.close()
     seconds = now - first[0]
@@ -187,7 +203,7 @@ def run(
     say: Any = print,
 ) -> dict[str, Any]:
     """Throughput of each variant (median of ``rounds``); locked ones skipped if need be."""
-    module = _load_app(base_url)
+    module = load_app(base_url)
     variants = ["unlocked"]
     skipped = module.HILOK_TASK_ERROR
     if skipped is None:

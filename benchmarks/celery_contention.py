@@ -23,12 +23,9 @@ as an argument; every figure is computed afterwards from those records.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -39,6 +36,8 @@ from types import ModuleType
 from typing import IO, Any
 
 import redis
+
+from benchmarks.celery_bench import load_app, start_worker, stop_worker, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "benchmarks.celery_contention_app"
@@ -90,72 +89,6 @@ QUICK = Sizes(
 # -- the worker -------------------------------------------------------------------------------
 
 
-def _load_app(base_url: str) -> ModuleType:
-    os.environ["HILOK_BENCH_REDIS"] = base_url
-    module = importlib.import_module(APP)
-    if base_url != module.BASE_URL:  # imported earlier with another server
-        module = importlib.reload(module)
-    return module
-
-
-def _start_worker(
-    base_url: str, queue: str, concurrency: int, log: IO[bytes]
-) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        APP,
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        str(concurrency),
-        "-Q",
-        queue,
-        "-n",
-        f"{queue}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        "-l",
-        "warning",
-    ]
-    env = {**os.environ, "HILOK_BENCH_REDIS": base_url, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the pool goes with it if killed
-    )
-
-
-def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (warm shutdown), then SIGKILL to its process group after 20 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this worker leads (its pool)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-def _tail(log: IO[bytes], size: int = 4000) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read().decode(errors="replace")[-size:]
-
-
 # -- one (policy, scenario) -------------------------------------------------------------------
 
 
@@ -195,13 +128,13 @@ class Session:
         self.worker: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Session:
-        self.worker = _start_worker(self.base_url, self.queue, self.sizes.concurrency, self.log)
+        self.worker = start_worker(self.base_url, self.queue, self.sizes.concurrency, self.log, APP)
         return self
 
     def __exit__(self, *_: object) -> None:
         try:
             if self.worker is not None:
-                _stop_worker(self.worker)
+                stop_worker(self.worker)
         finally:
             self.client.close()
 
@@ -243,12 +176,12 @@ class Session:
             if self.worker.poll() is not None:
                 raise RuntimeError(
                     f"celery-contention {self.policy}/{what}: the worker exited with "
-                    f"{self.worker.returncode}:\n{_tail(self.log)}"
+                    f"{self.worker.returncode}:\n{tail(self.log)}"
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"celery-contention {self.policy}/{what}: {done}/{tasks} tasks ended in "
-                    f"{timeout:g} s; worker log:\n{_tail(self.log)}"
+                    f"{timeout:g} s; worker log:\n{tail(self.log)}"
                 )
             time.sleep(0.01)
 
@@ -459,7 +392,7 @@ def run(
     """Every scenario for every policy (default: those of :data:`POLICIES` this version
     knows); a policy this version does not know is skipped, and said so."""
     sizes = sizes or Sizes()
-    module = _load_app(base_url)
+    module = load_app(base_url, APP)
     known: tuple[str, ...] = module.KNOWN
     wanted = list(POLICIES if policies is None else policies)
     ran = [p for p in wanted if p in known]
