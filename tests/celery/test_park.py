@@ -51,13 +51,22 @@ def parked(result: AsyncResult) -> Callable[[], bool]:
     return lambda: result.state == PARKED
 
 
+def holding_first(
+    worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis
+) -> tuple[WorkerProcess, AsyncResult]:
+    """A prefork worker (2 pool processes) and the task `first` running in it, holding the
+    account's write lock until gate "g" opens."""
+    worker = worker_factory(2)
+    first = tasks.write_park.apply_async((run, "t1", "a1", "first", "g"), queue=worker.queue)
+    wait_for(started(lab, run, "first"), what="the first task to start")
+    return worker, first
+
+
 def test_parked_tasks_free_the_pool_and_run_in_order_holding_the_lock(
     worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
 ) -> None:
-    worker = worker_factory(2)
+    worker, first = holding_first(worker_factory, run, lab)
     q = worker.queue
-    first = tasks.write_park.apply_async((run, "t1", "a1", "first", "g"), queue=q)
-    wait_for(started(lab, run, "first"), what="the first task to start")
     later = []
     for name in ("second", "third", "fourth"):
         result = tasks.write_park.apply_async((run, "t1", "a1", name), queue=q)
@@ -92,10 +101,8 @@ def test_parked_tasks_free_the_pool_and_run_in_order_holding_the_lock(
 def test_a_revoked_parked_task_leaves_the_queue(
     worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
 ) -> None:
-    worker = worker_factory(2)
+    worker, first = holding_first(worker_factory, run, lab)
     q = worker.queue
-    first = tasks.write_park.apply_async((run, "t1", "a1", "first", "g"), queue=q)
-    wait_for(started(lab, run, "first"), what="the first task to start")
     dropped = tasks.write_park.apply_async((run, "t1", "a1", "dropped"), queue=q)
     wait_for(parked(dropped), what="the task to park")
     after = tasks.write_park.apply_async((run, "t1", "a1", "after"), queue=q)
@@ -113,10 +120,8 @@ def test_a_revoked_parked_task_leaves_the_queue(
 def test_a_parked_task_fails_when_its_timeout_passes(
     worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
 ) -> None:
-    worker = worker_factory(2)
+    worker, first = holding_first(worker_factory, run, lab)
     q = worker.queue
-    first = tasks.write_park.apply_async((run, "t1", "a1", "first", "g"), queue=q)
-    wait_for(started(lab, run, "first"), what="the first task to start")
     late = tasks.write_park_timeout.apply_async((run, "t1", "a1", "late"), queue=q)
     with pytest.raises(LockNotAcquired) as caught:
         late.get(timeout=RESULT_TIMEOUT)
