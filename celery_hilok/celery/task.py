@@ -17,7 +17,7 @@ except ImportError:  # older Celery: the task's and the call's ignore_result, by
 
 from redis.exceptions import RedisError
 
-from .._core import Blocked
+from .._core import Blocked, Request
 from .._engine import WaitCheck
 from .._redis import translate
 from .._unique import claim_name, unique_key
@@ -248,11 +248,10 @@ class HiLokTask(Task):  # type: ignore[misc]
         if option(self, "hilok_timeout") == 0:
             return "fail", None
         channel = getattr(request, PARK_KEY, None)
-        trees = {path.split(state.rt.separator, 1)[0] for path, _ in wanted}
         if (
             not isinstance(channel, str)  # not run by a HiLokRequest (a custom Request)
             or state.source is not None  # runs under a handed-over handle: it holds on
-            or (state.rt.hilok._cluster and len(trees) > 1)
+            or (state.rt.hilok._cluster and len(_trees(wanted, state.rt.separator)) > 1)
         ):
             return "retry", None
         return "park", channel
@@ -304,9 +303,7 @@ class HiLokTask(Task):  # type: ignore[misc]
         """Store state PARKED (not ready: the task runs when it is sent again)."""
         if _ignores_result(self, self.request):
             return
-        meta = {**skipped_result(exc), "position": position}
-        del meta[SKIPPED]
-        meta[PARKED_KEY] = True
+        meta = {PARKED_KEY: True, **_refusal(exc), "position": position}
         try:
             self.backend.store_result(task_id, meta, PARKED, request=self.request)
         except Exception as error:  # no result backend, or it is down: the log line stays
@@ -430,13 +427,18 @@ def skipped_result(exc: LockNotAcquired) -> dict[str, Any]:
     """The result of a task the ``skip`` policy did not run: ``{"hilok_skipped": True,
     "path", "mode"}`` of the lock it asked for, ``"blocker"`` (who held it, as in
     :attr:`LockNotAcquired.blocker`) and ``"reason"`` (the refusal's message)."""
-    return {
-        SKIPPED: True,
-        "path": exc.path,
-        "mode": exc.mode,
-        "blocker": exc.blocker,
-        "reason": str(exc),
-    }
+    return {SKIPPED: True, **_refusal(exc)}
+
+
+def _refusal(exc: LockNotAcquired) -> dict[str, Any]:
+    """What a stored result says of a refusal: the lock asked for, who held it, the
+    message."""
+    return {"path": exc.path, "mode": exc.mode, "blocker": exc.blocker, "reason": str(exc)}
+
+
+def _trees(locks: list[tuple[str, Mode]], separator: str) -> set[str]:
+    """The trees (first path segments, as the engine keys them) of ``locks``."""
+    return {Request.parse(path, mode, separator).path.tree for path, mode in locks}
 
 
 def _ignores_result(task: Any, request: Any) -> bool:
