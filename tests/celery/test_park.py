@@ -136,8 +136,9 @@ def test_a_parked_task_fails_when_its_timeout_passes(
 def test_parked_tasks_wait_in_redis_while_no_worker_runs(
     worker_factory: Callable[..., WorkerProcess], run: str, lab: redis.Redis, hl: HiLok
 ) -> None:
-    blocker = hl.acquire(account(run), "write", ttl=30)
     first = worker_factory(1)
+    # held past any slow start or stop of a worker: released by the test, not by its ttl
+    blocker = hl.acquire(account(run), "write", ttl=300)
     result = tasks.write_park.apply_async((run, "t1", "a1", "later"), queue=first.queue)
     wait_for(parked(result), what="the task to park")
     first.stop()
