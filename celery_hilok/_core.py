@@ -324,7 +324,7 @@ class Protocol:
         self, items: Sequence[tuple[str, Request]], tree_slice: slice, full: bool
     ) -> tuple[list[str], list[tuple[Request, int]], int]:
         """KEYS for (handle, request) pairs (see ``_scripts/common.lua``): the ``tree_slice``
-        of each tree's keys (n, q, qx, qc, h, hx), then per grant its holder's index in the
+        of each tree's keys (n, q, qx, qc, h, hx), then per grant its holder's hash in the
         tree and one block per chain node: with ``full`` all eight sets of the node, else
         the grant's own mark only."""
         space = self.keys
@@ -503,7 +503,7 @@ class Protocol:
 
 MAX_CALL_KEYS: Final = 128
 """The budget of one refresh or release script call, in keys it writes (per grant its
-holder's index and its own mark on each node of its chain; per tree two or six keys);
+holder's hash and its own mark on each node of its chain; per tree two or six keys);
 more are split into several calls, sent in one pipeline (one round trip). Redis runs
 nothing else while a script runs, and a refresh costs some 10-15 microseconds per key it
 renews: 128 keys (14 grants at depth 8, 3 at depth 32) keep each call to a few
@@ -518,7 +518,7 @@ def _batches(
 ) -> list[list[int]]:
     """Indices of ``items`` (tuples whose second element is a :class:`Request`) grouped by
     ``key`` (in first-seen order), each group cut into calls of at most
-    :data:`MAX_CALL_KEYS` keys: per item its holder's index and ``node_keys`` per chain
+    :data:`MAX_CALL_KEYS` keys: per item its holder's hash and ``node_keys`` per chain
     node, plus ``tree_keys`` for each tree of a call. One item alone always fits (depth <= 32)."""
     groups: dict[object, list[int]] = {}
     for i, item in enumerate(items):

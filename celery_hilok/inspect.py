@@ -134,13 +134,17 @@ def snapshot(hl: HiLok, path: str | None = None) -> Snapshot:
                 continue
             if focus is not None and not related(canonical, focus):
                 continue
-            hkey = f"{tree_prefix}:h"  # the tree's holder table: member -> token|...
-            grants.append((handle, grant_mode, canonical, (score - now_ms) / 1000, hkey))
+            grants.append((handle, grant_mode, canonical, (score - now_ms) / 1000, tree_prefix))
+    # a grant's entry (member -> token|...) is in its holder's hash in the tree, or (a grant a
+    # release handed over, not yet renewed) in the tree's table
     with client.pipeline(transaction=False) as pipe:
-        for handle, mode, canonical, _, hkey in grants:
-            pipe.hget(hkey, make_member(handle, MODE_CODES[mode], canonical))
-        tokens = pipe.execute()
-    for (handle, mode, canonical, ttl, _), token in zip(grants, tokens, strict=True):
+        for handle, mode, canonical, _, tree_prefix in grants:
+            member = make_member(handle, MODE_CODES[mode], canonical)
+            pipe.hget(f"{tree_prefix}:hl:{handle}", member)
+            pipe.hget(f"{tree_prefix}:h", member)
+        entries = pipe.execute()
+    for i, (handle, mode, canonical, ttl, _) in enumerate(grants):
+        token = entries[2 * i] or entries[2 * i + 1]
         text = decode_canonical(canonical, sep)
         snap.grants.append(Grant(handle, mode, text, round(ttl, 3), _int(token)))
     for q, qx in queue_keys:

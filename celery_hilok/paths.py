@@ -15,9 +15,11 @@ Keys are built here, on the client, from percent-encoded segments, and always re
     ns:{<root>}::n                   the tree's last fencing token (also numbers tickets)
     ns:{<root>}::q / ::qx / ::qc     the tree's waiting requests: ticket / entry expiry /
                                      wake-up channel, nonce, ttl and size of the request
-    ns:{<root>}::h / ::hx            what the holders hold in the tree (fencing token, lease
-                                     expiry, acquire nonce per grant) / when entries go
-    ns:{<root>}::hl:<handle>         one holder's grants in the tree, by lease expiry
+    ns:{<root>}::hl:<handle>         one holder's grants in the tree (fencing token, lease
+                                     expiry, acquire nonce per grant; "@": the latest expiry)
+    ns:{<root>}::h / ::hx            grants a release handed over, until their holders renew
+                                     them into their own hash (and a note per handle) /
+                                     when entries go
     ns:w:<client id>                 a client's pub/sub channel for wake-ups (not a key)
 """
 
@@ -208,13 +210,13 @@ class KeySpace:
         return keys
 
     def tree_keys(self, tree: str) -> tuple[str, str, str, str, str, str]:
-        """Token counter, waiting requests (tickets, expiry, channels) and holder table
-        (entries, their expiry) of one tree."""
+        """Token counter, waiting requests (tickets, expiry, channels) and table of grants a
+        release handed over (entries, their expiry) of one tree."""
         p = self.tree_prefix(tree)
         return (p + ":n", p + ":q", p + ":qx", p + ":qc", p + ":h", p + ":hx")
 
     def holder_key(self, tree: str, handle: str) -> str:
-        """One holder's index in a tree: its grants there, by lease expiry."""
+        """One holder's hash in a tree: the entries of its grants there."""
         return f"{self.tree_prefix(tree)}:hl:{handle}"
 
     def channel(self, client_id: str) -> str:

@@ -270,11 +270,18 @@ def wait_past_server_time(client: redis.Redis, seconds: float) -> None:
         time.sleep(0.001)
 
 
+@pytest.mark.parametrize("own_handle", [False, True], ids=["given handle", "own handle"])
 def test_handle_with_only_expired_grants_queues_like_anyone(
-    hl: HiLok, redis_client: redis.Redis
+    hl: HiLok, redis_client: redis.Redis, own_handle: bool
 ) -> None:
-    handle = secrets.token_urlsafe(12)
-    kept = hl.acquire("a/b", "read", handle=handle)  # long lease
+    """Also with the client's own handle, whose hash knows its latest expiry from the
+    start: the release of the grant it named must not leave it standing."""
+    if own_handle:
+        kept = hl.acquire("a/b", "read")  # long lease
+        handle = kept.handle
+    else:
+        handle = secrets.token_urlsafe(12)
+        kept = hl.acquire("a/b", "read", handle=handle)
     hl.acquire("a/c", "read", handle=handle, ttl=0.05)  # left to run out
     hl.release(kept)
     wait_past_server_time(redis_client, 0.05)
@@ -297,3 +304,58 @@ def test_handle_with_only_expired_grants_queues_like_anyone(
     assert overtaking is None, (
         "a handle holding nothing live in the tree overtook the queued writer"
     )
+
+
+@pytest.mark.parametrize("how", ["released", "renewed shorter", "ran out"])
+def test_holder_whose_latest_grant_went_still_skips_the_queue(
+    hl: HiLok, redis_client: redis.Redis, how: str
+) -> None:
+    """A holder's hash remembers its latest expiry; when the grant it names goes (released,
+    renewed to a shorter lease, or run out) while an earlier grant is still live, the holder
+    still holds something in the tree, so it must not queue behind a writer that waits for
+    it (it would wait for that writer, which waits for it)."""
+    kept = hl.acquire("a/b", "read", ttl=30.0)  # a handle of its own: the hash knows its latest
+    handle = kept.handle
+    later = hl.acquire("a/c", "read", handle=handle, ttl=60.0 if how != "ran out" else 30.05)
+    if how == "released":
+        hl.release(later)
+    elif how == "renewed shorter":
+        hl.acquire("a/c", "read", handle=handle, ttl=0.05)
+        wait_past_server_time(redis_client, 0.05)
+    else:  # run out: its lease was the latest until the kept one was renewed past it
+        hl.acquire("a/b", "read", handle=handle, ttl=30.0)
+        hl.acquire("a/c", "read", handle=handle, ttl=0.05)
+        wait_past_server_time(redis_client, 0.05)
+    assert {h.handle for h in hl.status("a/b").holders} == {handle}
+    assert all(h.handle != handle for h in hl.status("a/c").holders)
+
+    writer = new_handle()
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(hl.acquire, "a", "write", handle=writer, timeout=WAIT)
+        wait_until(lambda: queued(hl, "a", writer), "the writer to queue")
+        deeper = hl.acquire("a/d", "read", handle=handle, block=False)  # not "queued before you"
+        again = hl.acquire("a/e", "read", handle=handle, block=False)  # and it stays known
+        assert not writing.done()
+        hl.release(kept, deeper, again)
+        hl.release(writing.result(timeout=WAIT))
+
+
+def test_handle_whose_only_grant_was_renewed_shorter_and_ran_out_queues(
+    hl: HiLok, redis_client: redis.Redis
+) -> None:
+    """The latest expiry a holder's hash remembers must come down when the grant it names
+    is renewed to a shorter lease: once that lease runs out, the holder holds nothing."""
+    handle = hl.acquire("a/c", "read", ttl=60.0).handle  # its hash knows its latest expiry
+    hl.acquire("a/c", "read", handle=handle, ttl=0.05)  # renewed, shorter
+    wait_past_server_time(redis_client, 0.05)
+    assert all(h.handle != handle for h in hl.status("a").holders)
+
+    other = hl.acquire("a/x", "read")
+    writer = new_handle()
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(hl.acquire, "a", "write", handle=writer, timeout=WAIT)
+        wait_until(lambda: queued(hl, "a", writer), "the writer to queue")
+        with pytest.raises(LockNotAcquired, match="queued before you"):
+            hl.acquire("a/c", "read", handle=handle, block=False)
+        hl.release(other)
+        hl.release(writing.result(timeout=WAIT))

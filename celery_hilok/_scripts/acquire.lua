@@ -1,6 +1,6 @@
 -- acquire: grant every requested lock to one holder, atomically, or none of them.
 --
--- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder index and its chain's full
+-- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's full
 --       node blocks.
 -- ARGV: handle, ttl ms, flags (1: join the wait queue when refused; 2: a new holder, whose
 --       first call this is: nothing of it exists yet), queue entry ttl ms,
@@ -57,17 +57,17 @@ local function acquire(keys, args)
     end
   end
 
-  -- does the holder hold a live grant in the tree (so it skips the queue)? Asked only when
-  -- somebody waits; a grant a release handed to it is not in its index until renewed, but
-  -- noted under its bare handle in the holder table (release.lua)
+  -- does the holder hold something in the tree (so it skips the queue)? Asked only when
+  -- somebody waits; a grant a release handed to it is not in its hash until renewed, but
+  -- noted under its bare handle in the tree's table (release.lua)
   local held = {}
   local function held_in(tree)
     if held[tree] == nil then
-      held[tree] = not new and noted(tree, handle)
-      for _, g in ipairs(new and {} or grants) do
-        if g.tree == tree and not held[tree] then
-          local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
-          held[tree] = holds_live(g.hl) or (score ~= nil and score > NOW)
+      held[tree] = false
+      if not new then
+        held[tree] = noted(tree, handle)
+        for _, g in ipairs(grants) do
+          if g.tree == tree then held[tree] = held[tree] or holds_live(g.hl); break end
         end
       end
     end
@@ -139,14 +139,15 @@ local function acquire(keys, args)
   local undo = {}
   local ok, err = pcall(function()
     for i, g in ipairs(grants) do
-      local token, made_by = nil, nonce
+      local token, made_by, had = nil, nonce, FRESH
       -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
-      local entry = not new and redis.call('HGET', tree_key(g.tree, 'h'), g.member)
-      if entry then
-        local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), g.member))
-        if score and score > NOW then
-          local old_token, _, old_nonce = split_entry(entry)
-          token, made_by = old_token, old_nonce
+      if not new then
+        local entry, handed, latest = entry_of(g.tree, g.hl, g.member)
+        had = { latest = latest, handed = handed }
+        if entry then
+          local old_token, old_exp, old_nonce = split_entry(entry)
+          if not handed then had.old = old_exp end
+          if old_exp > NOW then token, made_by = old_token, old_nonce end
         end
       end
       if not token then
@@ -156,7 +157,7 @@ local function acquire(keys, args)
           fresh[g.tree] = token
         end
       end
-      place(g, g.member, exp, token, made_by, ttl, undo)
+      place(g, g.member, exp, token, made_by, ttl, undo, had)
       tokens[i] = tonumber(token)
     end
   end)

@@ -17,9 +17,10 @@
 --
 -- Keys. Every script gets, per tree, a block of tree keys: n (token and ticket counter),
 -- q (queue entry -> ticket), qx (queue entry -> expiry), qc (queue entry -> "<channel>|<nonce>|
--- <ttl ms>|<grants in its request>|<1 if its holder held something in the tree>"), h (holder table: member -> "<token>|<expiry>|<nonce>")
+-- <ttl ms>|<grants in its request>|<1 if its holder held something in the tree>"), h (the
+-- table of grants a release handed over: member -> "<token>|<expiry>|<nonce>", and notes)
 -- and hx (member -> when its h entry may go), or the slice of them it needs. Then, per
--- grant, its holder's index in the tree (hl) and one block per chain node, root first: all
+-- grant, its holder's hash in the tree (hl) and one block per chain node, root first: all
 -- eight sets of the node (hold is, ix, s, x, then wait is, ix, s, x; acquire and release),
 -- or only the set of the grant's own mark (refresh).
 
@@ -29,7 +30,7 @@
 -- server's clock (NOW in ms, NOW_US in us) and the layout of its tree key blocks.
 local KEYS, ARGV, NOW, NOW_US, TREE_NAMES, TREE_SIZE
 
--- the tree key blocks: all six keys (acquire, release, status), or the holder table (refresh)
+-- the tree key blocks: all six keys (acquire, release, status), or h and hx (refresh)
 local FULL_TREE = { n = 1, q = 2, qx = 3, qc = 4, h = 5, hx = 6, size = 6 }
 local HOLDER_TREE = { h = 1, hx = 2, size = 2 }
 
@@ -85,8 +86,8 @@ local function holder_entry(token, exp, nonce)
 end
 
 local function split_entry(entry)
-  local f = fields(entry)
-  return f[1], tonumber(f[2]), f[3]
+  local token, exp, nonce = string.match(entry, '^([^|]*)|([^|]*)|?(.*)$')
+  return token, tonumber(exp), nonce
 end
 
 -- how long a holder entry outlives the lease it was last renewed for: while it is there, a
@@ -157,19 +158,55 @@ end
 
 -- -- the holder table ---------------------------------------------------------------------
 --
--- h holds every grant's entry (member -> token|expiry|nonce) and hx when each entry may go;
--- a holder's own index (the grant's first key, "<tree>::hl:<handle>": member -> expiry)
--- answers "does this holder hold anything live in the tree" in O(log n). A release that
--- hands a lock to a waiter cannot name that holder's index (a key not in its KEYS), so it
--- notes the grant in h under the bare handle (handle -> expiry, gone with the hand-off
--- lease) until the holder renews the grant into its index.
+-- Every holder keeps the entries of its grants in a tree in a hash of its own, the grant's
+-- first key ("<tree>::hl:<handle>": member -> token|expiry|nonce), which lives as long as
+-- its longest entry's grace: an acquire writes its holder's entry in one command, a release
+-- drops it in one, and nothing of it is ever swept (it goes with its key, or its release).
+-- The hash's field LATEST, when there, is the latest expiry of its entries (the expiry of
+-- one of them): so "does the holder hold a live grant in the tree" is one HGET. A change
+-- that may lower it (the release of the entry it names, a renewal to a shorter lease)
+-- drops it instead, and the next such question reads the hash once to find it again.
+--
+-- A release that hands a lock to a waiter cannot name that holder's hash (a key not in its
+-- KEYS), so it writes the entry into the tree's table h (member -> entry, and hx: member ->
+-- when the entry may go) and notes the grant there under the bare handle (handle ->
+-- expiry, gone with the hand-off lease), until the holder renews the grant into its hash.
 
--- does the holder of index `hl` hold a live grant in the tree?
+local LATEST = '@'  -- (members always have a '|')
+local FRESH = { fresh = true }  -- put_entry's `had` for a new holder
+
+-- does the holder of hash `hl` hold a live grant in the tree?
 local function holds_live(hl)
-  return #redis.call('ZRANGEBYSCORE', hl, string.format('(%d', NOW), '+inf', 'LIMIT', 0, 1) > 0
+  local latest = tonumber(redis.call('HGET', hl, LATEST))
+  if not latest then  -- unknown since the entry it named went: find it again
+    local entries = redis.call('HVALS', hl)
+    if #entries == 0 then return false end
+    latest = 0
+    for _, entry in ipairs(entries) do
+      local exp = tonumber(string.match(entry, '^[^|]*|([^|]*)'))
+      if exp and exp > latest then latest = exp end
+    end
+    redis.call('HSET', hl, LATEST, string.format('%d', latest))
+  end
+  return latest > NOW
 end
 
--- make the tree's holder table live long enough for an entry of `ttl`
+-- `member`'s entry: from its holder's hash `hl`, else (a grant a release handed over) from
+-- the tree's table; then whether it came from the table, and the hash's LATEST (nil:
+-- unknown, or no hash)
+local function entry_of(tree, hl, member)
+  local latest
+  if hl then
+    local got = redis.call('HMGET', hl, member, LATEST)
+    latest = tonumber(got[2])
+    if got[1] then return got[1], false, latest end
+  end
+  local entry = redis.call('HGET', tree_key(tree, 'h'), member)
+  if entry then return entry, true, latest end
+  return nil, false, latest
+end
+
+-- make the tree's table live long enough for an entry of `ttl`
 local function bump_table(tree, ttl)
   bump(tree_key(tree, 'h'), ttl + grace(ttl))
   bump(tree_key(tree, 'hx'), ttl + grace(ttl))
@@ -186,41 +223,68 @@ local function noted(tree, handle)
   return (tonumber(redis.call('HGET', tree_key(tree, 'h'), handle)) or 0) > NOW
 end
 
--- drop the note a release made under the bare handle of `member`'s holder: the grant is in
--- the holder's index now, or no longer held
-local function drop_note(tree, member)
-  local handle = string.match(member, '^[^|]*')
-  if redis.call('HDEL', tree_key(tree, 'h'), handle) == 1 then
-    redis.call('ZREM', tree_key(tree, 'hx'), handle)
-  end
+-- drop `key` (a member, or a bare handle's note) from the tree's table. 1 if it was there
+local function drop_from_table(tree, key)
+  if redis.call('HDEL', tree_key(tree, 'h'), key) == 0 then return 0 end
+  redis.call('ZREM', tree_key(tree, 'hx'), key)
+  return 1
 end
 
--- write holder entry `member` (and, given `hl`, the holder's index); `ttl` sets how long the
--- entry is kept (the caller bumps the table: bump_table). 1 if the entry is new.
-local function put_entry(tree, hl, member, token, exp, nonce, ttl)
-  local h, hx = tree_key(tree, 'h'), tree_key(tree, 'hx')
-  local new = redis.call('HSET', h, member, holder_entry(token, exp, nonce))
-  redis.call('ZADD', hx, exp + grace(ttl), member)
-  if hl then  -- (released grants leave it; one that ran out goes with the key's TTL)
-    -- an entry already there but not in the index: a grant a release handed over
-    if redis.call('ZADD', hl, exp, member) == 1 and new == 0 then drop_note(tree, member) end
-    bump(hl, ttl)
+-- write holder entry `member` into the holder's hash `hl` or, with no `hl`, into the tree's
+-- table (a grant a release hands over). `had` says what was known of the hash before:
+-- { fresh = true } (a new holder: the hash is empty), else latest (its LATEST, nil if
+-- unknown), old (the entry's expiry before, if it had one), handed (the entry was in the
+-- tree's table, which it leaves now: the grant is in its holder's hash) and kept (the hash
+-- surely exists, with a TTL). 1 if the grant's entry is new.
+local function put_entry(tree, hl, member, token, exp, nonce, ttl, had)
+  local entry = holder_entry(token, exp, nonce)
+  if not hl then
+    local new = redis.call('HSET', tree_key(tree, 'h'), member, entry)
+    redis.call('ZADD', tree_key(tree, 'hx'), exp + grace(ttl), member)
+    bump_table(tree, ttl)
+    return new
+  end
+  local new
+  if had.fresh then
+    redis.call('HSET', hl, member, entry, LATEST, string.format('%d', exp))
+    new = 1
+  elseif had.latest and exp >= had.latest then  -- (LATEST is there: counts 0)
+    new = redis.call('HSET', hl, member, entry, LATEST, string.format('%d', exp))
+  else
+    new = redis.call('HSET', hl, member, entry)
+    -- the entry LATEST named now expires earlier: LATEST is unknown
+    if had.latest and had.old and had.old >= had.latest then redis.call('HDEL', hl, LATEST) end
+  end
+  if had.kept then bump_kept(hl, ttl + grace(ttl)) else bump(hl, ttl + grace(ttl)) end
+  if had.handed then
+    drop_from_table(tree, member)
+    drop_from_table(tree, string.match(member, '^[^|]*'))
+    return 0
   end
   return new
 end
 
--- drop holder entry `member` (and, given `hl`, its place in the holder's index)
-local function drop_entry(tree, hl, member)
-  if hl and redis.call('ZREM', hl, member) == 0 then drop_note(tree, member) end
-  if redis.call('HDEL', tree_key(tree, 'h'), member) == 0 then return 0 end
-  redis.call('ZREM', tree_key(tree, 'hx'), member)
-  return 1
+-- drop holder entry `member`, whose expiry is `exp` (nil: unknown), from its holder's hash
+-- `hl` (whose LATEST is `latest`, nil: unknown) or, if `handed` or with no `hl`, from the
+-- tree's table (with its holder's note, given `hl`: a handed grant released)
+local function drop_entry(tree, hl, member, exp, latest, handed)
+  if hl and not handed then
+    if latest and exp and exp < latest then redis.call('HDEL', hl, member)
+    else redis.call('HDEL', hl, member, LATEST) end  -- it may be the one LATEST names
+    return
+  end
+  if drop_from_table(tree, member) == 1 and hl then
+    drop_from_table(tree, string.match(member, '^[^|]*'))
+  end
 end
 
--- drop up to `most` holder entries whose grace has passed
+-- drop up to `most` entries and notes of the tree's table whose time has passed
 local function sweep_entries(tree, most)
   local dead = redis.call('ZRANGEBYSCORE', tree_key(tree, 'hx'), '-inf', NOW, 'LIMIT', 0, most)
-  for _, member in ipairs(dead) do drop_entry(tree, nil, member) end
+  if #dead > 0 then
+    redis.call('HDEL', tree_key(tree, 'h'), unpack(dead))
+    redis.call('ZREM', tree_key(tree, 'hx'), unpack(dead))
+  end
 end
 
 -- -- the wait queue -----------------------------------------------------------------------
@@ -334,28 +398,29 @@ local function any_exists(keys)
   return false
 end
 
--- grant g (as `member`): its marks (expiring at exp) on its chain and its holder entry (and
--- its place in g.hl, the holder's index, if g has one). What it adds (not what it only
--- renews) is noted in `undo`, for take_back().
+-- grant g (as `member`): its marks (expiring at exp) on its chain and its holder entry, in
+-- the holder's hash g.hl (or, with no g.hl, in the tree's table: a grant a release hands
+-- over; `had`: what is known of the holder's hash, see put_entry). What it adds (not what it
+-- only renews) is noted in `undo`, for take_back().
 --
--- Sweeping: each grant placed sweeps one of the sets it writes, or the tree's holder table,
--- in turn (by the server's clock), of up to SWEEP x (depth + 1) expired members (at most
--- SWEEP_MOST): as much as sweeping every one each time, in one command instead of depth + 1.
+-- Sweeping: each grant placed sweeps one of the sets it writes, in turn (by the server's
+-- clock), of up to SWEEP x depth expired members (at most SWEEP_MOST): as much as sweeping
+-- every one each time, in one command instead of depth; one placed in the tree's table
+-- sweeps that table too.
 local SWEEP_MOST = 256
-local function place(g, member, exp, token, nonce, ttl, undo)
-  local turn = NOW_US % (g.depth + 1)  -- 0: the holder table, else that level
-  local most = math.min(SWEEP * (g.depth + 1), SWEEP_MOST)
+local function place(g, member, exp, token, nonce, ttl, undo, had)
+  local turn = NOW_US % g.depth + 1
+  local most = math.min(SWEEP * g.depth, SWEEP_MOST)
   for level = 1, g.depth do
     local key = own_key(g, level)
     if level == turn then sweep(key, most) end
     if redis.call('ZADD', key, exp, member) == 1 then undo[#undo + 1] = { key, member } end
     bump(key, ttl)
   end
-  if turn == 0 then sweep_entries(g.tree, most) end
-  if put_entry(g.tree, g.hl, member, token, exp, nonce, ttl) == 1 then
+  if not g.hl then sweep_entries(g.tree, SWEEP) end
+  if put_entry(g.tree, g.hl, member, token, exp, nonce, ttl, had) == 1 then
     undo[#undo + 1] = { false, g.tree, g.hl, member }
   end
-  bump_table(g.tree, ttl)
 end
 
 -- take back what place() added, newest first (a call failing half-way, on a key of another

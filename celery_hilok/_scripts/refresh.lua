@@ -1,6 +1,6 @@
 -- refresh: extend the leases of live grants, of any number of holders, in one call.
 --
--- KEYS: per tree {h, hx}; then per grant its holder index and its own mark's key on each
+-- KEYS: per tree {h, hx}; then per grant its holder's hash and its own mark's key on each
 --       chain node.
 -- ARGV: tree count, grant count, then per grant: mode, depth, tree index, path, handle,
 --       ttl ms.
@@ -15,28 +15,27 @@ local function refresh(keys, args)
   local ntrees = tonumber(ARGV[1])
   local grants = read_grants(tonumber(ARGV[2]), 3, TREE_SIZE * ntrees + 1, true, false)
   local result = {}
-  local longest = {}  -- tree -> the longest ttl renewed there (its holder table outlives it)
   for i, g in ipairs(grants) do
     local member = g.handle .. '|' .. g.mode .. '|' .. g.path
-    local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), member))
-    local entry = redis.call('HGET', tree_key(g.tree, 'h'), member)
-    if score and score > NOW and entry then
-      local exp = NOW + g.ttl
+    local entry, handed, latest = entry_of(g.tree, g.hl, member)
+    local token, exp, nonce
+    if entry then token, exp, nonce = split_entry(entry) end
+    if entry and exp > NOW then
+      local old = not handed and exp or nil
+      exp = NOW + g.ttl
       for level = 1, g.depth do
         local key = own_key(g, level)
         redis.call('ZADD', key, exp, member)  -- (acquires, which add members, sweep)
         bump_kept(key, g.ttl)
       end
-      local token, _, nonce = split_entry(entry)
-      put_entry(g.tree, g.hl, member, token, exp, nonce, g.ttl)
-      longest[g.tree] = math.max(longest[g.tree] or 0, g.ttl)
+      put_entry(g.tree, g.hl, member, token, exp, nonce, g.ttl,
+                { latest = latest, old = old, handed = handed, kept = not handed })
       result[i] = 1
     else
       for level = 1, g.depth do redis.call('ZREM', own_key(g, level), member) end
-      drop_entry(g.tree, g.hl, member)
+      if entry then drop_entry(g.tree, g.hl, member, exp, latest, handed) end
       result[i] = 0
     end
   end
-  for tree, ttl in pairs(longest) do bump_table(tree, ttl) end
   return result
 end

@@ -1,7 +1,7 @@
 -- release: drop grants of one holder, withdraw its waiting requests for them, and hand the
 -- freed locks on to the waiters next in line.
 --
--- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder index and its chain's full
+-- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's full
 --       node blocks.
 -- ARGV: handle, scope, tree count, grant count, hand-off lease ms, then per grant: mode,
 --       depth, tree index, path. Scope "" releases the grants; "-" leaves them alone (only
@@ -31,8 +31,9 @@
 -- waiter granted here, "<handle>/<nonce>/<token>/<lease ms>" (the grant its call of that
 -- nonce asked for, with its fencing token and how long it lasts from now: a waiter that
 -- keeps its lease alive takes it from the message, without a call). Until the holder renews
--- it into its own index, the grant is noted in the holder table under the bare handle (its
--- expiry), so that the holder's next acquires in the tree see it holds something there.
+-- it into its own hash, the grant's entry is in the tree's table, and noted there under the
+-- bare handle (its expiry), so that the holder's next acquires in the tree see it holds
+-- something there.
 
 local function release(keys, args)
   begin(keys, args, FULL_TREE)
@@ -47,21 +48,22 @@ local function release(keys, args)
   local waiting = {}  -- tree -> somebody waits there (its queue exists)
   for i, g in ipairs(grants) do
     local member = handle .. '|' .. g.mode .. '|' .. g.path
-    local entry = redis.call('HGET', tree_key(g.tree, 'h'), member)
-    local score = tonumber(redis.call('ZSCORE', own_key(g, g.depth), member))
-    if score == nil then
-      -- its marks are gone: released (0), unless its holder entry shows it ran out (2)
-      result[i] = (entry and select(2, split_entry(entry)) <= NOW) and 2 or 0
-    elseif score > NOW then result[i] = 1 else result[i] = 2 end
-    local keep = scope == '-'
-    if not keep and scope ~= '' then
-      keep = not entry or select(3, split_entry(entry)) ~= scope
+    -- 1 while its entry says its lease lasts, 2 once it ran out; with no entry, its marks
+    -- tell (none: 0, never granted or released already)
+    local entry, handed, latest = entry_of(g.tree, g.hl, member)
+    local _, exp, made_by
+    if entry then
+      _, exp, made_by = split_entry(entry)
+    else
+      exp = tonumber(redis.call('ZSCORE', own_key(g, g.depth), member))
     end
+    if exp == nil then result[i] = 0 elseif exp > NOW then result[i] = 1 else result[i] = 2 end
+    local keep = scope == '-' or (scope ~= '' and made_by ~= scope)
     if keep then
       result[i] = 0
     else
       for level = 1, g.depth do redis.call('ZREM', own_key(g, level), member) end
-      drop_entry(g.tree, g.hl, member)
+      if entry then drop_entry(g.tree, g.hl, member, exp, latest, handed) end
     end
     if waiting[g.tree] == nil then
       waiting[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
