@@ -48,6 +48,62 @@ SMALL_WRITE: Final = 16384
 see :func:`fast_connection`."""
 
 
+def _hiredis_pack() -> Any:
+    """hiredis's ``pack_command``, or None without hiredis."""
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - hiredis is a dependency
+        return None
+    return hiredis.pack_command
+
+
+def _split_name(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with a command name of several words (``"FUNCTION LOAD"``) split, as
+    redis-py's packers do."""
+    first = args[0]
+    if isinstance(first, str):
+        return (*first.encode().split(), *args[1:])
+    if b" " in first:
+        return (*first.split(), *args[1:])
+    return args
+
+
+def fast_packing(connection_class: type[Any]) -> type[Any]:
+    """``connection_class`` (of ``redis``) that packs a command with one call of hiredis.
+
+    redis-py's own hiredis packer first copies every argument through a generator (to turn
+    a ``memoryview`` into ``bytes``), which costs twice what hiredis's packing does: some
+    15 microseconds for a depth-8 acquire's 86 arguments. Ours are all ``str`` and ``int``;
+    anything hiredis refuses goes to redis-py's packer as before."""
+    pack = _hiredis_pack()
+    if pack is None:  # pragma: no cover - hiredis is a dependency
+        return connection_class
+
+    class Packer:
+        __slots__ = ("fallback",)
+
+        def __init__(self, fallback: Any) -> None:
+            self.fallback = fallback
+
+        def pack(self, *args: Any) -> list[bytes]:
+            args = _split_name(args)
+            try:
+                return [pack(args)]
+            except TypeError:
+                result: list[bytes] = self.fallback.pack(*args)
+                return result
+
+    class FastPacking(connection_class):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            packer = getattr(self, "_command_packer", None)  # (redis-py's, since 4.4)
+            if packer is not None and type(packer).__name__ == "HiredisRespSerializer":
+                self._command_packer = Packer(packer)
+
+    FastPacking.__name__ = FastPacking.__qualname__ = f"Fast{connection_class.__name__}"
+    return FastPacking
+
+
 def fast_connection(connection_class: type[Any]) -> type[Any]:
     """``connection_class`` (of ``redis.asyncio``) with a cheaper way to send a command.
 
@@ -59,22 +115,12 @@ def fast_connection(connection_class: type[Any]) -> type[Any]:
     nothing left in its send buffers, so a write far below asyncio's high-water mark
     (64 KiB) completes at once, server or no server; the reply's read keeps its timeout,
     and so does the send of anything larger."""
-    pack: Any = None
-    try:
-        import hiredis
-
-        pack = hiredis.pack_command
-    except ImportError:  # pragma: no cover - hiredis is a dependency
-        pass
+    pack = _hiredis_pack()
 
     class FastConnection(connection_class):  # type: ignore[misc]
         def pack_command(self, *args: Any) -> list[bytes]:
             if pack is not None:
-                first = args[0]
-                if isinstance(first, str):
-                    args = (*first.encode().split(), *args[1:])
-                elif b" " in first:
-                    args = (*first.split(), *args[1:])
+                args = _split_name(args)
                 try:
                     return [pack(args)]
                 except TypeError:  # an argument hiredis cannot pack: let redis-py do it
@@ -327,7 +373,7 @@ class ClientKind(NamedTuple):
     pool: type[Any]
     sentinel: type[Any]
     retry: type[Any]
-    hiredis_packing: bool  # pack commands with hiredis (redis.asyncio packs in pure Python)
+    hiredis_packing: bool  # redis.asyncio, which packs in pure Python (else: redis)
 
 
 def client_kind(asyncio: bool) -> ClientKind:
@@ -365,8 +411,9 @@ def make_client(target: object, options: Mapping[str, Any] | None, kind: ClientK
         # The Retry goes to the pool, whose connections use it: redis-py ignores a retry=
         # given to a client beside its connection_pool.
         pool = kind.pool.from_url(url, retry=retry, **kwargs)
-        if kind.hiredis_packing and pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
-            pool.connection_class = fast_connection(pool.connection_class)
+        if pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
+            fast = fast_connection if kind.hiredis_packing else fast_packing
+            pool.connection_class = fast(pool.connection_class)
         built = kind.redis(connection_pool=pool, retry=retry)
         built.auto_close_connection_pool = True  # as Redis.from_pool does
         return built
