@@ -98,9 +98,12 @@ local function grace(ttl)
 end
 
 -- make key live at least ms more milliseconds (never shorter than it already lives: every
--- key outlives the longest lease it holds)
+-- key outlives the longest lease it holds). True if it had a TTL already (so, as every key
+-- of ours gets one at once, it is not one the caller just made)
 local function bump(key, ms)
-  if redis.call('PEXPIRE', key, ms, 'NX') == 0 then redis.call('PEXPIRE', key, ms, 'GT') end
+  if redis.call('PEXPIRE', key, ms, 'NX') == 1 then return false end
+  redis.call('PEXPIRE', key, ms, 'GT')
+  return true
 end
 
 -- bump() for a key that surely has a TTL already (refresh): usually one command
@@ -405,18 +408,18 @@ end
 --
 -- Sweeping: each grant placed sweeps one of the sets it writes, in turn (by the server's
 -- clock), of up to SWEEP x depth expired members (at most SWEEP_MOST): as much as sweeping
--- every one each time, in one command instead of depth; one placed in the tree's table
--- sweeps that table too.
+-- every one each time, in one command instead of depth. Sets its ZADD just made (nothing in
+-- them can have expired) are left out, so a grant in a quiet part of a tree sweeps nothing.
+-- One placed in the tree's table sweeps that table too.
 local SWEEP_MOST = 256
 local function place(g, member, exp, token, nonce, ttl, undo, had)
-  local turn = NOW_US % g.depth + 1
-  local most = math.min(SWEEP * g.depth, SWEEP_MOST)
+  local old = {}  -- the sets that were there before
   for level = 1, g.depth do
     local key = own_key(g, level)
-    if level == turn then sweep(key, most) end
     if redis.call('ZADD', key, exp, member) == 1 then undo[#undo + 1] = { key, member } end
-    bump(key, ttl)
+    if bump(key, ttl) then old[#old + 1] = key end
   end
+  if #old > 0 then sweep(old[NOW_US % #old + 1], math.min(SWEEP * g.depth, SWEEP_MOST)) end
   if not g.hl then sweep_entries(g.tree, SWEEP) end
   if put_entry(g.tree, g.hl, member, token, exp, nonce, ttl, had) == 1 then
     undo[#undo + 1] = { false, g.tree, g.hl, member }
