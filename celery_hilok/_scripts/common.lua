@@ -186,7 +186,7 @@ local function holds_live(hl)
     if #entries == 0 then return false end
     latest = 0
     for _, entry in ipairs(entries) do
-      local exp = tonumber(string.match(entry, '^[^|]*|([^|]*)'))
+      local _, exp = split_entry(entry)
       if exp and exp > latest then latest = exp end
     end
     redis.call('HSET', hl, LATEST, string.format('%d', latest))
@@ -233,6 +233,14 @@ local function drop_from_table(tree, key)
   return 1
 end
 
+-- drop a handed grant's entry `member` from the tree's table and, if it was there, its
+-- holder's note: the grant is in its holder's hash now, or no longer held
+local function drop_handed(tree, member)
+  if drop_from_table(tree, member) == 1 then
+    drop_from_table(tree, string.match(member, '^[^|]*'))
+  end
+end
+
 -- write holder entry `member` into the holder's hash `hl` or, with no `hl`, into the tree's
 -- table (a grant a release hands over). `had` says what was known of the hash before:
 -- { fresh = true } (a new holder: the hash is empty), else latest (its LATEST, nil if
@@ -259,11 +267,7 @@ local function put_entry(tree, hl, member, token, exp, nonce, ttl, had)
     if had.latest and had.old and had.old >= had.latest then redis.call('HDEL', hl, LATEST) end
   end
   if had.kept then bump_kept(hl, ttl + grace(ttl)) else bump(hl, ttl + grace(ttl)) end
-  if had.handed then
-    drop_from_table(tree, member)
-    drop_from_table(tree, string.match(member, '^[^|]*'))
-    return 0
-  end
+  if had.handed then drop_handed(tree, member); return 0 end
   return new
 end
 
@@ -276,9 +280,7 @@ local function drop_entry(tree, hl, member, exp, latest, handed)
     else redis.call('HDEL', hl, member, LATEST) end  -- it may be the one LATEST names
     return
   end
-  if drop_from_table(tree, member) == 1 and hl then
-    drop_from_table(tree, string.match(member, '^[^|]*'))
-  end
+  if hl then drop_handed(tree, member) else drop_from_table(tree, member) end
 end
 
 -- drop up to `most` entries and notes of the tree's table whose time has passed
