@@ -17,7 +17,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple
 
-from ._marks import MODE_MARKS, lua_tables
+from ._marks import HOLD_SETS, MODE_MARKS, lua_tables
 from .errors import InvalidArgument
 from .paths import KeySpace, LockPath, parse_path
 
@@ -215,6 +215,16 @@ REFRESH: Final = Script("refresh")
 STATUS: Final = Script("status")
 
 
+Blocks = Literal["full", "lean", "own"]
+"""What a call's node blocks hold (see :meth:`Protocol._chain_keys`)."""
+
+ASK_FULL: Final = 2
+"""An acquire's reply code: this lean call needs the wait sets (somebody waits in a tree of
+the request, or it was refused and joins the queue); nothing was done, ask again in full."""
+RELEASE_ASK_FULL: Final = -1
+"""A release's code, for every grant of a lean call in a tree where somebody waits."""
+
+
 class Call(NamedTuple):
     """A script invocation ready to send: ``EVALSHA script.sha len(keys) *keys *args``."""
 
@@ -316,17 +326,16 @@ class Protocol:
     def __init__(self, namespace: str, separator: str) -> None:
         self.keys = KeySpace(namespace)
         self.separator = separator
-        self._chains: dict[tuple[Request, bool], tuple[str, ...]] = {}  # see _chain_keys
+        self._chains: dict[tuple[Request, Blocks], tuple[str, ...]] = {}  # see _chain_keys
 
     # -- key blocks ---------------------------------------------------------------------
 
     def _layout(
-        self, items: Sequence[tuple[str, Request]], tree_slice: slice, full: bool
+        self, items: Sequence[tuple[str, Request]], tree_slice: slice, blocks: Blocks
     ) -> tuple[list[str], list[tuple[Request, int]], int]:
         """KEYS for (handle, request) pairs (see ``_scripts/common.lua``): the ``tree_slice``
         of each tree's keys (n, q, qx, qc, h, hx), then per grant its holder's hash in the
-        tree and one block per chain node: with ``full`` all eight sets of the node, else
-        the grant's own mark only."""
+        tree and one block per chain node (see :meth:`_chain_keys`)."""
         space = self.keys
         trees: dict[str, int] = {}
         for _, req in items:
@@ -338,29 +347,38 @@ class Protocol:
         for handle, req in items:
             tree = req.path.tree
             keys.append(space.holder_key(tree, handle))
-            keys.extend(self._chain_keys(req, full))
+            keys.extend(self._chain_keys(req, blocks))
             placed.append((req, trees[tree]))
         return keys, placed, len(trees)
 
-    def _chain_keys(self, req: Request, full: bool) -> tuple[str, ...]:
-        """The node blocks of ``req``'s chain, root first (see :meth:`_layout`), from a
-        cache: most calls are of a few hot locks."""
-        cached = self._chains.get((req, full))
+    def _chain_keys(self, req: Request, blocks: Blocks) -> tuple[str, ...]:
+        """The node blocks of ``req``'s chain, root first, from a cache (most calls are of a
+        few hot locks): ``"full"`` all eight sets of each node, ``"lean"`` the hold sets
+        the mark placed there needs (:data:`~celery_hilok._marks.HOLD_SETS`), ``"own"``
+        the set of that mark only."""
+        cached = self._chains.get((req, blocks))
         if cached is not None:
             return cached
         tree, chain, space = req.path.tree, req.path.chain, self.keys
-        if full:
+        if blocks == "full":
             keys = tuple(k for node in chain for k in space.node_block(tree, node))
         else:
             leaf, intent = _MARKS[req.mode]
             last = len(chain) - 1
-            keys = tuple(
-                space.node_block(tree, node)[leaf if level == last else intent]
-                for level, node in enumerate(chain)
-            )
+            marks = [leaf if level == last else intent for level in range(len(chain))]
+            if blocks == "own":
+                keys = tuple(
+                    space.node_block(tree, n)[m] for n, m in zip(chain, marks, strict=True)
+                )
+            else:
+                keys = tuple(
+                    space.node_block(tree, n)[i]
+                    for n, m in zip(chain, marks, strict=True)
+                    for i in HOLD_SETS[m]
+                )
         if len(self._chains) >= 4096:
             self._chains.clear()
-        self._chains[(req, full)] = keys
+        self._chains[(req, blocks)] = keys
         return keys
 
     # -- calls ----------------------------------------------------------------------------
@@ -375,14 +393,18 @@ class Protocol:
         channel: str = "",
         new: bool = False,
         queue_ttl_ms: int = QUEUE_TTL_MS,
+        lean: bool = False,
     ) -> Call:
         """Acquire ``requests`` for ``handle``; ``nonce`` names this call (see :meth:`undo`);
         a release tells a waiting request on ``channel`` (its client's) that it may go.
         ``new``: the first call for a handle just made, of which nothing can exist yet (the
         script then looks nothing of it up). ``queue_ttl_ms``: how long a request refused
-        (with ``register``) stays in the queue unless asked again."""
-        flags = (1 if register else 0) | (2 if new else 0)
-        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
+        (with ``register``) stays in the queue unless asked again. ``lean``: send only the
+        hold sets, for a tree where nobody is thought to wait; the script then answers
+        :data:`ASK_FULL` (having done nothing) if it needs the wait sets after all."""
+        flags = (1 if register else 0) | (2 if new else 0) | (4 if lean else 0)
+        pairs = [(handle, r) for r in requests]
+        keys, placed, ntrees = self._layout(pairs, _ALL_TREE_KEYS, "lean" if lean else "full")
         args: list[str | int] = [
             handle,
             int(ttl * 1000),
@@ -397,22 +419,27 @@ class Protocol:
             args += (req.code, req.path.depth, tree, req.path.canonical)
         return Call(ACQUIRE, keys, args)
 
-    def release(self, handle: str, requests: Sequence[Request], scope: str = "") -> Call:
+    def release(
+        self, handle: str, requests: Sequence[Request], scope: str = "", lean: bool = False
+    ) -> Call:
         """Release ``handle``'s grants of ``requests``, withdraw its waiting requests for them
         and hand the freed locks on to the waiters next in line.
 
         ``scope`` limits what is released: ``""`` everything, :data:`WITHDRAW_ONLY` no grant
         (only waiting requests), an acquire call's nonce only the grants that call made.
+        ``lean``: as for :meth:`acquire`; the codes are then all :data:`RELEASE_ASK_FULL` if
+        somebody waits in a tree of the call (nothing was done).
         """
-        keys, placed, ntrees = self._layout([(handle, r) for r in requests], _ALL_TREE_KEYS, True)
-        args: list[str | int] = [handle, scope, ntrees, len(placed), HANDOFF_TTL_MS]
+        pairs = [(handle, r) for r in requests]
+        keys, placed, ntrees = self._layout(pairs, _ALL_TREE_KEYS, "lean" if lean else "full")
+        args: list[str | int] = [handle, scope, ntrees, len(placed), HANDOFF_TTL_MS, int(lean)]
         for req, tree in placed:
             args += (req.code, req.path.depth, tree, req.path.canonical)
         return Call(RELEASE, keys, args)
 
     def refresh(self, items: Sequence[tuple[str, Request, float]]) -> Call:
         pairs = [(h, r) for h, r, _ in items]
-        keys, placed, ntrees = self._layout(pairs, _HOLDER_TREE_KEYS, False)
+        keys, placed, ntrees = self._layout(pairs, _HOLDER_TREE_KEYS, "own")
         args: list[str | int] = [ntrees, len(placed)]
         for (req, tree), (handle, _, ttl) in zip(placed, items, strict=True):
             args += (req.code, req.path.depth, tree, req.path.canonical, handle, int(ttl * 1000))
@@ -433,7 +460,7 @@ class Protocol:
         return [(part, self.refresh([items[i] for i in part])) for part in parts]
 
     def release_batches(
-        self, items: Sequence[tuple[str, Request]], per_tree: bool
+        self, items: Sequence[tuple[str, Request]], per_tree: bool, lean: bool = False
     ) -> list[tuple[list[int], Call]]:
         """Release calls for (handle, request) items: one holder per call (and one tree with
         ``per_tree``), at most :data:`MAX_CALL_KEYS` keys each (its trees' queue keys
@@ -446,7 +473,7 @@ class Protocol:
         # budgeted by what a release writes (its own marks), not by the sets it only reads
         for part in _batches(items, key, tree_keys=6, node_keys=1):
             handle = items[part[0]][0]
-            call = self.release(handle, [items[i][1] for i in part])
+            call = self.release(handle, [items[i][1] for i in part], lean=lean)
             out.append((part, call))
         return out
 
@@ -459,7 +486,10 @@ class Protocol:
     # -- replies --------------------------------------------------------------------------
 
     @staticmethod
-    def decode_acquire(reply: list[object]) -> Granted | Blocked:
+    def decode_acquire(reply: list[object]) -> Granted | Blocked | None:
+        """The outcome of an acquire call; None: a lean call must be made again in full."""
+        if reply[0] == ASK_FULL:
+            return None
         if reply[0] == 1:
             tokens = reply[1]
             assert isinstance(tokens, list)
@@ -648,13 +678,16 @@ class Sleep:
 
 SUBSCRIBE: Final = Sleep(0.0)
 """Acquisition step: subscribe to wake-ups, then call again at once (nothing may slip by)."""
+RESEND: Final = Sleep(0.0)
+"""Acquisition step: a lean call needs the wait sets after all; send :attr:`Acquisition.call`
+(full now) at once (compare with ``is``)."""
 
 
 class Acquisition:
     """The decisions of one blocking acquire, without its I/O.
 
     A driver sends :attr:`call`, feeds the reply to :meth:`step`, and obeys the answer: the
-    tokens (done), :data:`SUBSCRIBE` or a :class:`Sleep`; :meth:`step` raises
+    tokens (done), :data:`SUBSCRIBE`, :data:`RESEND` or a :class:`Sleep`; :meth:`step` raises
     :class:`LockNotAcquired` when it must give up. When anything at all goes wrong the driver
     sends :meth:`cleanup` (if not None) before re-raising, so nothing is left behind.
     """
@@ -670,6 +703,7 @@ class Acquisition:
         "handle",
         "holding",
         "last",
+        "lean",
         "nonce",
         "protocol",
         "queue_ttl_ms",
@@ -691,8 +725,11 @@ class Acquisition:
         now: float,
         channel: str = "",
         queue_ttl_ms: int = QUEUE_TTL_MS,
+        lean: bool = False,
     ) -> None:
         self.protocol = protocol
+        # the first call may be lean (nobody is thought to wait in its trees): see RESEND
+        self.lean = lean
         self.queue_ttl_ms = queue_ttl_ms
         self.requests = requests
         self.fresh = handle is None
@@ -715,13 +752,17 @@ class Acquisition:
     def _make_call(self) -> Call:
         return self.protocol.acquire(
             self.handle, self.requests, self.ttl, self.can_wait, self.nonce, self.channel,
-            self.asked_new, self.queue_ttl_ms,
+            self.asked_new, self.queue_ttl_ms, self.lean,
         )  # fmt: skip
 
     def step(self, reply: list[object], now: float) -> list[int] | Sleep:
         outcome = self.protocol.decode_acquire(reply)
         if isinstance(outcome, Granted):
             return outcome.tokens
+        if outcome is None:  # a lean call that needs the wait sets: nothing was done
+            self.lean = False
+            self.call = self._make_call()
+            return RESEND
         if self.asked_new:  # asked as a new holder: not any more
             self.asked_new = False
             self.call = self._make_call()

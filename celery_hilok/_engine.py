@@ -26,6 +26,8 @@ from . import metrics
 from ._core import (
     CLUSTER_WAIT,
     LIBRARY,
+    RELEASE_ASK_FULL,
+    RESEND,
     Acquisition,
     Blocked,
     Call,
@@ -196,6 +198,11 @@ class Wait:
         # the lock a release granted this attempt, as its message said (set before event)
         self.handed: Handed | None = None
 
+
+BUSY_MEMORY: Final = 2.0
+"""Seconds a client keeps sending full calls in a tree after it found somebody waiting."""
+_BUSY_KEPT: Final = 4096
+"""Most trees a client remembers as busy (the memory starts again past that)."""
 
 _TOLD_KEPT: Final = 1024
 """Most handles :class:`WakeTable` keeps from messages that came before their wait."""
@@ -499,6 +506,9 @@ class Client(Generic[C]):
         self._channel = self._protocol.keys.channel(secrets.token_urlsafe(12))
         self._waker: _Waker = self._waker_class(self)
         self._refresher: _Refresher = self._refresher_class(self)
+        # trees where somebody waited lately (tree -> until when, monotonic): calls there go
+        # with full node blocks at once; elsewhere lean ones (see Protocol.acquire)
+        self._busy: dict[str, float] = {}
 
     def release(self, *leases: Lease) -> Any:
         """Release the leases (the drivers' own, documented method)."""
@@ -645,6 +655,26 @@ class Client(Generic[C]):
             if warning:
                 log.warning("%s", warning)
 
+    # -- lean or full calls ------------------------------------------------------------------
+
+    def _lean(self, requests: Iterable[Request]) -> bool:
+        """May calls for ``requests`` go lean: has nobody waited in their trees lately?"""
+        busy = self._busy
+        if not busy:
+            return True
+        now = time.monotonic()
+        return all(busy.get(r.path.tree, 0.0) <= now for r in requests)
+
+    def _note_busy(self, requests: Iterable[Request]) -> None:
+        """Somebody waits in the trees of ``requests``: the next calls there go full (a lean
+        one would be answered "ask again in full", a round trip lost)."""
+        busy = self._busy
+        if len(busy) >= _BUSY_KEPT:
+            busy.clear()
+        until = time.monotonic() + BUSY_MEMORY
+        for r in requests:
+            busy[r.path.tree] = until
+
     # -- acquiring ---------------------------------------------------------------------------
 
     def _acquire(
@@ -719,6 +749,7 @@ class Client(Generic[C]):
             timeout=timeout,
             now=started,
             channel=self._channel,
+            lean=self._lean(requests),
         )
         wait: Wait | None = None
         take = kept and not self.wait_replicas
@@ -739,6 +770,9 @@ class Client(Generic[C]):
                             replies[1], self.wait_replicas, self.wait_timeout
                         )
                     return self._granted(attempt, step, sent, started, wait is not None)
+                self._note_busy(requests)
+                if step is RESEND:
+                    continue
                 cap = float("inf")
                 if check is not None:
                     assert attempt.last is not None
@@ -754,8 +788,10 @@ class Client(Generic[C]):
                 else:
                     yield Sleep(wait.event, min(step.seconds, cap))
         except BaseException as exc:
-            if metrics._observers and isinstance(exc, LockNotAcquired):
-                metrics.refused(requests, started, attempt.block, exc)
+            if isinstance(exc, LockNotAcquired):
+                self._note_busy(requests)
+                if metrics._observers:
+                    metrics.refused(requests, started, attempt.block, exc)
             cleanup = attempt.cleanup(exc)
             if cleanup is not None:
                 yield from self._quietly(cleanup, "clean up after a failed acquire")
@@ -802,6 +838,7 @@ class Client(Generic[C]):
                 yield from self._quietly(cleanup, "withdraw a parked request")
             raise
         outcome = self._protocol.decode_acquire(reply)
+        assert outcome is not None, "a full call never asks to be made again"
         if isinstance(outcome, Blocked):
             refusal = attempt._not_acquired(outcome, "at once (it waits in the queue)")
             assert isinstance(refusal, LockNotAcquired)
@@ -925,10 +962,19 @@ class Client(Generic[C]):
         if not todo:
             return []
         items = [(lease.handle, lease.request) for lease in todo]
-        batches = self._protocol.release_batches(items, self._cluster)
+        requests = [lease.request for lease in todo]
+        lean = self._lean(requests) and not any(lease.contended for lease in todo)
+        batches = self._protocol.release_batches(items, self._cluster, lean)
         # Once asked for, a release is carried out even if the caller is cancelled meanwhile
         # (else the locks would stay held until their ttl): see Execute.shield.
         codes = yield from self._send_batches(batches, len(todo), shield=True)
+        again = [i for i, code in enumerate(codes) if code == RELEASE_ASK_FULL]
+        if again:  # somebody waits there after all: those go in full (nothing was done yet)
+            self._note_busy(requests[i] for i in again)
+            batches = self._protocol.release_batches([items[i] for i in again], self._cluster)
+            redone = yield from self._send_batches(batches, len(again), shield=True)
+            for i, code in zip(again, redone, strict=True):
+                codes[i] = code
         lost: list[Lease] = []
         freed: list[tuple[Lease, bool]] = []  # what this call released, and if it ran out
         for lease, code in zip(todo, codes, strict=True):

@@ -20,6 +20,7 @@ from typing import Final
 __all__ = [
     "CONFLICTING",
     "CONFLICTS",
+    "HOLD_SETS",
     "MARKS",
     "MODES",
     "MODE_MARKS",
@@ -64,6 +65,14 @@ write's): the sets a script looks in for a conflicting holder, or an earlier wai
 node of a chain (``CONFLICTING`` of :func:`lua_tables`)."""
 
 
+HOLD_SETS: Final[tuple[tuple[int, ...], ...]] = tuple(
+    tuple(sorted({*CONFLICTING[i], i})) for i in range(len(MARKS))
+)
+"""Per mark index, the hold sets a grant placing that mark needs on the node, in node-key
+order: the conflicting ones and its own. A *lean* call (no queue in the tree, so no wait
+set read or written) sends only these of each node (``LEAN_SETS`` of :func:`lua_tables`)."""
+
+
 def _at_or_above(upper: str, lower: str) -> bool:
     """Is canonical path ``upper`` the node ``lower`` itself or one of its ancestors?"""
     return upper == lower or (lower.startswith(upper) and lower[len(upper) : len(upper) + 1] == "/")
@@ -91,13 +100,23 @@ def lua_tables() -> str:
     """The Lua definitions of the table, prepended to ``_scripts/common.lua`` (1-based marks).
 
     ``LEAF_MARK`` / ``INTENT_MARK``: mode code -> mark index; ``CONFLICTS[a][b]``: marks a
-    and b conflict; ``CONFLICTING[a]``: the list of marks conflicting with a.
+    and b conflict; ``CONFLICTING[a]``: the list of marks conflicting with a;
+    ``LEAN_SETS[a]``: :data:`HOLD_SETS`, and ``LEAN_POS[a][b]`` the place of b in it.
     """
 
     def by_code(pick: int) -> str:
         return "{ " + ", ".join(f"{c} = {_INDEX[p[pick]] + 1}" for c, p in PLACES.items()) + " }"
 
-    lists = ", ".join("{ " + ", ".join(str(j + 1) for j in c) + " }" for c in CONFLICTING)
+    def lua_places() -> str:
+        rows = (
+            "{ " + ", ".join(f"[{b + 1}] = {i}" for i, b in enumerate(row, 1)) + " }"
+            for row in HOLD_SETS
+        )
+        return ", ".join(rows)
+
+    def lua_lists(rows: tuple[tuple[int, ...], ...]) -> str:
+        return ", ".join("{ " + ", ".join(str(j + 1) for j in row) + " }" for row in rows)
+
     legend = ", ".join(f"{i} {mark}" for i, mark in enumerate(MARKS, 1))
     return "\n".join(
         [
@@ -110,7 +129,12 @@ def lua_tables() -> str:
             "local CONFLICTS = {",
             *(f"  {_lua_bools([b in CONFLICTS[a] for b in MARKS])},  -- {a}" for a in MARKS),
             "}",
-            f"local CONFLICTING = {{ {lists} }}",
+            f"local CONFLICTING = {{ {lua_lists(CONFLICTING)} }}",
+            "-- LEAN_SETS[a]: the hold sets a lean call sends for a node where it places a",
+            f"local LEAN_SETS = {{ {lua_lists(HOLD_SETS)} }}",
+            "-- LEAN_POS[a][b]: the place of b in LEAN_SETS[a] (a literal: a library's top",
+            "-- level may not call ipairs)",
+            f"local LEAN_POS = {{ {lua_places()} }}",
             "",
         ]
     )

@@ -214,7 +214,7 @@ def test_release_of_one_holders_many_leases_is_cut_into_small_calls_in_one_round
     batches = hl._protocol.release_batches([(x.handle, x.request) for x in leases], False)
     # budgeted by the keys a release writes: per grant its index and one mark per level
     # (it reads the other sets of each node too, to hand the locks on)
-    written = [len(call.keys) - 6 - 7 * sum(int(d) for d in call.args[6::4]) for _, call in batches]
+    written = [len(call.keys) - 6 - 7 * sum(int(d) for d in call.args[7::4]) for _, call in batches]
     assert all(n <= MAX_CALL_KEYS for n in written), written
     assert len(batches) > 1
     reset(stats)

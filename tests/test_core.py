@@ -172,11 +172,24 @@ def test_release_layout() -> None:
         *node("ns", "z", "z"),
     ]
     assert call.args == [
-        HANDLE, "", 2, 2, HANDOFF_TTL_MS, "S", 3, 1, "a/b/c", "X", 1, 2, "z"
+        HANDLE, "", 2, 2, HANDOFF_TTL_MS, 0, "S", 3, 1, "a/b/c", "X", 1, 2, "z"
     ]  # fmt: skip
     withdraw = proto.release(HANDLE, requests, WITHDRAW_ONLY)
     assert withdraw.args[1] == "-"
     assert withdraw.keys == call.keys
+    # lean (nobody waits in the trees): per node only the hold sets of the mark placed there
+    lean = proto.release(HANDLE, requests, lean=True)
+    assert lean.keys == [
+        *tree("ns", "a"),
+        *tree("ns", "z"),
+        index("ns", "a"),
+        *node("ns", "a", "a", "is", "x"),  # IS on an ancestor: itself and what conflicts
+        *node("ns", "a", "a/b", "is", "x"),
+        *node("ns", "a", "a/b/c", "ix", "s", "x"),  # S on its own node
+        index("ns", "z"),
+        *node("ns", "z", "z", "is", "ix", "s", "x"),  # X: every hold set
+    ]
+    assert lean.args[5] == 1 and lean.args[6:] == call.args[6:]
 
 
 def test_refresh_layout_many_holders() -> None:

@@ -183,6 +183,38 @@ def test_lua_conflict_agrees_with_python(redis_client: redis.Redis) -> None:
     assert self == [int(a in CONFLICTS[a]) for a in MARKS]
 
 
+LEAN_BODY = """
+local sets, places = {}, {}
+for a = 1, 4 do
+  sets[a] = LEAN_SETS[a]
+  for b = 1, 4 do places[#places + 1] = LEAN_POS[a][b] or 0 end
+end
+return { sets, places }
+"""
+
+
+def test_lua_lean_sets_are_the_hold_sets(redis_client: redis.Redis) -> None:
+    """A lean call's node blocks (Python's key layout and Lua's reading of it) agree: each
+    mark's conflicting marks and itself, in node-key order, and the place of each in it."""
+    common = (resources.files("celery_hilok") / "_scripts" / "common.lua").read_text("utf-8")
+    source = lua_tables() + "\n" + common + "\n" + LEAN_BODY
+    sets, places = redis_client.eval(source, 0)
+    for i, mark in enumerate(MARKS):
+        assert _marks.HOLD_SETS[i] == tuple(
+            j for j, other in enumerate(MARKS) if other in CONFLICTS[mark] or other == mark
+        )
+    assert sets == [[j + 1 for j in row] for row in _marks.HOLD_SETS]
+    assert places == [
+        row.index(b) + 1 if b in row else 0 for row in _marks.HOLD_SETS for b in range(4)
+    ]
+
+
+def test_library_loads_as_functions(redis_client: redis.Redis) -> None:
+    """The library is valid as Redis Functions (whose top level may call no function, not
+    even ipairs): else every client falls back to EVALSHA, slower, with only a log line."""
+    assert redis_client.function_load(LIBRARY.source, replace=True) == LIBRARY.name.encode()
+
+
 def test_scripts_load_under_their_sha(redis_client: redis.Redis) -> None:
     for script in (ACQUIRE, RELEASE, REFRESH, STATUS):
         assert redis_client.script_load(script.source) == script.sha

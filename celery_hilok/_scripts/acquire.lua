@@ -1,15 +1,19 @@
 -- acquire: grant every requested lock to one holder, atomically, or none of them.
 --
--- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's full
---       node blocks.
+-- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's node
+--       blocks: full ones, or lean ones (flag 4).
 -- ARGV: handle, ttl ms, flags (1: join the wait queue when refused; 2: a new holder, whose
---       first call this is: nothing of it exists yet), queue entry ttl ms,
+--       first call this is: nothing of it exists yet; 4: lean, the node blocks hold only the
+--       sets of LEAN_SETS), queue entry ttl ms,
 --       tree count, grant count, nonce of this call, the caller's wake-up channel, then per
 --       grant: mode, depth, tree index, canonical path.
 -- Reply: {1, {token per grant}} when granted;
 --        {0, blocker member, blocker remaining ms, 'held' | 'queued', holding} when refused,
 --        holding 1 if the holder already holds a live grant in a tree of the request (it
---        then skips the queue, so that it never waits for a waiter that waits for it).
+--        then skips the queue, so that it never waits for a waiter that waits for it);
+--        {2} from a lean call that needs the wait sets (somebody waits in a tree of the
+--        request, or it is refused and would join the queue): nothing was done, the caller
+--        asks again with full blocks.
 --
 -- Guarantees: a grant is made only if no live mark of another holder conflicts with it on
 -- its chain and, unless the holder already holds a live grant in that tree, no earlier
@@ -26,10 +30,11 @@ local function acquire(keys, args)
   local handle, ttl = ARGV[1], tonumber(ARGV[2])
   local flags, qttl = tonumber(ARGV[3]), tonumber(ARGV[4])
   local register = flags % 2 == 1
-  local new = flags >= 2  -- no grant or holder entry of this handle to look up
+  local new = flags % 4 >= 2  -- no grant or holder entry of this handle to look up
+  local lean = flags >= 4
   local ntrees, ngrants = tonumber(ARGV[5]), tonumber(ARGV[6])
   local nonce, channel = ARGV[7], ARGV[8]
-  local grants = read_grants(ngrants, 9, TREE_SIZE * ntrees + 1, false, true)
+  local grants = read_grants(ngrants, 9, TREE_SIZE * ntrees + 1, false, lean and LEAN or FULL)
   local prefix = handle .. '|'
 
   for _, g in ipairs(grants) do g.member = prefix .. g.mode .. '|' .. g.path end
@@ -52,6 +57,7 @@ local function acquire(keys, args)
   for _, g in ipairs(grants) do
     if queued[g.tree] == nil then
       queued[g.tree] = busy and redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
+      if lean and queued[g.tree] then return { 2 } end
       tickets[g.tree] = queued[g.tree]
         and (tonumber(redis.call('ZSCORE', tree_key(g.tree, 'q'), g.member)) or false)
     end
@@ -111,6 +117,7 @@ local function acquire(keys, args)
     for _, g in ipairs(grants) do
       local m, exp = holder_in_way(g, handle)
       if m then
+        if lean and register then return { 2 } end
         join_queue()
         return { 0, m, exp - NOW, 'held', holding }
       end

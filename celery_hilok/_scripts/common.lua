@@ -118,19 +118,28 @@ local function sweep(key, most)
 end
 
 -- read the grants described by ARGV from position `pos`: each is mode, depth, tree index,
--- canonical path (and, when with_ttl, handle and ttl ms); `full` says whether node blocks
--- hold all eight sets of a node (acquire, release) or only the grant's own mark (refresh)
-local function read_grants(count, pos, first_key, with_ttl, full)
+-- canonical path (and, when with_ttl, handle and ttl ms). `blocks` says what each node
+-- block of a grant's chain holds: FULL (all eight sets of the node: acquire, release), OWN
+-- (only the grant's own mark: refresh) or LEAN (the hold sets of LEAN_SETS for the mark the
+-- grant places there: an acquire or release in a tree where nobody waits)
+local FULL, OWN, LEAN = 8, 1, 0
+local function read_grants(count, pos, first_key, with_ttl, blocks)
   local grants, k = {}, first_key
-  local size = full and 8 or 1
   for i = 1, count do
     local mode, depth = ARGV[pos], tonumber(ARGV[pos + 1])
     local g = { mode = mode, depth = depth, tree = tonumber(ARGV[pos + 2]), path = ARGV[pos + 3],
-                hl = KEYS[k], base = k + 1, size = size }
+                hl = KEYS[k], base = k + 1, size = blocks }
     pos = pos + 4
     if with_ttl then g.handle = ARGV[pos]; g.ttl = tonumber(ARGV[pos + 1]); pos = pos + 2 end
     grants[i] = g
-    k = k + 1 + size * depth
+    if blocks == LEAN then
+      -- every ancestor's block is that of the intention mark, the leaf's that of its own
+      g.size = #LEAN_SETS[INTENT_MARK[mode]]
+      g.lean = true
+      k = k + 1 + g.size * (depth - 1) + #LEAN_SETS[LEAF_MARK[mode]]
+    else
+      k = k + 1 + blocks * depth
+    end
   end
   return grants, pos
 end
@@ -141,16 +150,22 @@ local function mark_of(g, level)
   return INTENT_MARK[g.mode]
 end
 
--- the key of hold set `mark` on `level` of g's chain (full blocks); own_key: g's own mark
-local function hold_key(g, level, mark)
-  return KEYS[g.base + g.size * (level - 1) + mark - 1]
+-- the key of g's set of `mark` on `level` of its chain: a hold set (kind 0) or a wait set
+-- (kind 4, FULL blocks only)
+local function set_key(g, level, mark, kind)
+  if g.lean then
+    return KEYS[g.base + g.size * (level - 1) + LEAN_POS[mark_of(g, level)][mark] - 1]
+  end
+  return KEYS[g.base + g.size * (level - 1) + kind + mark - 1]
 end
+
 local function wait_key(g, level, mark)
-  return KEYS[g.base + g.size * (level - 1) + 3 + mark]
+  return set_key(g, level, mark, 4)
 end
+-- the set of g's own mark on `level`
 local function own_key(g, level)
-  if g.size == 1 then return KEYS[g.base + level - 1] end
-  return hold_key(g, level, mark_of(g, level))
+  if g.size == OWN then return KEYS[g.base + level - 1] end
+  return set_key(g, level, mark_of(g, level), 0)
 end
 
 -- key `name` of the tree block of tree number `tree` (TREE_NAMES: the layout of the
@@ -370,7 +385,7 @@ end
 local function conflict_sets(g, kind, out)
   for level = 1, g.depth do
     for _, m in ipairs(CONFLICTING[mark_of(g, level)]) do
-      out[#out + 1] = KEYS[g.base + g.size * (level - 1) + kind + m - 1]
+      out[#out + 1] = set_key(g, level, m, kind)
     end
   end
   return out

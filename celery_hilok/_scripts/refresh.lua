@@ -13,7 +13,7 @@
 local function refresh(keys, args)
   begin(keys, args, HOLDER_TREE)
   local ntrees = tonumber(ARGV[1])
-  local grants = read_grants(tonumber(ARGV[2]), 3, TREE_SIZE * ntrees + 1, true, false)
+  local grants = read_grants(tonumber(ARGV[2]), 3, TREE_SIZE * ntrees + 1, true, OWN)
   local result = {}
   for i, g in ipairs(grants) do
     local member = g.handle .. '|' .. g.mode .. '|' .. g.path

@@ -1,17 +1,20 @@
 -- release: drop grants of one holder, withdraw its waiting requests for them, and hand the
 -- freed locks on to the waiters next in line.
 --
--- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's full
---       node blocks.
--- ARGV: handle, scope, tree count, grant count, hand-off lease ms, then per grant: mode,
---       depth, tree index, path. Scope "" releases the grants; "-" leaves them alone (only
+-- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's node
+--       blocks: full ones, or lean ones.
+-- ARGV: handle, scope, tree count, grant count, hand-off lease ms, 1 if lean (the node blocks
+--       hold only the sets of LEAN_SETS) else 0, then per grant: mode, depth, tree index,
+--       path. Scope "" releases the grants; "-" leaves them alone (only
 --       waiting requests are withdrawn); any other value is the nonce of an acquire call
 --       (whose reply was lost, or which gave up waiting), and releases only grants made by
 --       that call (not renewed by it).
 -- Reply: per grant 1 (a live grant was released), 2 (its lease had already run out: its
 --        marks or its holder entry say so), 0 (not held: never granted, or already
 --        released, say through another copy of its lease or by a call whose reply was lost
---        and that redis-py sent again).
+--        and that redis-py sent again); -1 for every grant from a lean call in a request
+--        where somebody waits in a tree (it needs the wait sets): nothing was done, the
+--        caller asks again with full blocks.
 --
 -- Only members carrying the caller's handle are touched, so nobody can release another
 -- holder's lock. Releasing twice is harmless.
@@ -39,13 +42,22 @@ local function release(keys, args)
   begin(keys, args, FULL_TREE)
   local handle, scope = ARGV[1], ARGV[2]
   local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
-  local handoff = tonumber(ARGV[5])
-  local grants = read_grants(ngrants, 6, TREE_SIZE * ntrees + 1, false, true)
+  local handoff, lean = tonumber(ARGV[5]), ARGV[6] == '1'
+  local grants = read_grants(ngrants, 7, TREE_SIZE * ntrees + 1, false, lean and LEAN or FULL)
   local FRONT = 16
 
   local result = {}
   local freed = {}
   local waiting = {}  -- tree -> somebody waits there (its queue exists)
+  if lean then
+    for tree = 1, ntrees do
+      if redis.call('EXISTS', tree_key(tree, 'q')) == 1 then
+        for i = 1, ngrants do result[i] = -1 end
+        return result
+      end
+      waiting[tree] = false
+    end
+  end
   for i, g in ipairs(grants) do
     local member = handle .. '|' .. g.mode .. '|' .. g.path
     -- 1 while its entry says its lease lasts, 2 once it ran out; with no entry, its marks
