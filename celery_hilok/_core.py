@@ -427,11 +427,12 @@ class Protocol:
 
         ``scope`` limits what is released: ``""`` everything, :data:`WITHDRAW_ONLY` no grant
         (only waiting requests), an acquire call's nonce only the grants that call made.
-        ``lean``: as for :meth:`acquire`; the codes are then all :data:`RELEASE_ASK_FULL` if
-        somebody waits in a tree of the call (nothing was done).
+        ``lean``: send only the sets of the grants' own marks (all a release touches where
+        nobody waits); the codes are then all :data:`RELEASE_ASK_FULL` if somebody waits in
+        a tree of the call (nothing was done).
         """
         pairs = [(handle, r) for r in requests]
-        keys, placed, ntrees = self._layout(pairs, _ALL_TREE_KEYS, "lean" if lean else "full")
+        keys, placed, ntrees = self._layout(pairs, _ALL_TREE_KEYS, "own" if lean else "full")
         args: list[str | int] = [handle, scope, ntrees, len(placed), HANDOFF_TTL_MS, int(lean)]
         for req, tree in placed:
             args += (req.code, req.path.depth, tree, req.path.canonical)

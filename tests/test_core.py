@@ -177,9 +177,20 @@ def test_release_layout() -> None:
     withdraw = proto.release(HANDLE, requests, WITHDRAW_ONLY)
     assert withdraw.args[1] == "-"
     assert withdraw.keys == call.keys
-    # lean (nobody waits in the trees): per node only the hold sets of the mark placed there
+    # lean (nobody waits in the trees)
     lean = proto.release(HANDLE, requests, lean=True)
     assert lean.keys == [
+        *tree("ns", "a"),
+        *tree("ns", "z"),
+        index("ns", "a"),
+        *node("ns", "a", "a", "is"),  # only the sets of its own marks: IS on the ancestors
+        *node("ns", "a", "a/b", "is"),
+        *node("ns", "a", "a/b/c", "s"),
+        index("ns", "z"),
+        *node("ns", "z", "z", "x"),
+    ]
+    acquire = proto.acquire(HANDLE, requests, 30, True, "n", lean=True)
+    assert acquire.keys == [
         *tree("ns", "a"),
         *tree("ns", "z"),
         index("ns", "a"),

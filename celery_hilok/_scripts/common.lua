@@ -21,8 +21,11 @@
 -- table of grants a release handed over: member -> "<token>|<expiry>|<nonce>", and notes)
 -- and hx (member -> when its h entry may go), or the slice of them it needs. Then, per
 -- grant, its holder's hash in the tree (hl) and one block per chain node, root first: all
--- eight sets of the node (hold is, ix, s, x, then wait is, ix, s, x; acquire and release),
--- or only the set of the grant's own mark (refresh).
+-- eight sets of the node (hold is, ix, s, x, then wait is, ix, s, x: FULL, for acquire and
+-- release), or only the set of the grant's own mark (OWN: refresh, and a lean release),
+-- or the hold sets LEAN_SETS names for the mark the grant places there (LEAN: a lean
+-- acquire). A call is lean where its client thinks nobody waits in the tree; it needs no
+-- wait set then, and if it finds it does after all, it does nothing and says so.
 
 -- Per call. The scripts are loaded once as one library of Redis Functions (FCALL), or run
 -- one by one (EVALSHA, where a server refuses functions); either way each entry point

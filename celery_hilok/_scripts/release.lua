@@ -2,10 +2,9 @@
 -- freed locks on to the waiters next in line.
 --
 -- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's node
---       blocks: full ones, or lean ones.
--- ARGV: handle, scope, tree count, grant count, hand-off lease ms, 1 if lean (the node blocks
---       hold only the sets of LEAN_SETS) else 0, then per grant: mode, depth, tree index,
---       path. Scope "" releases the grants; "-" leaves them alone (only
+--       blocks: full ones, or (lean) only the set of the grant's own mark.
+-- ARGV: handle, scope, tree count, grant count, hand-off lease ms, 1 if lean else 0, then
+--       per grant: mode, depth, tree index, path. Scope "" releases the grants; "-" leaves them alone (only
 --       waiting requests are withdrawn); any other value is the nonce of an acquire call
 --       (whose reply was lost, or which gave up waiting), and releases only grants made by
 --       that call (not renewed by it).
@@ -43,7 +42,7 @@ local function release(keys, args)
   local handle, scope = ARGV[1], ARGV[2]
   local ntrees, ngrants = tonumber(ARGV[3]), tonumber(ARGV[4])
   local handoff, lean = tonumber(ARGV[5]), ARGV[6] == '1'
-  local grants = read_grants(ngrants, 7, TREE_SIZE * ntrees + 1, false, lean and LEAN or FULL)
+  local grants = read_grants(ngrants, 7, TREE_SIZE * ntrees + 1, false, lean and OWN or FULL)
   local FRONT = 16
 
   local result = {}
