@@ -204,6 +204,9 @@ BUSY_MEMORY: Final = 2.0
 _BUSY_KEPT: Final = 4096
 """Most trees a client remembers as busy (the memory starts again past that)."""
 
+_UNDONE_KEPT: Final = 1024
+"""Most cleanups a client keeps for its next round trip (the oldest go first)."""
+
 _TOLD_KEPT: Final = 1024
 """Most handles :class:`WakeTable` keeps from messages that came before their wait."""
 
@@ -506,6 +509,10 @@ class Client(Generic[C]):
         self._channel = self._protocol.keys.channel(secrets.token_urlsafe(12))
         self._waker: _Waker = self._waker_class(self)
         self._refresher: _Refresher = self._refresher_class(self)
+        # cleanups of failed calls that could not be sent (until when they matter, the call):
+        # they go first in this client's next round trip
+        self._undone: list[tuple[float, Call]] = []
+        self._undone_lock = threading.Lock()
         # trees where somebody waited lately (tree -> until when, monotonic): calls there go
         # with full node blocks at once; elsewhere lean ones (see Protocol.acquire)
         self._busy: dict[str, float] = {}
@@ -566,6 +573,10 @@ class Client(Generic[C]):
             [("WAIT", self.wait_replicas, max(1, round(self.wait_timeout * 1000)))] if wait else []
         )
         name = calls[0].script.name
+        # cleanups that could not be sent before go first, and are kept if this fails too
+        pending = self._take_undone() if self._undone else []
+        if pending:
+            calls = [*(call for _, call in pending), *calls]
         try:
             replies = yield Execute([self._command(c, False) for c in calls] + extra, shield)
             missing = [i for i, r in enumerate(replies[: len(calls)]) if self._unsent(r)]
@@ -577,8 +588,14 @@ class Client(Generic[C]):
                     replies[i] = reply
                 if wait:
                     replies[-1] = again[-1]
-        except RedisError as exc:
-            raise translate(exc, self.server, name) from exc
+        except BaseException as exc:
+            self._keep_undone(pending)
+            if isinstance(exc, RedisError):
+                raise translate(exc, self.server, name) from exc
+            raise
+        if pending:  # their replies do not matter: a release twice is harmless
+            calls, replies = calls[len(pending) :], replies[len(pending) :]
+            log.info("sent %d cleanup(s) left by calls that failed earlier", len(pending))
         for call, reply in zip(calls, replies, strict=False):  # and WAIT's reply last
             if isinstance(reply, RedisError):
                 raise translate(reply, self.server, call.script.name) from reply
@@ -636,11 +653,33 @@ class Client(Generic[C]):
                 codes[i] = code
         return codes
 
-    def _quietly(self, call: Call, what: str) -> Flow[None]:
+    def _quietly(self, call: Call, what: str, matters: float) -> Flow[None]:
+        """Send a cleanup ``call``; if that fails, it goes with this client's next round trip
+        within ``matters`` seconds (after that, whatever it would undo has run out)."""
         try:
             yield from self._send([call], shield=True)
         except HiLokError as exc:
-            log.warning("could not %s (%s); anything left expires within its ttl", what, exc)
+            self._keep_undone([(time.monotonic() + matters, call)])
+            log.warning(
+                "could not %s (%s); it is sent again with this client's next call, and "
+                "anything left expires within its ttl anyway",
+                what,
+                exc,
+            )
+
+    def _take_undone(self) -> list[tuple[float, Call]]:
+        """The cleanups still worth sending, taken off the list (see :meth:`_keep_undone`)."""
+        now = time.monotonic()
+        with self._undone_lock:
+            undone, self._undone = self._undone, []
+        return [(until, call) for until, call in undone if until > now]
+
+    def _keep_undone(self, items: Sequence[tuple[float, Call]]) -> None:
+        """Keep cleanups (until when they matter, the call) that could not be sent, for the
+        next round trip: at most :data:`_UNDONE_KEPT`, the newest."""
+        if items:
+            with self._undone_lock:
+                self._undone = [*self._undone, *items][-_UNDONE_KEPT:]
 
     def _check_eviction(self) -> Flow[None]:
         """Warn once if Redis may evict lock keys (skipped where CONFIG GET is refused: an
@@ -794,7 +833,8 @@ class Client(Generic[C]):
                     metrics.refused(requests, started, attempt.block, exc)
             cleanup = attempt.cleanup(exc)
             if cleanup is not None:
-                yield from self._quietly(cleanup, "clean up after a failed acquire")
+                matters = max(attempt.ttl, attempt.queue_ttl_ms / 1000)
+                yield from self._quietly(cleanup, "clean up after a failed acquire", matters)
             raise
         finally:
             if wait is not None:
@@ -835,7 +875,8 @@ class Client(Generic[C]):
         except BaseException as exc:
             cleanup = attempt.cleanup(exc)
             if options.get("withdraw_on_error", True) and cleanup is not None:
-                yield from self._quietly(cleanup, "withdraw a parked request")
+                matters = max(attempt.ttl, queue_ms / 1000)
+                yield from self._quietly(cleanup, "withdraw a parked request", matters)
             raise
         outcome = self._protocol.decode_acquire(reply)
         assert outcome is not None, "a full call never asks to be made again"

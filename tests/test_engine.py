@@ -1212,3 +1212,23 @@ def test_a_wait_check_keeps_the_place_in_line_and_can_stop_the_wait(
         assert len(tickets[0]) == 1 and tickets == [tickets[0]] * 3  # one place throughout
         assert client.status(path).waiters == []
         client.release(holder)
+
+
+def test_a_cleanup_that_could_not_be_sent_goes_with_the_next_call(
+    driver: Driver, redis_server: str, namespace: str
+) -> None:
+    # An acquire granted in Redis whose reply was lost, with Redis out of reach right after:
+    # its cleanup (release the grants of that call) fails too. It is not dropped: it goes
+    # first in the client's next round trip, so the grant does not block others for its ttl.
+    port = int(redis_server.rsplit(":", 1)[1])
+    direct = driver.open(redis_server, namespace=namespace)
+    with FaultProxy(port) as proxy, driver.open(f"{proxy.url}/0", namespace=namespace) as hl:
+        hl.release(hl.acquire("cl/warm", "write"))  # the library loaded, a connection open
+        proxy.drop_next_reply(refuse_after=True)
+        with pytest.raises(HiLokConnectionError):
+            hl.acquire("cl/a", "write", ttl=60)
+        assert proxy.dropped.is_set(), "the acquire's reply was not the one dropped"
+        assert direct.status("cl/a").held, "the grant whose reply was lost is in Redis"
+        proxy.serve()
+        assert not hl.status("cl/b").held  # any call of the client's
+        assert not direct.status("cl/a").held, "the cleanup did not go with the next call"

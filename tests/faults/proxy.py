@@ -39,6 +39,8 @@ class FaultProxy:
         self.accepted = 0
         self.cuts = 0
         self._drop_reply = threading.Event()
+        self._refuse_after_drop = False
+        self._refusing = threading.Event()
         self.dropped = threading.Event()  # set once an armed reply was dropped
 
     @property
@@ -64,6 +66,9 @@ class FaultProxy:
                 continue
             except OSError:
                 return
+            if self._refusing.is_set():
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection((HOST, self.target_port), timeout=5.0)
             except OSError:
@@ -85,10 +90,12 @@ class FaultProxy:
                     data = src.recv(CHUNK)
                 except TimeoutError:
                     continue
-                if not data:
+                if not data or self._refusing.is_set():
                     break
                 if replies and self._drop_reply.is_set():
                     self._drop_reply.clear()
+                    if self._refuse_after_drop:
+                        self._refusing.set()
                     self.dropped.set()
                     break  # the reply is lost with the connection (closed below)
                 if self.delay > 0:
@@ -122,10 +129,20 @@ class FaultProxy:
     def resume(self) -> None:
         self._flowing.set()
 
-    def drop_next_reply(self) -> None:
-        """Lose the next reply any connection gets from Redis, and close that connection."""
+    def drop_next_reply(self, refuse_after: bool = False) -> None:
+        """Lose the next reply any connection gets from Redis, and close that connection;
+        with ``refuse_after``, :meth:`refuse` from that moment on."""
         self.dropped.clear()
+        self._refuse_after_drop = refuse_after
         self._drop_reply.set()
+
+    def refuse(self) -> None:
+        """Close every connection that sends anything (nothing reaches Redis) and every new
+        one, until :meth:`serve`: Redis as good as gone, each call failing at once."""
+        self._refusing.set()
+
+    def serve(self) -> None:
+        self._refusing.clear()
 
     def cut(self) -> int:
         """Close every open connection (both sides); return how many were closed."""
