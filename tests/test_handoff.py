@@ -313,3 +313,51 @@ def test_every_key_keeps_a_ttl(hl: HiLok, client: redis.Redis) -> None:
         hl.release(held)
         hl.release(waiting.result(timeout=30), lease)
     ghost.leave()
+
+
+# -- cleanups scoped to one call (a cleanup may arrive late: see _engine.Client._undone) ------
+
+
+def _acquire_call(hl: HiLok, handle: str, path: str, nonce: str, register: bool = True) -> Any:
+    call = hl._protocol.acquire(handle, [Request.parse(path, "write", "/")], 30, register, nonce)
+    (reply,) = hl._drive(hl._send([call]))
+    return reply
+
+
+def _release_call(hl: HiLok, handle: str, path: str, scope: str) -> list[int]:
+    call = hl._protocol.release(handle, [Request.parse(path, "write", "/")], scope)
+    (codes,) = hl._drive(hl._send([call]))
+    return [int(c) for c in codes]
+
+
+def test_a_grant_another_call_renewed_is_not_taken_back_by_either_calls_cleanup(
+    hl: HiLok,
+) -> None:
+    handle = new_handle()
+    assert _acquire_call(hl, handle, "sc/a", "call1")[0] == 1  # made by call1
+    assert _acquire_call(hl, handle, "sc/a", "call2")[0] == 1  # renewed by another call
+    assert _release_call(hl, handle, "sc/a", "call1") == [0], "a late cleanup took it back"
+    assert _release_call(hl, handle, "sc/a", "call2") == [0], "the renewal's cleanup took it"
+    assert hl.status("sc/a").held
+    # the same call asking again (redis-py resending it) keeps it the call's own
+    assert _acquire_call(hl, handle, "sc/b", "call3")[0] == 1
+    assert _acquire_call(hl, handle, "sc/b", "call3")[0] == 1
+    assert _release_call(hl, handle, "sc/b", "call3") == [1]
+    assert _release_call(hl, handle, "sc/a", "") == [1]
+
+
+def test_a_cleanup_withdraws_only_its_own_calls_waiting_request(hl: HiLok) -> None:
+    held = hl.acquire("sc/q", "write")
+    handle = new_handle()
+    assert _acquire_call(hl, handle, "sc/q", "wait1")[0] == 0  # queued by wait1
+
+    def queued() -> bool:
+        return any(w.handle == handle for w in hl.status("sc/q").waiters)
+
+    assert queued()
+    assert _acquire_call(hl, handle, "sc/q", "wait2")[0] == 0  # wait2 took the place over
+    assert _release_call(hl, handle, "sc/q", "wait1") == [0]
+    assert queued(), "a late cleanup of wait1 withdrew wait2's request"
+    assert _release_call(hl, handle, "sc/q", "wait2") == [0]
+    assert not queued()
+    hl.release(held)

@@ -147,14 +147,21 @@ local function acquire(keys, args)
   local ok, err = pcall(function()
     for i, g in ipairs(grants) do
       local token, made_by, had = nil, nonce, FRESH
-      -- a renewal (the grant is live) keeps its token and the nonce of the call that made it
+      -- a renewal (the grant is live) keeps its token. It keeps the nonce of the call that
+      -- made it only if this is that call again (redis-py resending it, a waiter asking
+      -- again): once another call of the holder renewed it, no call's cleanup may take
+      -- it back (the holder has it through that call; a late cleanup of the call that made
+      -- it, or this call's own, must leave it alone)
       if not new then
         local entry, handed, latest = entry_of(g.tree, g.hl, g.member)
         had = { latest = latest, handed = handed }
         if entry then
           local old_token, old_exp, old_nonce = split_entry(entry)
           if not handed then had.old = old_exp end
-          if old_exp > NOW then token, made_by = old_token, old_nonce end
+          if old_exp > NOW then
+            token = old_token
+            if old_nonce ~= nonce then made_by = '' end
+          end
         end
       end
       if not token then

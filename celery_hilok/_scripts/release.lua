@@ -4,10 +4,11 @@
 -- KEYS: per tree {n, q, qx, qc, h, hx}; then per grant its holder's hash and its chain's node
 --       blocks: full ones, or (lean) only the set of the grant's own mark.
 -- ARGV: handle, scope, tree count, grant count, hand-off lease ms, 1 if lean else 0, then
---       per grant: mode, depth, tree index, path. Scope "" releases the grants; "-" leaves them alone (only
---       waiting requests are withdrawn); any other value is the nonce of an acquire call
---       (whose reply was lost, or which gave up waiting), and releases only grants made by
---       that call (not renewed by it).
+--       per grant: mode, depth, tree index, path. Scope "" releases the grants; "-" leaves
+--       them alone (only waiting requests are withdrawn); any other value is the nonce of
+--       an acquire call (whose reply was lost, or which gave up waiting), and releases only
+--       grants made by that call (not renewed by it, nor renewed since by another call of
+--       the holder) and withdraws only a waiting request of that call.
 -- Reply: per grant 1 (a live grant was released), 2 (its lease had already run out: its
 --        marks or its holder entry say so), 0 (not held: never granted, or already
 --        released, say through another copy of its lease or by a call whose reply was lost
@@ -45,6 +46,17 @@ local function release(keys, args)
   local grants = read_grants(ngrants, 7, TREE_SIZE * ntrees + 1, false, lean and OWN or FULL)
   local FRONT = 16
 
+  -- withdraw the holder's waiting request for g; a release scoped to a call's nonce only
+  -- withdraws the one that call made (not a later call's of the same holder, which took
+  -- its place in the queue over)
+  local function withdraw(g, member)
+    if scope ~= '' and scope ~= '-' then
+      local info = redis.call('HGET', tree_key(g.tree, 'qc'), member)
+      if info and fields(info)[2] ~= scope then return 0 end
+    end
+    return unqueue(g, member)
+  end
+
   local result = {}
   local freed = {}
   local waiting = {}  -- tree -> somebody waits there (its queue exists)
@@ -80,7 +92,7 @@ local function release(keys, args)
       waiting[g.tree] = redis.call('EXISTS', tree_key(g.tree, 'q')) == 1
     end
     -- nobody waits in the tree: nothing to withdraw, nobody to hand on to
-    if waiting[g.tree] and (unqueue(g, member) == 1 or result[i] == 1) then
+    if waiting[g.tree] and (withdraw(g, member) == 1 or result[i] == 1) then
       freed[#freed + 1] = g
     end
   end
