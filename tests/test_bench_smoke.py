@@ -67,3 +67,20 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     assert "### 8. Celery under contention (issue 13)" in done.stdout
     if with_chart:
         assert chart.stat().st_size > 0
+
+
+def test_compare_runs_two_checkouts_side_by_side(tmp_path: Path) -> None:
+    # this checkout against itself, tiny rounds: the table has every case, with numbers
+    args = [str(ROOT), str(ROOT), "--rounds", "2", "--duration", "0.05"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 12, done.stdout  # the header, 2 drivers x 2 modes x 3 depths
+    assert all("| - |" not in row for row in rows if row.startswith("| AsyncHiLok"))
