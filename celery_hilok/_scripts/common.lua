@@ -123,22 +123,22 @@ end
 -- read the grants described by ARGV from position `pos`: each is mode, depth, tree index,
 -- canonical path (and, when with_ttl, handle and ttl ms). `blocks` says what each node
 -- block of a grant's chain holds: FULL (all eight sets of the node: acquire, release), OWN
--- (only the grant's own mark: refresh) or LEAN (the hold sets of LEAN_SETS for the mark the
--- grant places there: an acquire or release in a tree where nobody waits)
+-- (only the grant's own mark: refresh, and a release in a tree where nobody waits) or LEAN
+-- (the hold sets of LEAN_SETS for the mark the grant places there: an acquire in such a
+-- tree). g.size is the size of a block (for LEAN, of an ancestor's: the leaf's comes last)
 local FULL, OWN, LEAN = 8, 1, 0
 local function read_grants(count, pos, first_key, with_ttl, blocks)
   local grants, k = {}, first_key
   for i = 1, count do
     local mode, depth = ARGV[pos], tonumber(ARGV[pos + 1])
     local g = { mode = mode, depth = depth, tree = tonumber(ARGV[pos + 2]), path = ARGV[pos + 3],
-                hl = KEYS[k], base = k + 1, size = blocks }
+                hl = KEYS[k], base = k + 1, size = blocks, blocks = blocks }
     pos = pos + 4
     if with_ttl then g.handle = ARGV[pos]; g.ttl = tonumber(ARGV[pos + 1]); pos = pos + 2 end
     grants[i] = g
     if blocks == LEAN then
       -- every ancestor's block is that of the intention mark, the leaf's that of its own
       g.size = #LEAN_SETS[INTENT_MARK[mode]]
-      g.lean = true
       k = k + 1 + g.size * (depth - 1) + #LEAN_SETS[LEAF_MARK[mode]]
     else
       k = k + 1 + blocks * depth
@@ -156,7 +156,7 @@ end
 -- the key of g's set of `mark` on `level` of its chain: a hold set (kind 0) or a wait set
 -- (kind 4, FULL blocks only)
 local function set_key(g, level, mark, kind)
-  if g.lean then
+  if g.blocks == LEAN then
     return KEYS[g.base + g.size * (level - 1) + LEAN_POS[mark_of(g, level)][mark] - 1]
   end
   return KEYS[g.base + g.size * (level - 1) + kind + mark - 1]
@@ -167,7 +167,7 @@ local function wait_key(g, level, mark)
 end
 -- the set of g's own mark on `level`
 local function own_key(g, level)
-  if g.size == OWN then return KEYS[g.base + level - 1] end
+  if g.blocks == OWN then return KEYS[g.base + level - 1] end
   return set_key(g, level, mark_of(g, level), 0)
 end
 

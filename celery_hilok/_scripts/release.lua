@@ -157,7 +157,7 @@ local function release(keys, args)
         if here then
           local _, slashes = string.gsub(path, '/', '')
           local lock = { mode = mode, depth = slashes + 1, tree = tree, path = path,
-                         base = g.base, size = g.size }
+                         base = g.base, size = g.size, blocks = g.blocks }
           local ticket = c.ticket
           if holding then ticket = false end
           local verdict = grantable(lock, who, ticket)
