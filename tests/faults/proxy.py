@@ -131,17 +131,15 @@ class FaultProxy:
 
     def drop_next_reply(self, refuse_after: bool = False) -> None:
         """Lose the next reply any connection gets from Redis, and close that connection;
-        with ``refuse_after``, :meth:`refuse` from that moment on."""
+        with ``refuse_after``, from that moment on also close every connection that sends
+        anything (nothing reaches Redis) and every new one, until :meth:`serve`: Redis as
+        good as gone, each call failing at once."""
         self.dropped.clear()
         self._refuse_after_drop = refuse_after
         self._drop_reply.set()
 
-    def refuse(self) -> None:
-        """Close every connection that sends anything (nothing reaches Redis) and every new
-        one, until :meth:`serve`: Redis as good as gone, each call failing at once."""
-        self._refusing.set()
-
     def serve(self) -> None:
+        """Forward again after ``drop_next_reply(refuse_after=True)``."""
         self._refusing.clear()
 
     def cut(self) -> int:
