@@ -20,6 +20,20 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.bench, pytest.mark.celery_worker, pytest.mark.timeout(300)]
 
 
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module *args`` in the repository, which must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
 def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     output = tmp_path / "latest.json"
     chart = tmp_path / "depth.png"
@@ -28,15 +42,7 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     args = ["--quick", "--no-seed", "--output", str(output)]
     if with_chart:
         args += ["--chart", str(chart)]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    done = run_module("benchmarks.run", *args)
     results = json.loads(output.read_text())
     for part in (
         "rate",
@@ -71,16 +77,9 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
 
 def test_compare_runs_two_checkouts_side_by_side(tmp_path: Path) -> None:
     # this checkout against itself, tiny rounds: the table has every case, with numbers
-    args = [str(ROOT), str(ROOT), "--rounds", "2", "--duration", "0.05"]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=280,
+    done = run_module(
+        "benchmarks.compare", str(ROOT), str(ROOT), "--rounds", "2", "--duration", "0.05"
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 12, done.stdout  # the header, 2 drivers x 2 modes x 3 depths
     assert all("| - |" not in row for row in rows if row.startswith("| AsyncHiLok"))
