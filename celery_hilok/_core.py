@@ -8,7 +8,9 @@ Nothing here touches a socket: :class:`Protocol` turns lock requests into script
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
@@ -53,6 +55,14 @@ _HANDLE_RE: Final = re.compile(r"[A-Za-z0-9_\-.:]{8,128}")
 def new_handle() -> str:
     """A fresh, unguessable holder handle (144 random bits)."""
     return secrets.token_urlsafe(18)
+
+
+def _handle_and_nonce() -> tuple[str, str]:
+    """:func:`new_handle` and a call's nonce (48 random bits) from one read of the OS's
+    random source: each read is a system call that lets go of the GIL, which with many
+    threads costs a thread switch."""
+    raw = os.urandom(24)
+    return base64.urlsafe_b64encode(raw[:18]).decode(), raw[18:].hex()
 
 
 def check_handle(handle: object) -> str:
@@ -470,6 +480,9 @@ class Protocol:
         def key(item: tuple[str, Request]) -> object:
             return (item[0], item[1].path.tree) if per_tree else item[0]
 
+        if len(items) == 1:  # one lease (a with block's): always fits one call
+            handle, request = items[0]
+            return [([0], self.release(handle, [request], lean=lean))]
         out = []
         # budgeted by what a release writes (its own marks), not by the sets it only reads
         for part in _batches(items, key, tree_keys=6, node_keys=1):
@@ -646,6 +659,8 @@ def normalise_requests(spec: Iterable[tuple[object, object]], separator: str) ->
     Raises :class:`InvalidArgument` for anything but an iterable of pairs (a str, a mapping,
     None), for more than :data:`MAX_LOCKS` distinct locks, and for a bad path or mode.
     """
+    if type(spec) is list and len(spec) == 1 and type(spec[0]) is tuple and len(spec[0]) == 2:
+        return [Request.parse(spec[0][0], spec[0][1], separator)]  # one lock: the usual call
     if isinstance(spec, (str, bytes, Mapping)) or not isinstance(spec, Iterable):
         hint = "; for a mapping, pass its .items()" if isinstance(spec, Mapping) else ""
         raise InvalidArgument(f"{_PAIRS}, got {type(spec).__name__}: {spec!r:.80}{hint}")
@@ -734,7 +749,10 @@ class Acquisition:
         self.queue_ttl_ms = queue_ttl_ms
         self.requests = requests
         self.fresh = handle is None
-        self.handle = new_handle() if handle is None else check_handle(handle)
+        if handle is None:
+            self.handle, self.nonce = _handle_and_nonce()
+        else:
+            self.handle, self.nonce = check_handle(handle), secrets.token_hex(6)
         self.ttl = ttl
         self.block = bool(block)
         self.timeout = check_timeout(timeout)
@@ -743,7 +761,6 @@ class Acquisition:
         self.subscribed = False
         self.holding = False  # as of the last refusal
         self.last: Blocked | None = None  # the last refusal
-        self.nonce = secrets.token_hex(6)
         self.channel = channel
         # the first call of a handle made here looks nothing of it up; the next ones do (a
         # release may have handed it the lock, or it holds a ticket)

@@ -172,6 +172,8 @@ class WaitCheck(NamedTuple):
 
 
 def _options(options: AcquireOptions) -> tuple[bool, float | None, float | None, str | None]:
+    if not options:
+        return True, None, None, None
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")

@@ -120,6 +120,14 @@ class _Refresher:
 
     def add(self, lease: Lease) -> None:
         wake = self.schedule.add(lease, time.monotonic())
+        thread = self._thread
+        if thread is None or self._pid != os.getpid() or not thread.is_alive():
+            self._start()
+        if wake:
+            self._changed.set()
+
+    def _start(self) -> None:
+        """Start the thread, unless another caller just did (or it runs already)."""
         with self._lock:
             pid = os.getpid()
             if self._thread is None or self._pid != pid or not self._thread.is_alive():
@@ -131,8 +139,6 @@ class _Refresher:
                     target=self._run, name="hilok-refresher", daemon=True
                 )
                 self._thread.start()
-        if wake:
-            self._changed.set()
 
     def discard(self, lease: Lease) -> None:
         self.schedule.discard(lease)
