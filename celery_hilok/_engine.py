@@ -657,12 +657,18 @@ class Client(Generic[C]):
 
     def _quietly(self, call: Call, what: str, matters: float) -> Flow[None]:
         """Send a cleanup ``call``; if that fails, it goes with this client's next round trip
-        within ``matters`` seconds (after that, whatever it would undo has run out)."""
+        within ``matters`` seconds (after that, whatever it would undo has run out).
+
+        Only the first cleanup kept while Redis is out of reach is a warning; more during
+        the same outage (every acquire that fails then leaves one) are logged at debug
+        level, and the send that carries them all says how many went (at info level)."""
         try:
             yield from self._send([call], shield=True)
         except HiLokError as exc:
+            first = not self._undone
             self._keep_undone([(time.monotonic() + matters, call)])
-            log.warning(
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
                 "could not %s (%s); it is sent again with this client's next call, and "
                 "anything left expires within its ttl anyway",
                 what,

@@ -83,3 +83,18 @@ def test_compare_runs_two_checkouts_side_by_side(tmp_path: Path) -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 12, done.stdout  # the header, 2 drivers x 2 modes x 3 depths
     assert all("| - |" not in row for row in rows if row.startswith("| AsyncHiLok"))
+
+
+def test_anatomy_runs_each_part() -> None:
+    # the engine, the replay and the floor; redis-py's path and around it; no seed needed
+    done = run_module("benchmarks.anatomy", "--quick", "--parts", "replay,bypass")
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    names = [row.split("|")[1].strip() for row in rows if not row.startswith("| what")]
+    assert names == [
+        *["ours: with hl.write(p)", "replay: its two FCALLs, no engine", "floor: two bare EVALSHA"]
+        * 2,
+        "sync, execute_command",
+        "sync, a pooled connection",
+        "asyncio, execute_command",
+        "asyncio, a pooled connection",
+    ], done.stdout

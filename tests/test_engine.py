@@ -5,6 +5,7 @@ tasks sharing an instance) are in ``tests/test_aio.py``."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import pickle
 import random
@@ -1232,3 +1233,35 @@ def test_a_cleanup_that_could_not_be_sent_goes_with_the_next_call(
         proxy.serve()
         assert not hl.status("cl/b").held  # any call of the client's
         assert not direct.status("cl/a").held, "the cleanup did not go with the next call"
+
+
+def test_one_warning_per_outage_for_cleanups_that_could_not_be_sent(
+    driver: Driver, redis_server: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every acquire that fails while Redis is out of reach leaves a cleanup: the first one
+    # is a warning, the rest of that outage only debug lines, and the send that carries
+    # them says how many went. The next outage warns again.
+    port = int(redis_server.rsplit(":", 1)[1])
+    with FaultProxy(port) as proxy, driver.open(f"{proxy.url}/0", namespace=namespace) as hl:
+        hl.release(hl.acquire("ow/warm", "write"))
+        caplog.set_level(logging.DEBUG, logger="celery_hilok")
+
+        def cleanups() -> list[tuple[int, str]]:
+            return [
+                (r.levelno, r.getMessage())
+                for r in caplog.records
+                if "clean up after a failed acquire" in r.getMessage()
+                or "cleanup(s)" in r.getMessage()
+            ]
+
+        for _ in range(2):  # two outages
+            caplog.clear()
+            proxy.drop_next_reply(refuse_after=True)
+            for path in ("ow/a", "ow/b", "ow/c"):
+                with pytest.raises(HiLokConnectionError):
+                    hl.acquire(path, "write", ttl=60)
+            proxy.serve()
+            assert not hl.status("ow/z").held  # carries the three cleanups
+            levels = [level for level, _ in cleanups()]
+            assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.INFO]
+            assert cleanups()[-1][1] == "sent 3 cleanup(s) left by calls that failed earlier"
