@@ -17,6 +17,11 @@ median and the best of the rounds, which alternate the order of what they compar
     One ``EVALSHA`` by ``execute_command`` against the same command sent on a connection
     taken from the pool (``send_packed_command`` + ``read_response``), sync and asyncio:
     what going around redis-py's per-call path would save.
+``lua``
+    Redis's time per pair (``INFO commandstats``) for that recorded depth-3 pair (fresh
+    handles each time), through our library and through a minimal one that runs the very
+    same 18 commands with as little Lua as can be: what the scripts' own Lua costs, beside
+    the commands they run.
 ``versions``
     The asyncio floor (two ``EVALSHA`` per pair) in this virtualenv and in the seed's
     (``benchmarks/.seed-venv``, which pins the redis-py redishilok 1.1.0 was built on), in
@@ -28,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import os
 import statistics
 import subprocess
 import sys
@@ -42,7 +49,7 @@ from benchmarks.ours import sync_floor_rate
 from benchmarks.workloads import TRIVIAL_SCRIPT, chain_path, measure_rate_threads
 from celery_hilok import HiLok
 
-PARTS = ("replay", "bypass", "versions")
+PARTS = ("replay", "bypass", "lua", "versions")
 
 _FLOOR_CHILD = """
 import asyncio, sys, time
@@ -246,6 +253,78 @@ def bypass(url: str, rounds: int, calls: int) -> str:
     return "\n".join(lines + [_row(name, s) for name, s in samples.items()])
 
 
+# The commands of an uncontended depth-3 write pair (a new holder, lean calls), with as little
+# Lua around them as can be: KEYS and ARGV as celery_hilok lays them out for that pair.
+_MINIMAL = r"""#!lua name=anatomy_minimal
+redis.register_function('anatomy_acquire', function(keys, args)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local token = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  local member = args[1] .. '|X|' .. args[12]
+  if redis.call('EXISTS', keys[2], keys[9], keys[10], keys[12], keys[13], keys[14], keys[15],
+                keys[16], keys[17]) > 0 then return { 0 } end
+  redis.call('SET', keys[1], token, 'PX', 604800000, 'GET')
+  local exp = now + tonumber(args[2])
+  for _, k in ipairs({ keys[8], keys[11], keys[17] }) do
+    redis.call('ZADD', k, exp, member)
+    redis.call('PEXPIRE', k, args[2], 'NX')
+  end
+  redis.call('HSET', keys[7], member, token .. '|' .. exp .. '|' .. args[7], '@', exp)
+  redis.call('PEXPIRE', keys[7], 2 * tonumber(args[2]), 'NX')
+  return { 1, { token } }
+end)
+redis.register_function('anatomy_release', function(keys, args)
+  redis.call('TIME')
+  local member = args[1] .. '|X|' .. args[10]
+  if redis.call('EXISTS', keys[2]) == 1 then return { -1 } end
+  redis.call('HMGET', keys[7], member, '@')
+  for i = 8, 10 do redis.call('ZREM', keys[i], member) end
+  redis.call('HDEL', keys[7], member, '@')
+  return { 1 }
+end)
+"""
+
+
+def lua(url: str, rounds: int, pairs: int) -> str:
+    client: Any = redis.Redis.from_url(url)
+    with HiLok(url, namespace="anatomy-lua", ttl=30) as hl:
+        acquire, release = _recorded_pair(hl, chain_path("anatomy-lua", 3))
+    assert acquire[2] == 17 and release[2] == 10, "not the lean layout the minimal one expects"
+    handle = acquire[3 + acquire[2]]
+    client.execute_command("FUNCTION", "LOAD", "REPLACE", _MINIMAL)
+    names = {
+        "our library": (acquire[1], release[1]),
+        "a minimal one, the same 18 commands": ("anatomy_acquire", "anatomy_release"),
+    }
+
+    def pair(name: str, fresh: str) -> None:
+        for command, function in zip((acquire, release), names[name], strict=True):
+            args = [a.replace(handle, fresh) if isinstance(a, str) else a for a in command]
+            reply = client.execute_command(args[0], function, *args[2:])
+            assert reply[0] == 1, (name, reply)
+
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        say(f"lua: round {r + 1}/{rounds}")
+        for name in names if r % 2 == 0 else reversed(names):
+            client.config_resetstat()
+            for _ in range(pairs):
+                pair(name, base64.urlsafe_b64encode(os.urandom(18)).decode())
+            samples[name].append(client.info("commandstats")["cmdstat_fcall"]["usec"] / pairs)
+    client.execute_command("FUNCTION", "DELETE", "anatomy_minimal")
+    client.close()
+    lines = [
+        "Redis µs per depth-3 write pair (two FCALLs, 18 commands inside):",
+        "",
+        "| library | median | best |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {statistics.median(s):.1f} | {min(s):.1f} |" for name, s in samples.items()
+    ]
+    return "\n".join(lines)
+
+
 def versions(url: str, rounds: int, pairs: int) -> str:
     from benchmarks import seed
 
@@ -299,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(replay(server.url, args.rounds, args.duration, args.pairs))
             elif part == "bypass":
                 print(bypass(server.url, args.rounds, args.pairs))
+            elif part == "lua":
+                print(lua(server.url, args.rounds, args.pairs))
             else:
                 print(versions(server.url, args.rounds, args.pairs))
     finally:

@@ -86,10 +86,12 @@ def test_compare_runs_two_checkouts_side_by_side(tmp_path: Path) -> None:
 
 
 def test_anatomy_runs_each_part() -> None:
-    # the engine, the replay and the floor; redis-py's path and around it; no seed needed
-    done = run_module("benchmarks.anatomy", "--quick", "--parts", "replay,bypass")
+    # the engine, the replay and the floor; redis-py's path and around it; our Lua against a
+    # minimal one; (the versions part needs the seed's virtualenv)
+    done = run_module("benchmarks.anatomy", "--quick", "--parts", "replay,bypass,lua")
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    names = [row.split("|")[1].strip() for row in rows if not row.startswith("| what")]
+    names = [row.split("|")[1].strip() for row in rows]
+    names = [name for name in names if name not in ("what", "library")]
     assert names == [
         *["ours: with hl.write(p)", "replay: its two FCALLs, no engine", "floor: two bare EVALSHA"]
         * 2,
@@ -97,4 +99,6 @@ def test_anatomy_runs_each_part() -> None:
         "sync, a pooled connection",
         "asyncio, execute_command",
         "asyncio, a pooled connection",
+        "our library",
+        "a minimal one, the same 18 commands",
     ], done.stdout
