@@ -129,21 +129,32 @@ async def test_short_lived_seed_clients_leave_no_task(
     redis_url: str, redis_client: redis.Redis, namespace: str
 ) -> None:
     client = redis.asyncio.Redis.from_url(redis_url)
+    observer = AsyncHiLok(client, namespace=namespace)  # (status only: starts no task)
     seen: set[asyncio.Task[object]] = set()
     try:
         for i in range(INSTANCES):
             locks = RedisHiLok(client, namespace=namespace)
+            path = f"s{i}/a"
 
-            async def block(path: str, locks: RedisHiLok = locks) -> None:
+            async def second(locks: RedisHiLok = locks, path: str = path) -> None:
                 async with locks.write(path):
                     await asyncio.sleep(0)
 
-            await asyncio.gather(block(f"s{i}/a"), block(f"s{i}/a"))
+            async def queued(path: str = path) -> bool:
+                return bool((await observer.status(path)).waiters)
+
+            # two blocks, the second of which waits for the first (once it is queued, the
+            # first lets go): each instance's waker has to start
+            async with locks.write(path):
+                waiting = asyncio.ensure_future(second())
+                await until(queued, "the second block to queue")
+            await waiting
             seen |= hilok_tasks()
-        assert "hilok-waker" in {t.get_name() for t in seen}  # some blocks had to wait
+        assert {t.get_name() for t in seen} == {"hilok-waker", "hilok-refresher"}
         assert await all_end(hilok_tasks()) == set()
         assert redis_client.pubsub_channels(f"{namespace}:*") == []
     finally:
+        await observer.close()
         await client.aclose()
 
 
