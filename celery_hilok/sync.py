@@ -63,7 +63,7 @@ class _Waker:
                 return
             self._pid = pid
             self.table.reset()
-            self._pubsub = self._owner.redis.pubsub()  # type: ignore[no-untyped-call]
+            self._pubsub = self._owner.redis.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
             self._stopping.clear()
             self._thread = threading.Thread(target=self._run, name="hilok-waker", daemon=True)
             self._thread.start()

@@ -309,7 +309,7 @@ class SentinelGroup(Service):
         which returns the new master's port once the switch is announced (and every
         sentinel reports it, and that server says it is a master)."""
         sub = self.sentinels[0].client()
-        pubsub = sub.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = sub.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         pubsub.subscribe("+switch-master")
         wait_for(
             lambda: (m := pubsub.get_message(timeout=0.1)) and m["type"] == "subscribe",

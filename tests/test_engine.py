@@ -467,7 +467,7 @@ def test_a_release_hands_the_lock_to_the_queue_front_and_tells_only_it(
     third = pool.submit(hl.acquire, "f/x", "write", timeout=30)
     wait_until(lambda: len(hl.status("f").waiters) == 3, "three queued requests")
     c = ({w.handle for w in hl.status("f").waiters} - {a, b}).pop()
-    with redis_client.pubsub() as pubsub:  # type: ignore[no-untyped-call]
+    with redis_client.pubsub() as pubsub:  # type: ignore[no-untyped-call, unused-ignore]
         pubsub.subscribe(hl._channel)
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"
         hl.release(held_x)

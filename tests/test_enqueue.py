@@ -34,7 +34,7 @@ def test_a_parked_request_keeps_its_place_and_is_told_of_its_grant(
     holder = hl.acquire("t/a", "write")
     first, second = new_handle(), new_handle()
     channel = hl._protocol.keys.channel("parked-test")
-    listener = redis_client.pubsub()  # type: ignore[no-untyped-call]
+    listener = redis_client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
     listener.subscribe(channel)
     assert listener.get_message(timeout=5)["type"] == "subscribe"
     refused = park(hl, first, channel)

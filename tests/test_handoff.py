@@ -90,7 +90,7 @@ class Heard:
     carries its grant: "<handle>/<nonce>/<token>/<lease ms>")."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         self.heard: dict[str, list[str]] = {}
 
     def words(self, ghost: Ghost) -> list[str]:

@@ -221,7 +221,7 @@ class Parking:
         while not self._stopping.is_set():
             try:
                 if pubsub is None:
-                    pubsub = self.rt.hilok.redis.pubsub()  # type: ignore[no-untyped-call]
+                    pubsub = self.rt.hilok.redis.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
                     self._pubsub = pubsub
                     pubsub.subscribe(self.channel)
                 wait = max(0.0, min(SCAN_EVERY, next_scan - time.monotonic()))
