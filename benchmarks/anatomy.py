@@ -21,7 +21,8 @@ median and the best of the rounds, which alternate the order of what they compar
     Redis's time per pair (``INFO commandstats``) for that recorded depth-3 pair (fresh
     handles each time), through our library and through a minimal one that runs the very
     same 18 commands with as little Lua as can be: what the scripts' own Lua costs, beside
-    the commands they run.
+    the commands they run; and what one ``redis.call`` and one Lua operation (a string
+    joined, a table or a closure made) cost inside Redis.
 ``versions``
     The asyncio floor (two ``EVALSHA`` per pair) in this virtualenv and in the seed's
     (``benchmarks/.seed-venv``, which pins the redis-py redishilok 1.1.0 was built on), in
@@ -285,6 +286,58 @@ end)
 """
 
 
+# What one Lua operation costs inside Redis: each function does 100 of one kind.
+_OPERATIONS = r"""#!lua name=anatomy_operations
+redis.register_function('op_loop', function(keys, args)
+  local x = 0 for i = 1, 100 do x = x + i end return x end)
+redis.register_function('op_call_time', function(keys, args)
+  for i = 1, 100 do redis.call('TIME') end return 1 end)
+redis.register_function('op_call_exists', function(keys, args)
+  for i = 1, 100 do redis.call('EXISTS', keys[1]) end return 1 end)
+redis.register_function('op_join', function(keys, args)
+  local s for i = 1, 100 do s = args[1] .. '|' .. args[2] .. '|' .. i end return 1 end)
+redis.register_function('op_table', function(keys, args)
+  local t
+  for i = 1, 100 do t = { mode = 'X', depth = 3, tree = 1, path = args[2] } end
+  return 1 end)
+redis.register_function('op_closure', function(keys, args)
+  local f for i = 1, 100 do f = function() return i end end return 1 end)
+"""
+_OPERATION_NAMES = {
+    "op_call_time": "redis.call('TIME')",
+    "op_call_exists": "redis.call('EXISTS', key)",
+    "op_join": "a string of 5 pieces joined",
+    "op_table": "a table of 4 fields made",
+    "op_closure": "a closure made",
+}
+
+
+def lua_operations(client: Any, rounds: int) -> list[str]:
+    """What one operation of each kind costs inside Redis (µs), as Markdown lines."""
+    client.execute_command("FUNCTION", "LOAD", "REPLACE", _OPERATIONS)
+    costs: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name in ("op_loop", *_OPERATION_NAMES):
+            client.config_resetstat()
+            for _ in range(200):
+                client.execute_command("FCALL", name, 1, "anatomy:k", "h" * 24, "a/b/c")
+            stats = client.info("commandstats")["cmdstat_fcall"]
+            costs.setdefault(name, []).append(stats["usec"] / 200)
+    client.execute_command("FUNCTION", "DELETE", "anatomy_operations")
+    loop = statistics.median(costs["op_loop"])
+    lines = [
+        "",
+        "Lua inside Redis, µs per operation (an FCALL of 100 of them, less an empty loop's "
+        f"{loop:.1f} µs):",
+        "",
+        "| operation | µs |",
+        "|---|---|",
+    ]
+    for name, text in _OPERATION_NAMES.items():
+        lines.append(f"| {text} | {(statistics.median(costs[name]) - loop) / 100:.2f} |")
+    return lines
+
+
 def lua(url: str, rounds: int, pairs: int) -> str:
     client: Any = redis.Redis.from_url(url)
     with HiLok(url, namespace="anatomy-lua", ttl=30) as hl:
@@ -312,6 +365,7 @@ def lua(url: str, rounds: int, pairs: int) -> str:
                 pair(name, base64.urlsafe_b64encode(os.urandom(18)).decode())
             samples[name].append(client.info("commandstats")["cmdstat_fcall"]["usec"] / pairs)
     client.execute_command("FUNCTION", "DELETE", "anatomy_minimal")
+    operations = lua_operations(client, rounds)
     client.close()
     lines = [
         "Redis µs per depth-3 write pair (two FCALLs, 18 commands inside):",
@@ -322,7 +376,7 @@ def lua(url: str, rounds: int, pairs: int) -> str:
     lines += [
         f"| {name} | {statistics.median(s):.1f} | {min(s):.1f} |" for name, s in samples.items()
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + operations)
 
 
 def versions(url: str, rounds: int, pairs: int) -> str:
